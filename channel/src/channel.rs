@@ -1,0 +1,220 @@
+//! The user's side: the [`Channel`] trait and the [`SocketRef`] a channel acts through.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use fawkes_serializer::{Broadcast, Payload, Push, Ref, ReplyStatus};
+use serde_json::Value;
+
+use crate::outbox::Outbox;
+use crate::pubsub::{PubSub, SubscriberId};
+use crate::socket::SocketInfo;
+
+/// One joined topic on one socket: the server half of a client's `channel(topic)`.
+///
+/// A new value is made for every join (see [`Router::channel`](crate::Router::channel)) and runs
+/// as its own task, so a slow or failing channel never holds up the socket's other topics. A
+/// panic in any of these methods becomes `phx_error` for this topic alone (in `join`, an error
+/// reply `{"reason": "join crashed"}`).
+///
+/// ```
+/// use fawkes_channel::{Channel, HandleIn, Payload, SocketRef};
+/// use serde_json::{json, Value};
+///
+/// #[derive(Default)]
+/// struct Room { user: String }
+///
+/// impl Channel for Room {
+///     async fn join(&mut self, params: Payload, socket: &mut SocketRef) -> Result<Value, Value> {
+///         if socket.topic() == "room:secret" {
+///             return Err(json!({"reason": "unauthorized"}));
+///         }
+///         let user = params.as_json().and_then(|p| p["user"].as_str()).unwrap_or("anonymous");
+///         self.user = user.to_owned();
+///         Ok(json!({}))
+///     }
+///
+///     async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> HandleIn {
+///         match event {
+///             "shout" => {
+///                 socket.broadcast("shout", json!({"user": self.user, "said": payload.as_json()}));
+///                 HandleIn::ok(json!({}))
+///             }
+///             _ => HandleIn::error(json!({"reason": "unknown event"})),
+///         }
+///     }
+/// }
+/// ```
+pub trait Channel: Send + 'static {
+    /// Broadcast events routed through [`Channel::handle_out`] instead of straight to the client.
+    const INTERCEPT: &'static [&'static str] = &[];
+
+    /// The client joins the topic with `params`. `Ok(response)` answers
+    /// `{"status": "ok", "response": response}` and subscribes the socket to the topic;
+    /// `Err(response)` answers `{"status": "error", "response": response}`.
+    fn join(
+        &mut self,
+        params: Payload,
+        socket: &mut SocketRef,
+    ) -> impl Future<Output = Result<Value, Value>> + Send;
+
+    /// An event pushed by the client.
+    fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        socket: &mut SocketRef,
+    ) -> impl Future<Output = HandleIn> + Send;
+
+    /// A broadcast of an event listed in [`Channel::INTERCEPT`]. The default sends it on.
+    fn handle_out(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        socket: &mut SocketRef,
+    ) -> impl Future<Output = ()> + Send {
+        socket.push(event, payload);
+        async {}
+    }
+
+    /// The channel is ending (not called after a panic).
+    fn terminate(&mut self, reason: &Terminate, socket: &mut SocketRef) -> impl Future<Output = ()> + Send {
+        let _ = (reason, socket);
+        async {}
+    }
+}
+
+/// What [`Channel::handle_in`] decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HandleIn {
+    /// Send nothing back.
+    NoReply,
+    /// Reply to the push.
+    Reply(ReplyStatus, Payload),
+    /// Stop the channel, replying first if asked.
+    Stop {
+        /// Why; `Normal` sends `phx_close`, an error `phx_error`.
+        reason: StopReason,
+        /// A reply to send before stopping.
+        reply: Option<(ReplyStatus, Payload)>,
+    },
+}
+
+impl HandleIn {
+    /// Reply `ok` with `response`.
+    pub fn ok(response: impl Into<Payload>) -> HandleIn {
+        HandleIn::Reply(ReplyStatus::Ok, response.into())
+    }
+    /// Reply `error` with `response`.
+    pub fn error(response: impl Into<Payload>) -> HandleIn {
+        HandleIn::Reply(ReplyStatus::Error, response.into())
+    }
+}
+
+/// Why a channel stops itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// A normal end: the client gets `phx_close`.
+    Normal,
+    /// A failure: the client gets `phx_error` and rejoins.
+    Error(String),
+}
+
+/// Why a channel is terminating.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Terminate {
+    /// The client left (`phx_leave`).
+    Leave,
+    /// The channel stopped itself.
+    Stop(StopReason),
+    /// A new join of the same topic on the same socket replaced it.
+    Replaced,
+    /// The socket closed.
+    SocketClosed,
+}
+
+/// Builds an error response `{"reason": reason}`.
+pub fn reason(reason: &str) -> Value {
+    serde_json::json!({ "reason": reason })
+}
+
+/// A channel's handle on its socket and topic: push to this client, broadcast to the topic, read
+/// what the socket's connect callback assigned.
+pub struct SocketRef {
+    pub(crate) topic: Arc<str>,
+    pub(crate) join_ref: Option<Ref>,
+    pub(crate) outbox: Outbox,
+    pub(crate) info: Arc<SocketInfo>,
+    pub(crate) pubsub: PubSub,
+    pub(crate) subscriber: Option<SubscriberId>,
+}
+
+impl fmt::Debug for SocketRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SocketRef")
+            .field("topic", &self.topic)
+            .field("join_ref", &self.join_ref)
+            .field("socket", &self.outbox.0.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SocketRef {
+    /// The joined topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The ref of the join that opened this channel instance.
+    pub fn join_ref(&self) -> Option<&Ref> {
+        self.join_ref.as_ref()
+    }
+
+    /// A value the connect callback assigned, by type.
+    pub fn assign<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.info.assigns.get::<T>()
+    }
+
+    /// The socket id the connect callback gave, if any.
+    pub fn socket_id(&self) -> Option<&str> {
+        self.info.id.as_deref()
+    }
+
+    /// The transport the socket came through (`"websocket"`, `"longpoll"`, ...).
+    pub fn transport(&self) -> &'static str {
+        self.info.transport
+    }
+
+    /// Sends `event` to this client only.
+    pub fn push(&self, event: &str, payload: impl Into<Payload>) {
+        let push = Push {
+            join_ref: self.join_ref.clone(),
+            msg_ref: None,
+            topic: self.topic.to_string(),
+            event: event.to_owned(),
+            payload: payload.into(),
+        };
+        match self.info.serializer.encode_push(&push) {
+            Ok(frame) => self.outbox.push(frame),
+            Err(e) => tracing::warn!(topic = %self.topic, event, error = %e, "push not encodable"),
+        }
+    }
+
+    /// Broadcasts `event` to every subscriber of this topic, this client included.
+    pub fn broadcast(&self, event: &str, payload: impl Into<Payload>) -> usize {
+        self.pubsub.broadcast(&self.topic, event, payload)
+    }
+
+    /// Broadcasts `event` to every subscriber of this topic but this client.
+    pub fn broadcast_from(&self, event: &str, payload: impl Into<Payload>) -> usize {
+        let b = Broadcast { topic: self.topic.to_string(), event: event.to_owned(), payload: payload.into() };
+        self.pubsub.publish(b, self.subscriber)
+    }
+
+    /// The endpoint's PubSub, to broadcast to other topics.
+    pub fn pubsub(&self) -> &PubSub {
+        &self.pubsub
+    }
+}

@@ -1,0 +1,235 @@
+//! The endpoint: router, config, PubSub and connect callback, and every live socket.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use fawkes_serializer::Serializer;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::outbox::{CloseReason, Outbox};
+use crate::session::Session;
+use crate::socket::{Accept, ConnectError, ConnectFn, ConnectInfo, DynSocketHandler, SocketHandler, SocketInfo};
+use crate::{Config, PubSub, Router};
+
+const REGISTRY_SHARDS: usize = 32;
+
+struct Live {
+    outbox: Outbox,
+    info: Arc<SocketInfo>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) router: Router,
+    pub(crate) config: Config,
+    pub(crate) pubsub: PubSub,
+    handler: Box<dyn DynSocketHandler>,
+    live: Box<[Mutex<HashMap<u64, Live>>]>,
+    next_id: AtomicU64,
+    shutting_down: AtomicBool,
+    live_count: AtomicUsize,
+    drained: Notify,
+}
+
+/// Everything a transport needs to turn a connection into a [`Session`]. Cheap to clone.
+///
+/// ```
+/// use fawkes_channel::{Accept, ConnectError, ConnectInfo, Endpoint, Router};
+///
+/// let endpoint = Endpoint::builder()
+///     .router(Router::new())
+///     .on_connect(|info: &ConnectInfo| {
+///         if info.params.get("token").map(String::as_str) == Some("secret") {
+///             Ok(Accept::new())
+///         } else {
+///             Err(ConnectError::refused("bad token"))
+///         }
+///     })
+///     .build();
+/// assert_eq!(endpoint.connected(), 0);
+/// ```
+#[derive(Clone)]
+pub struct Endpoint(pub(crate) Arc<Inner>);
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("router", &self.0.router)
+            .field("connected", &self.connected())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`Endpoint`].
+#[must_use]
+pub struct EndpointBuilder {
+    router: Router,
+    config: Config,
+    pubsub: Option<PubSub>,
+    handler: Box<dyn DynSocketHandler>,
+}
+
+impl fmt::Debug for EndpointBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointBuilder").field("router", &self.router).finish_non_exhaustive()
+    }
+}
+
+impl EndpointBuilder {
+    /// The channels to route joins to.
+    pub fn router(mut self, router: Router) -> Self {
+        self.router = router;
+        self
+    }
+    /// Limits and timeouts.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+    /// The PubSub (default: a single-node one).
+    pub fn pubsub(mut self, pubsub: PubSub) -> Self {
+        self.pubsub = Some(pubsub);
+        self
+    }
+    /// The connect callback (default: accept everyone).
+    pub fn socket_handler(mut self, handler: impl SocketHandler) -> Self {
+        self.handler = Box::new(handler);
+        self
+    }
+    /// A synchronous connect callback.
+    pub fn on_connect<F>(self, f: F) -> Self
+    where
+        F: Fn(&ConnectInfo) -> Result<Accept, ConnectError> + Send + Sync + 'static,
+    {
+        self.socket_handler(ConnectFn(f))
+    }
+    /// The endpoint.
+    pub fn build(self) -> Endpoint {
+        Endpoint(Arc::new(Inner {
+            router: self.router,
+            config: self.config,
+            pubsub: self.pubsub.unwrap_or_default(),
+            handler: self.handler,
+            live: (0..REGISTRY_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            next_id: AtomicU64::new(1),
+            shutting_down: AtomicBool::new(false),
+            live_count: AtomicUsize::new(0),
+            drained: Notify::new(),
+        }))
+    }
+}
+
+impl Endpoint {
+    /// Starts building an endpoint.
+    pub fn builder() -> EndpointBuilder {
+        EndpointBuilder {
+            router: Router::new(),
+            config: Config::default(),
+            pubsub: None,
+            handler: Box::new(ConnectFn(|_: &ConnectInfo| Ok(Accept::new()))),
+        }
+    }
+
+    /// An endpoint with default config and an accept-all connect callback.
+    pub fn new(router: Router) -> Endpoint {
+        Endpoint::builder().router(router).build()
+    }
+
+    /// Connects a socket: picks the serializer from `vsn`, runs the connect callback, and returns
+    /// the session the transport drives.
+    pub async fn connect(&self, info: ConnectInfo) -> Result<Session, ConnectError> {
+        if self.0.shutting_down.load(Ordering::Acquire) {
+            return Err(ConnectError::ShuttingDown);
+        }
+        if !self.0.config.check_origin.allows(&info.headers) {
+            let origin = info.headers.get(http::header::ORIGIN).and_then(|o| o.to_str().ok()).unwrap_or("?");
+            return Err(ConnectError::Origin(origin.to_owned()));
+        }
+        let mut serializer = Serializer::from_vsn(info.vsn.as_deref())?;
+        if !info.binary_frames {
+            serializer = serializer.text_only();
+        }
+        let accept = self.0.handler.connect(&info).await?;
+        let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
+        let config = &self.0.config;
+        let outbox = Outbox::new(id, config.outbound_queue_limit, config.slow_consumer);
+        outbox.touch();
+        let socket = Arc::new(SocketInfo {
+            serializer,
+            transport: info.transport,
+            assigns: accept.assigns,
+            id: accept.id,
+        });
+        self.shard(id).lock().insert(id, Live { outbox: outbox.clone(), info: socket.clone() });
+        self.0.live_count.fetch_add(1, Ordering::AcqRel);
+        tracing::debug!(socket = id, transport = info.transport, serializer = serializer.name(), "socket connected");
+        Ok(Session::new(self.clone(), outbox, socket))
+    }
+
+    /// The endpoint's PubSub, to broadcast from outside any channel.
+    pub fn pubsub(&self) -> &PubSub {
+        &self.0.pubsub
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    /// Number of connected sockets.
+    pub fn connected(&self) -> usize {
+        self.0.live_count.load(Ordering::Acquire)
+    }
+
+    /// Waits until no socket is connected (after [`Endpoint::shutdown`], until every transport
+    /// has closed its sockets).
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.0.drained.notified();
+            if self.connected() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Closes every socket whose connect callback gave it `id`. Returns how many.
+    pub fn disconnect(&self, id: &str) -> usize {
+        self.close_where(|live| live.info.id.as_deref() == Some(id), CloseReason::Disconnected)
+    }
+
+    /// Refuses new sockets and closes every live one with [`CloseReason::Shutdown`]; transports
+    /// tell their peers (WebSocket close 1001).
+    pub fn shutdown(&self) -> usize {
+        self.0.shutting_down.store(true, Ordering::Release);
+        self.close_where(|_| true, CloseReason::Shutdown)
+    }
+
+    /// True once [`Endpoint::shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.0.shutting_down.load(Ordering::Acquire)
+    }
+
+    fn close_where(&self, pred: impl Fn(&Live) -> bool, reason: CloseReason) -> usize {
+        let mut n = 0;
+        for shard in self.0.live.iter() {
+            for live in shard.lock().values().filter(|l| pred(l)) {
+                live.outbox.close(reason.clone());
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Live>> {
+        &self.0.live[id as usize % REGISTRY_SHARDS]
+    }
+
+    pub(crate) fn forget(&self, id: u64) {
+        if self.shard(id).lock().remove(&id).is_some() && self.0.live_count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.drained.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The task of one joined channel: runs the user's [`Channel`] and turns its outcomes into
+//! replies, `phx_close` and `phx_error`.
+
+use std::any::Any;
+use std::future::pending;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use fawkes_serializer::{Broadcast, Message, Payload, Push, Ref, Reply, ReplyStatus};
+use futures_util::FutureExt as _;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::channel::{reason, HandleIn, SocketRef, StopReason, Terminate};
+use crate::outbox::Outbox;
+use crate::pubsub::{Intercept, PubSub, Subscriber, SubscriptionGuard};
+use crate::socket::SocketInfo;
+use crate::Channel;
+
+/// What the session sends a running channel.
+pub(crate) enum ChannelMsg {
+    /// A client push.
+    In(Box<Message>),
+    /// `phx_leave`, with its ref.
+    Leave(Option<Ref>),
+    /// A newer join of the same topic took over; end quietly (the new one sends `phx_close`).
+    Replaced,
+}
+
+pub(crate) struct JoinRequest {
+    pub(crate) topic: Arc<str>,
+    pub(crate) join_ref: Option<Ref>,
+    pub(crate) msg_ref: Option<Ref>,
+    pub(crate) params: Payload,
+    pub(crate) replaces: Option<Ref>,
+    pub(crate) outbox: Outbox,
+    pub(crate) info: Arc<SocketInfo>,
+    pub(crate) pubsub: PubSub,
+    pub(crate) mailbox: mpsc::Receiver<ChannelMsg>,
+    pub(crate) mailbox_capacity: usize,
+}
+
+pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
+    let JoinRequest { topic, join_ref, msg_ref, params, replaces, outbox, info, pubsub, mut mailbox, mailbox_capacity } =
+        req;
+    let mut socket = SocketRef { topic, join_ref, outbox, info, pubsub, subscriber: None };
+
+    let joined = AssertUnwindSafe(channel.join(params, &mut socket)).catch_unwind().await;
+    let (status, response) = match joined {
+        Ok(Ok(response)) => (ReplyStatus::Ok, response),
+        Ok(Err(response)) => (ReplyStatus::Error, response),
+        Err(panic) => {
+            tracing::error!(topic = %socket.topic, panic = panic_message(&*panic), "channel join panicked");
+            (ReplyStatus::Error, reason("join crashed"))
+        }
+    };
+
+    // Subscribe before the reply goes out, so every broadcast after the client sees "ok" reaches it.
+    let mut intercepted = None;
+    let _subscription = (status == ReplyStatus::Ok).then(|| {
+        let intercept = (!C::INTERCEPT.is_empty()).then(|| {
+            let (tx, rx) = mpsc::channel(mailbox_capacity);
+            intercepted = Some(rx);
+            Intercept { events: C::INTERCEPT, tx }
+        });
+        let sub = Subscriber::Socket { outbox: socket.outbox.clone(), serializer: socket.info.serializer, intercept };
+        let id = socket.pubsub.insert(&socket.topic, sub);
+        socket.subscriber = Some(id);
+        SubscriptionGuard { pubsub: socket.pubsub.clone(), topic: (*socket.topic).into(), id }
+    });
+
+    reply(&socket, msg_ref, status, Payload::Json(response));
+    if let Some(old) = replaces {
+        control(&socket, Some(old), "phx_close");
+    }
+    if status != ReplyStatus::Ok {
+        // Pushes the client sent before it saw the refusal get what a push to an unjoined topic gets.
+        mailbox.close();
+        while let Ok(msg) = mailbox.try_recv() {
+            if let ChannelMsg::In(m) = msg {
+                unmatched(&socket, m.msg_ref);
+            }
+        }
+        return;
+    }
+
+    loop {
+        let next = tokio::select! {
+            biased;
+            msg = mailbox.recv() => Next::Msg(msg),
+            Some(b) = async { match &mut intercepted { Some(rx) => rx.recv().await, None => pending().await } } => Next::Out(b),
+        };
+        match next {
+            Next::Msg(None) => return terminate(&mut channel, Terminate::SocketClosed, &mut socket).await,
+            Next::Msg(Some(ChannelMsg::Replaced)) => return terminate(&mut channel, Terminate::Replaced, &mut socket).await,
+            Next::Msg(Some(ChannelMsg::Leave(leave_ref))) => {
+                reply(&socket, leave_ref, ReplyStatus::Ok, Payload::empty());
+                terminate(&mut channel, Terminate::Leave, &mut socket).await;
+                return control(&socket, socket.join_ref.clone(), "phx_close");
+            }
+            Next::Msg(Some(ChannelMsg::In(m))) => {
+                let Message { msg_ref, event, payload, .. } = *m;
+                let outcome = AssertUnwindSafe(channel.handle_in(&event, payload, &mut socket)).catch_unwind().await;
+                match outcome {
+                    Ok(HandleIn::NoReply) => {}
+                    Ok(HandleIn::Reply(status, response)) => reply(&socket, msg_ref, status, response),
+                    Ok(HandleIn::Stop { reason, reply: answer }) => {
+                        if let Some((status, response)) = answer {
+                            reply(&socket, msg_ref, status, response);
+                        }
+                        let event = match &reason {
+                            StopReason::Normal => "phx_close",
+                            StopReason::Error(why) => {
+                                tracing::warn!(topic = %socket.topic, reason = %why, "channel stopped with an error");
+                                "phx_error"
+                            }
+                        };
+                        terminate(&mut channel, Terminate::Stop(reason), &mut socket).await;
+                        return control(&socket, socket.join_ref.clone(), event);
+                    }
+                    Err(panic) => {
+                        tracing::error!(topic = %socket.topic, event, panic = panic_message(&*panic), "channel panicked");
+                        return control(&socket, socket.join_ref.clone(), "phx_error");
+                    }
+                }
+            }
+            Next::Out(b) => {
+                let outcome = AssertUnwindSafe(channel.handle_out(&b.event, b.payload.clone(), &mut socket))
+                    .catch_unwind()
+                    .await;
+                if let Err(panic) = outcome {
+                    tracing::error!(topic = %socket.topic, event = %b.event, panic = panic_message(&*panic), "channel panicked in handle_out");
+                    return control(&socket, socket.join_ref.clone(), "phx_error");
+                }
+            }
+        }
+    }
+}
+
+enum Next {
+    Msg(Option<ChannelMsg>),
+    Out(Arc<Broadcast>),
+}
+
+async fn terminate<C: Channel>(channel: &mut C, why: Terminate, socket: &mut SocketRef) {
+    if AssertUnwindSafe(channel.terminate(&why, socket)).catch_unwind().await.is_err() {
+        tracing::error!(topic = %socket.topic, "channel panicked in terminate");
+    }
+}
+
+fn reply(socket: &SocketRef, msg_ref: Option<Ref>, status: ReplyStatus, response: Payload) {
+    send_reply(&socket.outbox, &socket.info, socket.join_ref.clone(), msg_ref, &socket.topic, status, response);
+}
+
+fn unmatched(socket: &SocketRef, msg_ref: Option<Ref>) {
+    let response = Payload::Json(reason("unmatched topic"));
+    send_reply(&socket.outbox, &socket.info, None, msg_ref, &socket.topic, ReplyStatus::Error, response);
+}
+
+pub(crate) fn send_reply(
+    outbox: &Outbox,
+    info: &SocketInfo,
+    join_ref: Option<Ref>,
+    msg_ref: Option<Ref>,
+    topic: &str,
+    status: ReplyStatus,
+    response: Payload,
+) {
+    let reply = Reply { join_ref, msg_ref, topic: topic.to_owned(), status, response };
+    match info.serializer.encode_reply(&reply) {
+        Ok(frame) => outbox.push(frame),
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "reply not encodable; answering with an error");
+            let fallback = Reply { response: Payload::Json(reason("reply not encodable")), status: ReplyStatus::Error, ..reply };
+            if let Ok(frame) = info.serializer.encode_reply(&fallback) {
+                outbox.push(frame);
+            }
+        }
+    }
+}
+
+/// `phx_close` or `phx_error`: carries the join ref as both join_ref and ref, payload `{}`.
+fn control(socket: &SocketRef, join_ref: Option<Ref>, event: &str) {
+    let push = Push {
+        join_ref: join_ref.clone(),
+        msg_ref: join_ref,
+        topic: socket.topic.to_string(),
+        event: event.to_owned(),
+        payload: Payload::Json(Value::Object(Default::default())),
+    };
+    if let Ok(frame) = socket.info.serializer.encode_push(&push) {
+        socket.outbox.push(frame);
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic)")
+}
