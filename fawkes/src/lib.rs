@@ -1,0 +1,40 @@
+//! Phoenix Channels for Rust: channels, PubSub and pluggable transports.
+//!
+//! This facade re-exports [`fawkes_channel`] (channels, routing, sessions, PubSub) and the
+//! transports enabled by features (`ws`, on by default), and holds the demo app that the `fawkes`
+//! binary serves.
+//!
+//! ```no_run
+//! use fawkes::{Channel, Endpoint, HandleIn, Payload, Router, SocketRef};
+//! use serde_json::{json, Value};
+//!
+//! struct Counter(u64);
+//! impl Channel for Counter {
+//!     async fn join(&mut self, _: Payload, _: &mut SocketRef) -> Result<Value, Value> {
+//!         Ok(json!({}))
+//!     }
+//!     async fn handle_in(&mut self, _: &str, _: Payload, socket: &mut SocketRef) -> HandleIn {
+//!         self.0 += 1;
+//!         socket.broadcast("count", json!({"n": self.0}));
+//!         HandleIn::NoReply
+//!     }
+//! }
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let endpoint = Endpoint::new(Router::new().channel("counter:*", || Counter(0)));
+//! let app = axum::Router::new()
+//!     .route_service("/socket/websocket", fawkes::ws::WebSocketService::new(endpoint));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:4000").await?;
+//! axum::serve(listener, app).await
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod demo;
+#[cfg(feature = "ws")]
+pub mod server;
+
+pub use fawkes_channel::*;
+pub use fawkes_serializer as serializer;
+#[cfg(feature = "ws")]
+pub use fawkes_transport_ws as ws;

@@ -1,1 +1,35 @@
-fn main(){}
+//! The server the phoenix.js suite drives: the demo app plus the `test:*` channel.
+//!
+//! `fawkes-test-server [--bind ADDR] [--heartbeat-timeout-ms N]` prints
+//! `listening on http://ADDR` once ready and exits cleanly on SIGTERM or Ctrl-C.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use fawkes::Config;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    bind: SocketAddr,
+    #[arg(long, default_value_t = 60_000)]
+    heartbeat_timeout_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = Config::default().heartbeat_timeout(Duration::from_millis(args.heartbeat_timeout_ms));
+    let endpoint = fawkes_tests::endpoint(config);
+    let listener = tokio::net::TcpListener::bind(args.bind).await?;
+    let mut out = std::io::stdout();
+    writeln!(out, "listening on http://{}", listener.local_addr()?)?;
+    out.flush()?;
+    fawkes::server::serve(listener, endpoint, fawkes::server::shutdown_signal()).await
+}

@@ -1,0 +1,57 @@
+//! The demo app served by `fawkes serve`: chat rooms, and a topic that refuses everyone.
+//!
+//! - `room:{name}`: join params may carry `{"user": string}` (default `"anonymous"`); the join
+//!   replies ok `{}`. `new_msg` `{"body": ...}` broadcasts `new_msg` `{"body": ..., "user": ...}`
+//!   to every subscriber, the sender included, and replies ok `{}`. `ping` replies ok with the
+//!   payload unchanged, JSON or binary. Any other event replies error `{"reason": "unknown event"}`.
+//! - `admin:{anything}`: every join is refused with `{"reason": "unauthorized"}`.
+//! - any other topic: the join is refused with `{"reason": "unmatched topic"}`.
+
+use serde_json::{json, Value};
+
+use crate::{reason, Channel, HandleIn, Payload, Router, SocketRef};
+
+/// A chat room.
+#[derive(Debug, Default)]
+pub struct Room {
+    user: String,
+}
+
+impl Channel for Room {
+    async fn join(&mut self, params: Payload, _: &mut SocketRef) -> Result<Value, Value> {
+        let user = params.as_json().and_then(|p| p.get("user")).and_then(Value::as_str);
+        self.user = user.unwrap_or("anonymous").to_owned();
+        Ok(json!({}))
+    }
+
+    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> HandleIn {
+        match event {
+            "new_msg" => {
+                let body = payload.as_json().and_then(|p| p.get("body")).cloned().unwrap_or(Value::Null);
+                socket.broadcast("new_msg", json!({"body": body, "user": self.user}));
+                HandleIn::ok(json!({}))
+            }
+            "ping" => HandleIn::ok(payload),
+            _ => HandleIn::error(reason("unknown event")),
+        }
+    }
+}
+
+/// A topic nobody may join.
+#[derive(Debug, Default)]
+pub struct Admin;
+
+impl Channel for Admin {
+    async fn join(&mut self, _: Payload, _: &mut SocketRef) -> Result<Value, Value> {
+        Err(reason("unauthorized"))
+    }
+
+    async fn handle_in(&mut self, _: &str, _: Payload, _: &mut SocketRef) -> HandleIn {
+        HandleIn::error(reason("unauthorized"))
+    }
+}
+
+/// The demo's routes.
+pub fn router() -> Router {
+    Router::new().channel("room:*", Room::default).channel("admin:*", || Admin)
+}

@@ -1,0 +1,88 @@
+//! The HTTP app of `fawkes serve`: the demo page, its assets and the socket at `/socket`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request};
+use axum::http::header;
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+
+use crate::Endpoint;
+use crate::ws::{PeerAddr, WebSocketService};
+
+const INDEX_HTML: &str = include_str!("../assets/index.html");
+const PHOENIX_JS: &str = include_str!("../assets/phoenix.min.js");
+
+/// The conventional socket path the phoenix client is given.
+pub const SOCKET_PATH: &str = "/socket";
+
+/// An axum router serving the demo page at `/`, the phoenix client at `/assets/phoenix.min.js`
+/// and `endpoint` at `/socket/websocket`.
+pub fn app(endpoint: Endpoint) -> axum::Router {
+    let socket_routes = sockets(SOCKET_PATH, endpoint);
+    axum::Router::new()
+        .route("/", get(|| async { Html(INDEX_HTML) }))
+        .route(
+            "/assets/phoenix.min.js",
+            get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], PHOENIX_JS).into_response() }),
+        )
+        .merge(socket_routes)
+}
+
+/// Mounts the transports for `endpoint` under `path` (`{path}/websocket`).
+pub fn sockets(path: &str, endpoint: Endpoint) -> axum::Router {
+    let path = path.trim_end_matches('/');
+    axum::Router::new()
+        .route_service(&format!("{path}/websocket"), WebSocketService::new(endpoint))
+        .layer(axum::middleware::map_request(peer_addr))
+}
+
+async fn peer_addr(mut req: Request) -> Request {
+    if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() {
+        req.extensions_mut().insert(PeerAddr(addr));
+    }
+    req
+}
+
+/// Serves [`app`] on `listener` until `shutdown` completes, then closes every socket (telling
+/// each client) and waits up to five seconds for them to finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    endpoint: Endpoint,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = app(endpoint.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let closing = endpoint.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let n = closing.shutdown();
+            tracing::info!(sockets = n, "shutting down");
+        })
+        .await?;
+    if tokio::time::timeout(Duration::from_secs(5), endpoint.drained()).await.is_err() {
+        tracing::warn!(open = endpoint.connected(), "sockets still open after the shutdown grace period");
+    }
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}
