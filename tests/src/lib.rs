@@ -200,6 +200,11 @@ impl RawClient {
         self.ws.send(msg).await.expect("send");
     }
 
+    /// Sends a raw WebSocket message, returning the error instead of panicking.
+    pub async fn send_raw_checked(&mut self, msg: WsMessage) -> Result<(), tungstenite::Error> {
+        self.ws.send(msg).await
+    }
+
     /// Sends a raw text frame.
     pub async fn send_text(&mut self, text: &str) {
         self.send_raw(WsMessage::text(text)).await;
