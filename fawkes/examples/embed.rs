@@ -1,0 +1,53 @@
+//! A custom channel mounted in an existing axum app, next to the app's own routes.
+//!
+//! `cargo run -p fawkes --example embed`, then connect a phoenix client to
+//! `ws://127.0.0.1:4001/live` and join `counter:anything`.
+
+use fawkes::ws::WebSocketService;
+use fawkes::{reason, Accept, Channel, ConnectError, ConnectInfo, Endpoint, HandleIn, Payload, Router, SocketRef};
+use serde_json::{json, Value};
+
+/// Everyone on `counter:{name}` sees the count go up.
+#[derive(Default)]
+struct Counter {
+    clicks: u64,
+}
+
+impl Channel for Counter {
+    async fn join(&mut self, _params: Payload, socket: &mut SocketRef) -> Result<Value, Value> {
+        let user = socket.assign::<User>().map(|u| u.0.clone());
+        Ok(json!({ "hello": user }))
+    }
+
+    async fn handle_in(&mut self, event: &str, _payload: Payload, socket: &mut SocketRef) -> HandleIn {
+        match event {
+            "click" => {
+                self.clicks += 1;
+                socket.broadcast("clicked", json!({ "by_this_socket": self.clicks }));
+                HandleIn::ok(json!({}))
+            }
+            _ => HandleIn::error(reason("unknown event")),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct User(String);
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let endpoint = Endpoint::builder()
+        .router(Router::new().channel("counter:*", Counter::default))
+        .on_connect(|info: &ConnectInfo| match info.params.get("user") {
+            Some(user) => Ok(Accept::new().assign(User(user.clone()))),
+            None => Err(ConnectError::refused("a user param is required")),
+        })
+        .build();
+
+    let app = axum::Router::new()
+        .route("/health", axum::routing::get(|| async { "ok" }))
+        .route_service("/live/websocket", WebSocketService::new(endpoint));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:4001").await?;
+    axum::serve(listener, app).await
+}
