@@ -79,7 +79,11 @@ pub trait Channel: Send + 'static {
     }
 
     /// The channel is ending (not called after a panic).
-    fn terminate(&mut self, reason: &Terminate, socket: &mut SocketRef) -> impl Future<Output = ()> + Send {
+    fn terminate(
+        &mut self,
+        reason: &Terminate,
+        socket: &mut SocketRef,
+    ) -> impl Future<Output = ()> + Send {
         let _ = (reason, socket);
         async {}
     }
@@ -209,7 +213,11 @@ impl SocketRef {
 
     /// Broadcasts `event` to every subscriber of this topic but this client.
     pub fn broadcast_from(&self, event: &str, payload: impl Into<Payload>) -> usize {
-        let b = Broadcast { topic: self.topic.to_string(), event: event.to_owned(), payload: payload.into() };
+        let b = Broadcast {
+            topic: self.topic.to_string(),
+            event: event.to_owned(),
+            payload: payload.into(),
+        };
         self.pubsub.publish(b, self.subscriber)
     }
 

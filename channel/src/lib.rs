@@ -54,7 +54,7 @@ mod session;
 mod socket;
 mod task;
 
-pub use channel::{reason, Channel, HandleIn, SocketRef, StopReason, Terminate};
+pub use channel::{Channel, HandleIn, SocketRef, StopReason, Terminate, reason};
 pub use config::{Config, JoinRate, SlowConsumerPolicy};
 pub use endpoint::{Endpoint, EndpointBuilder};
 pub use fawkes_serializer::{Frame, Payload, Ref, ReplyStatus, Serializer};
@@ -63,4 +63,4 @@ pub use outbox::{CloseReason, Outbound};
 pub use pubsub::{Adapter, LocalAdapter, PubSub, RemoteInbound, SubscriberId, Subscription};
 pub use router::Router;
 pub use session::Session;
-pub use socket::{parse_query, Accept, ConnectError, ConnectFn, ConnectInfo, SocketHandler};
+pub use socket::{Accept, ConnectError, ConnectFn, ConnectInfo, SocketHandler, parse_query};

@@ -59,7 +59,9 @@ pub struct Router {
 
 impl fmt::Debug for Router {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.routes.iter().map(|r| &r.pattern)).finish()
+        f.debug_list()
+            .entries(self.routes.iter().map(|r| &r.pattern))
+            .finish()
     }
 }
 
@@ -88,10 +90,12 @@ impl Router {
     }
 
     pub(crate) fn route(&self, topic: &str) -> Option<Arc<dyn Starter>> {
-        self.routes.iter().find(|r| match r.pattern.strip_suffix('*') {
-            Some(prefix) => topic.starts_with(prefix),
-            None => *r.pattern == *topic,
-        })
-        .map(|r| r.starter.clone())
+        self.routes
+            .iter()
+            .find(|r| match r.pattern.strip_suffix('*') {
+                Some(prefix) => topic.starts_with(prefix),
+                None => *r.pattern == *topic,
+            })
+            .map(|r| r.starter.clone())
     }
 }

@@ -11,11 +11,11 @@ use futures_util::FutureExt as _;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::channel::{reason, HandleIn, SocketRef, StopReason, Terminate};
+use crate::Channel;
+use crate::channel::{HandleIn, SocketRef, StopReason, Terminate, reason};
 use crate::outbox::Outbox;
 use crate::pubsub::{Intercept, PubSub, Subscriber, SubscriptionGuard};
 use crate::socket::SocketInfo;
-use crate::Channel;
 
 /// What the session sends a running channel.
 pub(crate) enum ChannelMsg {
@@ -41,11 +41,30 @@ pub(crate) struct JoinRequest {
 }
 
 pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
-    let JoinRequest { topic, join_ref, msg_ref, params, replaces, outbox, info, pubsub, mut mailbox, mailbox_capacity } =
-        req;
-    let mut socket = SocketRef { topic, join_ref, outbox, info, pubsub, subscriber: None };
+    let JoinRequest {
+        topic,
+        join_ref,
+        msg_ref,
+        params,
+        replaces,
+        outbox,
+        info,
+        pubsub,
+        mut mailbox,
+        mailbox_capacity,
+    } = req;
+    let mut socket = SocketRef {
+        topic,
+        join_ref,
+        outbox,
+        info,
+        pubsub,
+        subscriber: None,
+    };
 
-    let joined = AssertUnwindSafe(channel.join(params, &mut socket)).catch_unwind().await;
+    let joined = AssertUnwindSafe(channel.join(params, &mut socket))
+        .catch_unwind()
+        .await;
     let (status, response) = match joined {
         Ok(Ok(response)) => (ReplyStatus::Ok, response),
         Ok(Err(response)) => (ReplyStatus::Error, response),
@@ -61,12 +80,23 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
         let intercept = (!C::INTERCEPT.is_empty()).then(|| {
             let (tx, rx) = mpsc::channel(mailbox_capacity);
             intercepted = Some(rx);
-            Intercept { events: C::INTERCEPT, tx }
+            Intercept {
+                events: C::INTERCEPT,
+                tx,
+            }
         });
-        let sub = Subscriber::Socket { outbox: socket.outbox.clone(), serializer: socket.info.serializer, intercept };
+        let sub = Subscriber::Socket {
+            outbox: socket.outbox.clone(),
+            serializer: socket.info.serializer,
+            intercept,
+        };
         let id = socket.pubsub.insert(&socket.topic, sub);
         socket.subscriber = Some(id);
-        SubscriptionGuard { pubsub: socket.pubsub.clone(), topic: (*socket.topic).into(), id }
+        SubscriptionGuard {
+            pubsub: socket.pubsub.clone(),
+            topic: (*socket.topic).into(),
+            id,
+        }
     });
 
     reply(&socket, msg_ref, status, Payload::Json(response));
@@ -91,20 +121,36 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
             Some(b) = async { match &mut intercepted { Some(rx) => rx.recv().await, None => pending().await } } => Next::Out(b),
         };
         match next {
-            Next::Msg(None) => return terminate(&mut channel, Terminate::SocketClosed, &mut socket).await,
-            Next::Msg(Some(ChannelMsg::Replaced)) => return terminate(&mut channel, Terminate::Replaced, &mut socket).await,
+            Next::Msg(None) => {
+                return terminate(&mut channel, Terminate::SocketClosed, &mut socket).await;
+            }
+            Next::Msg(Some(ChannelMsg::Replaced)) => {
+                return terminate(&mut channel, Terminate::Replaced, &mut socket).await;
+            }
             Next::Msg(Some(ChannelMsg::Leave(leave_ref))) => {
                 reply(&socket, leave_ref, ReplyStatus::Ok, Payload::empty());
                 terminate(&mut channel, Terminate::Leave, &mut socket).await;
                 return control(&socket, socket.join_ref.clone(), "phx_close");
             }
             Next::Msg(Some(ChannelMsg::In(m))) => {
-                let Message { msg_ref, event, payload, .. } = *m;
-                let outcome = AssertUnwindSafe(channel.handle_in(&event, payload, &mut socket)).catch_unwind().await;
+                let Message {
+                    msg_ref,
+                    event,
+                    payload,
+                    ..
+                } = *m;
+                let outcome = AssertUnwindSafe(channel.handle_in(&event, payload, &mut socket))
+                    .catch_unwind()
+                    .await;
                 match outcome {
                     Ok(HandleIn::NoReply) => {}
-                    Ok(HandleIn::Reply(status, response)) => reply(&socket, msg_ref, status, response),
-                    Ok(HandleIn::Stop { reason, reply: answer }) => {
+                    Ok(HandleIn::Reply(status, response)) => {
+                        reply(&socket, msg_ref, status, response)
+                    }
+                    Ok(HandleIn::Stop {
+                        reason,
+                        reply: answer,
+                    }) => {
                         if let Some((status, response)) = answer {
                             reply(&socket, msg_ref, status, response);
                         }
@@ -125,9 +171,10 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
                 }
             }
             Next::Out(b) => {
-                let outcome = AssertUnwindSafe(channel.handle_out(&b.event, b.payload.clone(), &mut socket))
-                    .catch_unwind()
-                    .await;
+                let outcome =
+                    AssertUnwindSafe(channel.handle_out(&b.event, b.payload.clone(), &mut socket))
+                        .catch_unwind()
+                        .await;
                 if let Err(panic) = outcome {
                     tracing::error!(topic = %socket.topic, event = %b.event, panic = panic_message(&*panic), "channel panicked in handle_out");
                     return control(&socket, socket.join_ref.clone(), "phx_error");
@@ -143,18 +190,38 @@ enum Next {
 }
 
 async fn terminate<C: Channel>(channel: &mut C, why: Terminate, socket: &mut SocketRef) {
-    if AssertUnwindSafe(channel.terminate(&why, socket)).catch_unwind().await.is_err() {
+    if AssertUnwindSafe(channel.terminate(&why, socket))
+        .catch_unwind()
+        .await
+        .is_err()
+    {
         tracing::error!(topic = %socket.topic, "channel panicked in terminate");
     }
 }
 
 fn reply(socket: &SocketRef, msg_ref: Option<Ref>, status: ReplyStatus, response: Payload) {
-    send_reply(&socket.outbox, &socket.info, socket.join_ref.clone(), msg_ref, &socket.topic, status, response);
+    send_reply(
+        &socket.outbox,
+        &socket.info,
+        socket.join_ref.clone(),
+        msg_ref,
+        &socket.topic,
+        status,
+        response,
+    );
 }
 
 fn unmatched(socket: &SocketRef, msg_ref: Option<Ref>) {
     let response = Payload::Json(reason("unmatched topic"));
-    send_reply(&socket.outbox, &socket.info, None, msg_ref, &socket.topic, ReplyStatus::Error, response);
+    send_reply(
+        &socket.outbox,
+        &socket.info,
+        None,
+        msg_ref,
+        &socket.topic,
+        ReplyStatus::Error,
+        response,
+    );
 }
 
 pub(crate) fn send_reply(
@@ -166,12 +233,22 @@ pub(crate) fn send_reply(
     status: ReplyStatus,
     response: Payload,
 ) {
-    let reply = Reply { join_ref, msg_ref, topic: topic.to_owned(), status, response };
+    let reply = Reply {
+        join_ref,
+        msg_ref,
+        topic: topic.to_owned(),
+        status,
+        response,
+    };
     match info.serializer.encode_reply(&reply) {
         Ok(frame) => outbox.push(frame),
         Err(e) => {
             tracing::warn!(topic, error = %e, "reply not encodable; answering with an error");
-            let fallback = Reply { response: Payload::Json(reason("reply not encodable")), status: ReplyStatus::Error, ..reply };
+            let fallback = Reply {
+                response: Payload::Json(reason("reply not encodable")),
+                status: ReplyStatus::Error,
+                ..reply
+            };
             if let Ok(frame) = info.serializer.encode_reply(&fallback) {
                 outbox.push(frame);
             }

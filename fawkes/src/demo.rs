@@ -7,9 +7,9 @@
 //! - `admin:{anything}`: every join is refused with `{"reason": "unauthorized"}`.
 //! - any other topic: the join is refused with `{"reason": "unmatched topic"}`.
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
-use crate::{reason, Channel, HandleIn, Payload, Router, SocketRef};
+use crate::{Channel, HandleIn, Payload, Router, SocketRef, reason};
 
 /// A chat room.
 #[derive(Debug, Default)]
@@ -19,15 +19,27 @@ pub struct Room {
 
 impl Channel for Room {
     async fn join(&mut self, params: Payload, _: &mut SocketRef) -> Result<Value, Value> {
-        let user = params.as_json().and_then(|p| p.get("user")).and_then(Value::as_str);
+        let user = params
+            .as_json()
+            .and_then(|p| p.get("user"))
+            .and_then(Value::as_str);
         self.user = user.unwrap_or("anonymous").to_owned();
         Ok(json!({}))
     }
 
-    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> HandleIn {
+    async fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        socket: &mut SocketRef,
+    ) -> HandleIn {
         match event {
             "new_msg" => {
-                let body = payload.as_json().and_then(|p| p.get("body")).cloned().unwrap_or(Value::Null);
+                let body = payload
+                    .as_json()
+                    .and_then(|p| p.get("body"))
+                    .cloned()
+                    .unwrap_or(Value::Null);
                 socket.broadcast("new_msg", json!({"body": body, "user": self.user}));
                 HandleIn::ok(json!({}))
             }
@@ -53,5 +65,7 @@ impl Channel for Admin {
 
 /// The demo's routes.
 pub fn router() -> Router {
-    Router::new().channel("room:*", Room::default).channel("admin:*", || Admin)
+    Router::new()
+        .channel("room:*", Room::default)
+        .channel("admin:*", || Admin)
 }

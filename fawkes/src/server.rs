@@ -10,6 +10,7 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 
 use crate::Endpoint;
+use crate::longpoll::{LongPollOptions, LongPollService};
 use crate::ws::{PeerAddr, WebSocketService};
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
@@ -19,23 +20,41 @@ const PHOENIX_JS: &str = include_str!("../assets/phoenix.min.js");
 pub const SOCKET_PATH: &str = "/socket";
 
 /// An axum router serving the demo page at `/`, the phoenix client at `/assets/phoenix.min.js`
-/// and `endpoint` at `/socket/websocket`.
+/// and `endpoint` at `/socket/websocket` and `/socket/longpoll`.
 pub fn app(endpoint: Endpoint) -> axum::Router {
-    let socket_routes = sockets(SOCKET_PATH, endpoint);
+    app_with(endpoint, LongPollOptions::default())
+}
+
+/// [`app`] with long-poll options.
+pub fn app_with(endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
+    let socket_routes = sockets(SOCKET_PATH, endpoint, longpoll);
     axum::Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .route(
             "/assets/phoenix.min.js",
-            get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], PHOENIX_JS).into_response() }),
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+                    PHOENIX_JS,
+                )
+                    .into_response()
+            }),
         )
         .merge(socket_routes)
 }
 
-/// Mounts the transports for `endpoint` under `path` (`{path}/websocket`).
-pub fn sockets(path: &str, endpoint: Endpoint) -> axum::Router {
+/// Mounts the transports for `endpoint` under `path`: `{path}/websocket` and `{path}/longpoll`.
+pub fn sockets(path: &str, endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
     let path = path.trim_end_matches('/');
     axum::Router::new()
-        .route_service(&format!("{path}/websocket"), WebSocketService::new(endpoint))
+        .route_service(
+            &format!("{path}/websocket"),
+            WebSocketService::new(endpoint.clone()),
+        )
+        .route_service(
+            &format!("{path}/longpoll"),
+            LongPollService::with_options(endpoint, longpoll),
+        )
         .layer(axum::middleware::map_request(peer_addr))
 }
 
@@ -53,7 +72,17 @@ pub async fn serve(
     endpoint: Endpoint,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = app(endpoint.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    serve_app(listener, app(endpoint.clone()), endpoint, shutdown).await
+}
+
+/// Serves any axum `app` built around `endpoint` (e.g. from [`app_with`]) as [`serve`] does.
+pub async fn serve_app(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    endpoint: Endpoint,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let closing = endpoint.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -62,8 +91,14 @@ pub async fn serve(
             tracing::info!(sockets = n, "shutting down");
         })
         .await?;
-    if tokio::time::timeout(Duration::from_secs(5), endpoint.drained()).await.is_err() {
-        tracing::warn!(open = endpoint.connected(), "sockets still open after the shutdown grace period");
+    if tokio::time::timeout(Duration::from_secs(5), endpoint.drained())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = endpoint.connected(),
+            "sockets still open after the shutdown grace period"
+        );
     }
     Ok(())
 }

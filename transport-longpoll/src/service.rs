@@ -1,0 +1,473 @@
+//! The long-poll service: sessions addressed by signed tokens, polls and posts.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use fawkes_channel::{ConnectError, ConnectInfo, Endpoint, Frame, Outbound, Session};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::{BodyExt as _, Full, Limited};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::token::{SessionId, Signer};
+
+const SHARDS: usize = 32;
+/// Messages answered by one poll at most; the rest wait for the next poll.
+const MAX_MESSAGES_PER_POLL: usize = 1024;
+
+/// Long-poll settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LongPollOptions {
+    /// How long a `GET` waits for messages before answering `204` (Phoenix: 10 s; phoenix.js gives
+    /// up on a poll after 20 s).
+    pub poll_window: Duration,
+    /// A session with no `GET` for this long ends, and its channels leave.
+    pub session_idle: Duration,
+    /// Largest `POST` body, in bytes.
+    pub max_body_size: usize,
+    /// The key tokens are signed with. Nodes that share sessions must share it; by default each
+    /// process makes a random one (a restarted server then answers old tokens `410`, and clients
+    /// reconnect).
+    pub secret: Option<Vec<u8>>,
+}
+
+impl Default for LongPollOptions {
+    fn default() -> LongPollOptions {
+        LongPollOptions {
+            poll_window: Duration::from_secs(10),
+            session_idle: Duration::from_secs(20),
+            max_body_size: 8 * 1024 * 1024,
+            secret: None,
+        }
+    }
+}
+
+impl LongPollOptions {
+    /// Sets [`LongPollOptions::poll_window`].
+    pub fn poll_window(mut self, d: Duration) -> Self {
+        self.poll_window = d;
+        self
+    }
+    /// Sets [`LongPollOptions::session_idle`].
+    pub fn session_idle(mut self, d: Duration) -> Self {
+        self.session_idle = d;
+        self
+    }
+    /// Sets [`LongPollOptions::max_body_size`].
+    pub fn max_body_size(mut self, bytes: usize) -> Self {
+        self.max_body_size = bytes;
+        self
+    }
+    /// Sets [`LongPollOptions::secret`].
+    pub fn secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.secret = Some(secret.into());
+        self
+    }
+}
+
+/// One long-poll client's session, kept between requests.
+struct LongPollSession {
+    session: tokio::sync::Mutex<Session>,
+    outbound: tokio::sync::Mutex<Outbound>,
+    /// Bumped by every `GET`; a waiting `GET` that sees a newer one answers `204` and steps aside.
+    poll_generation: AtomicU64,
+    newer_poll: Notify,
+    /// Milliseconds since the registry's epoch of the last `GET`, and how many are in flight.
+    last_get_ms: AtomicU64,
+    polling: AtomicUsize,
+}
+
+struct Registry {
+    endpoint: Endpoint,
+    options: LongPollOptions,
+    signer: Signer,
+    sessions: Box<[Mutex<HashMap<SessionId, Arc<LongPollSession>>>]>,
+    epoch: Instant,
+    reaper: OnceLock<()>,
+}
+
+impl Registry {
+    fn shard(&self, id: &SessionId) -> &Mutex<HashMap<SessionId, Arc<LongPollSession>>> {
+        &self.sessions[id.0[0] as usize % SHARDS]
+    }
+
+    fn get(&self, token: Option<&str>) -> Option<(SessionId, Arc<LongPollSession>)> {
+        let id = self.signer.verify(token?)?;
+        let entry = self.shard(&id).lock().get(&id).cloned()?;
+        Some((id, entry))
+    }
+
+    fn remove(&self, id: &SessionId) {
+        self.shard(id).lock().remove(id);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn len(&self) -> usize {
+        self.sessions.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Ends sessions nobody polls any more, and sessions that closed.
+    fn reap(&self) {
+        let now = self.now_ms();
+        let idle = self.options.session_idle.as_millis() as u64;
+        for shard in self.sessions.iter() {
+            shard.lock().retain(|_, s| {
+                let polling = s.polling.load(Ordering::Acquire) > 0;
+                let idle_for = now.saturating_sub(s.last_get_ms.load(Ordering::Acquire));
+                let closed = s
+                    .session
+                    .try_lock()
+                    .is_ok_and(|session| session.is_closed());
+                polling || (idle_for < idle && !closed)
+            });
+        }
+    }
+
+    fn start_reaper(self: &Arc<Self>) {
+        self.reaper.get_or_init(|| {
+            let weak: Weak<Registry> = Arc::downgrade(self);
+            let every = (self.options.session_idle / 4)
+                .clamp(Duration::from_millis(50), Duration::from_secs(5));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(registry) = weak.upgrade() else {
+                        return;
+                    };
+                    registry.reap();
+                }
+            });
+        });
+    }
+}
+
+/// Phoenix long-poll for an [`Endpoint`]. Mount it at `{path}/longpoll`. Cheap to clone; clones
+/// share sessions.
+#[derive(Clone)]
+pub struct LongPollService {
+    registry: Arc<Registry>,
+}
+
+impl fmt::Debug for LongPollService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LongPollService")
+            .field("sessions", &self.sessions())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LongPollService {
+    /// A service for `endpoint` with default options.
+    pub fn new(endpoint: Endpoint) -> LongPollService {
+        LongPollService::with_options(endpoint, LongPollOptions::default())
+    }
+
+    /// A service for `endpoint` with `options`.
+    pub fn with_options(endpoint: Endpoint, options: LongPollOptions) -> LongPollService {
+        let signer = Signer::new(options.secret.as_deref());
+        LongPollService {
+            registry: Arc::new(Registry {
+                endpoint,
+                options,
+                signer,
+                sessions: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                epoch: Instant::now(),
+                reaper: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Number of live long-poll sessions.
+    pub fn sessions(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Handles one request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        self.registry.start_reaper();
+        let mut res = match *req.method() {
+            Method::GET => self.get(req).await,
+            Method::POST => self.post(req).await,
+            Method::OPTIONS => preflight(&req),
+            _ => {
+                let mut res = json(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    r#"{"error":"method not allowed"}"#.into(),
+                );
+                res.headers_mut().insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, POST, OPTIONS"),
+                );
+                res
+            }
+        };
+        res.headers_mut().insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        res
+    }
+
+    async fn get<B>(&self, mut req: Request<B>) -> Response<Full<Bytes>> {
+        let query = req.uri().query().map(str::to_owned);
+        let token = token_param(query.as_deref());
+        match self.registry.get(token.as_deref()) {
+            Some((id, session)) => self.poll(id, token.unwrap_or_default(), session).await,
+            None => {
+                if token.is_some() {
+                    tracing::debug!(
+                        "long-poll GET with an unknown or invalid token: opening a new session"
+                    );
+                }
+                self.open(query.as_deref(), std::mem::take(req.headers_mut()))
+                    .await
+            }
+        }
+    }
+
+    async fn open(&self, query: Option<&str>, headers: http::HeaderMap) -> Response<Full<Bytes>> {
+        let mut info = ConnectInfo::new("longpoll", false).with_query(query);
+        info.params.remove("token");
+        info.auth_token = headers
+            .get("x-phoenix-authtoken")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        info.headers = headers;
+        let session = match self.registry.endpoint.connect(info).await {
+            Ok(session) => session,
+            Err(ConnectError::ShuttingDown) => return envelope(500, None, &[]),
+            Err(e) => {
+                tracing::info!(error = %e, "long-poll connect refused");
+                return envelope(403, None, &[]);
+            }
+        };
+        let id = SessionId::random();
+        let outbound = session.outbound();
+        let entry = Arc::new(LongPollSession {
+            session: tokio::sync::Mutex::new(session),
+            outbound: tokio::sync::Mutex::new(outbound),
+            poll_generation: AtomicU64::new(0),
+            newer_poll: Notify::new(),
+            last_get_ms: AtomicU64::new(self.registry.now_ms()),
+            polling: AtomicUsize::new(0),
+        });
+        self.registry.shard(&id).lock().insert(id, entry);
+        envelope(410, Some(&self.registry.signer.sign(id)), &[])
+    }
+
+    async fn poll(
+        &self,
+        id: SessionId,
+        token: String,
+        s: Arc<LongPollSession>,
+    ) -> Response<Full<Bytes>> {
+        let registry = &self.registry;
+        let _polling = PollGuard::new(registry, &s);
+        let generation = s.poll_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        s.newer_poll.notify_waiters();
+
+        let mut outbound = s.outbound.lock().await;
+        let mut newer = pin!(s.newer_poll.notified());
+        newer.as_mut().enable();
+        if s.poll_generation.load(Ordering::Acquire) != generation {
+            return envelope(204, Some(&token), &[]);
+        }
+        let mut frames = Vec::new();
+        let result = tokio::select! {
+            received = outbound.recv_many(&mut frames, MAX_MESSAGES_PER_POLL) => Some(received),
+            () = newer => None,
+            () = tokio::time::sleep(registry.options.poll_window) => None,
+        };
+        match result {
+            None => envelope(204, Some(&token), &[]),
+            Some(Ok(_)) => {
+                let messages: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes().as_ref()).collect();
+                envelope(200, Some(&token), &messages)
+            }
+            Some(Err(reason)) => {
+                tracing::debug!(%reason, "long-poll session closed");
+                registry.remove(&id);
+                envelope(410, Some(&token), &[])
+            }
+        }
+    }
+
+    async fn post<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let token = token_param(req.uri().query());
+        let Some((id, s)) = self.registry.get(token.as_deref()) else {
+            return envelope(410, None, &[]);
+        };
+        let ndjson = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/x-ndjson"));
+        let body = match Limited::new(req.into_body(), self.registry.options.max_body_size)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                let too_large = e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some();
+                return if too_large {
+                    tracing::info!(
+                        limit = self.registry.options.max_body_size,
+                        "long-poll POST body too large"
+                    );
+                    json(StatusCode::PAYLOAD_TOO_LARGE, r#"{"status":413}"#.into())
+                } else {
+                    envelope(400, None, &[])
+                };
+            }
+        };
+        let frames: Vec<Frame> = if ndjson {
+            body.split(|&b| b == b'\n')
+                .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+                .filter(|line| !line.is_empty())
+                .map(|line| line_frame(body.slice_ref(line)))
+                .collect()
+        } else {
+            vec![line_frame(body)]
+        };
+        let mut session = s.session.lock().await;
+        for frame in frames {
+            if let Err(reason) = session.handle_frame(frame).await {
+                tracing::info!(%reason, "long-poll session closed by a POST");
+                drop(session);
+                self.registry.remove(&id);
+                return envelope(400, None, &[]);
+            }
+        }
+        envelope(200, None, &[])
+    }
+}
+
+impl<B> tower_service::Service<Request<B>> for LongPollService
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.handle(req).await) })
+    }
+}
+
+/// Counts a `GET` in flight and stamps the session's last `GET` when it ends.
+struct PollGuard<'a> {
+    registry: &'a Registry,
+    session: &'a LongPollSession,
+}
+
+impl<'a> PollGuard<'a> {
+    fn new(registry: &'a Registry, session: &'a LongPollSession) -> PollGuard<'a> {
+        session.polling.fetch_add(1, Ordering::AcqRel);
+        session
+            .last_get_ms
+            .store(registry.now_ms(), Ordering::Release);
+        PollGuard { registry, session }
+    }
+}
+
+impl Drop for PollGuard<'_> {
+    fn drop(&mut self) {
+        self.session
+            .last_get_ms
+            .store(self.registry.now_ms(), Ordering::Release);
+        self.session.polling.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A JSON line is a text message; anything else is a base64 binary push.
+fn line_frame(line: Bytes) -> Frame {
+    match line.first() {
+        Some(b'[' | b'{') | None => Frame::Text(line),
+        Some(_) => match base64::engine::general_purpose::STANDARD.decode(&line) {
+            Ok(bytes) => Frame::Binary(bytes.into()),
+            Err(_) => Frame::Text(line),
+        },
+    }
+}
+
+fn token_param(query: Option<&str>) -> Option<String> {
+    fawkes_channel::parse_query(query?)
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+}
+
+fn envelope(status: u16, token: Option<&str>, messages: &[&[u8]]) -> Response<Full<Bytes>> {
+    let mut out = Vec::with_capacity(48 + messages.iter().map(|m| m.len() + 8).sum::<usize>());
+    out.extend_from_slice(format!(r#"{{"status":{status},"token":"#).as_bytes());
+    let _ = serde_json::to_writer(&mut out, &token);
+    out.extend_from_slice(br#","messages":["#);
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut out, &String::from_utf8_lossy(m));
+    }
+    out.extend_from_slice(b"]}");
+    json(StatusCode::OK, out.into())
+}
+
+fn json(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+fn preflight<B>(req: &Request<B>) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::new()));
+    let h = res.headers_mut();
+    if let Some(requested) = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested.clone());
+    }
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("get, post, options"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("3600"),
+    );
+    res
+}
