@@ -3,9 +3,7 @@
 //! prints deliveries per second (criterion's "thrpt", one element per subscriber reached).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use fawkes_channel::{
-    Channel, Config, ConnectInfo, Endpoint, Frame, HandleIn, Outbound, Payload, Router, SocketRef,
-};
+use fawkes_channel::{Channel, Config, ConnectInfo, Endpoint, Frame, HandleIn, Outbound, Payload, Router, SocketRef};
 use serde_json::{Value, json};
 
 struct Room;
@@ -19,10 +17,7 @@ impl Channel for Room {
 }
 
 fn fanout(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let mut g = c.benchmark_group("fanout");
     g.sample_size(20);
     for n in [1_000usize, 20_000] {
@@ -35,15 +30,9 @@ fn fanout(c: &mut Criterion) {
             let mut sessions = Vec::with_capacity(n);
             let mut outbounds = Vec::with_capacity(n);
             for i in 0..n {
-                let vsn = if i % 10 == 0 {
-                    "vsn=1.0.0"
-                } else {
-                    "vsn=2.0.0"
-                };
-                let mut s = endpoint
-                    .connect(ConnectInfo::new("bench", true).with_query(Some(vsn)))
-                    .await
-                    .expect("connect");
+                let vsn = if i % 10 == 0 { "vsn=1.0.0" } else { "vsn=2.0.0" };
+                let mut s =
+                    endpoint.connect(ConnectInfo::new("bench", true).with_query(Some(vsn))).await.expect("connect");
                 let mut out = s.outbound();
                 let join = if i % 10 == 0 {
                     r#"{"topic":"room:bench","event":"phx_join","payload":{},"ref":"1"}"#
@@ -62,9 +51,7 @@ fn fanout(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::new("broadcast_100B", n), &n, |b, &n| {
             b.iter(|| {
-                let reached = endpoint
-                    .pubsub()
-                    .broadcast("room:bench", "new_msg", payload.clone());
+                let reached = endpoint.pubsub().broadcast("room:bench", "new_msg", payload.clone());
                 assert_eq!(reached, n);
                 for out in &mut outbounds {
                     buf.clear();

@@ -53,11 +53,7 @@ pub trait Channel: Send + 'static {
     /// The client joins the topic with `params`. `Ok(response)` answers
     /// `{"status": "ok", "response": response}` and subscribes the socket to the topic;
     /// `Err(response)` answers `{"status": "error", "response": response}`.
-    fn join(
-        &mut self,
-        params: Payload,
-        socket: &mut SocketRef,
-    ) -> impl Future<Output = Result<Value, Value>> + Send;
+    fn join(&mut self, params: Payload, socket: &mut SocketRef) -> impl Future<Output = Result<Value, Value>> + Send;
 
     /// An event pushed by the client.
     fn handle_in(
@@ -68,22 +64,13 @@ pub trait Channel: Send + 'static {
     ) -> impl Future<Output = HandleIn> + Send;
 
     /// A broadcast of an event listed in [`Channel::INTERCEPT`]. The default sends it on.
-    fn handle_out(
-        &mut self,
-        event: &str,
-        payload: Payload,
-        socket: &mut SocketRef,
-    ) -> impl Future<Output = ()> + Send {
+    fn handle_out(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> impl Future<Output = ()> + Send {
         socket.push(event, payload);
         async {}
     }
 
     /// The channel is ending (not called after a panic).
-    fn terminate(
-        &mut self,
-        reason: &Terminate,
-        socket: &mut SocketRef,
-    ) -> impl Future<Output = ()> + Send {
+    fn terminate(&mut self, reason: &Terminate, socket: &mut SocketRef) -> impl Future<Output = ()> + Send {
         let _ = (reason, socket);
         async {}
     }
@@ -213,11 +200,7 @@ impl SocketRef {
 
     /// Broadcasts `event` to every subscriber of this topic but this client.
     pub fn broadcast_from(&self, event: &str, payload: impl Into<Payload>) -> usize {
-        let b = Broadcast {
-            topic: self.topic.to_string(),
-            event: event.to_owned(),
-            payload: payload.into(),
-        };
+        let b = Broadcast { topic: self.topic.to_string(), event: event.to_owned(), payload: payload.into() };
         self.pubsub.publish(b, self.subscriber)
     }
 

@@ -67,10 +67,7 @@ impl Default for Config {
             outbound_queue_limit: 1024,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             max_channels_per_socket: 100,
-            join_rate: JoinRate {
-                per_second: 50,
-                burst: 200,
-            },
+            join_rate: JoinRate { per_second: 50, burst: 200 },
             channel_mailbox: 64,
             max_topic_len: 255,
             check_origin: OriginCheck::SameHost,
@@ -106,10 +103,7 @@ impl Config {
     }
     /// Sets [`Config::join_rate`].
     pub fn join_rate(mut self, per_second: u32, burst: u32) -> Self {
-        self.join_rate = JoinRate {
-            per_second,
-            burst: burst.max(1),
-        };
+        self.join_rate = JoinRate { per_second, burst: burst.max(1) };
         self
     }
     /// Sets [`Config::check_origin`].

@@ -11,9 +11,7 @@ use tokio::sync::Notify;
 
 use crate::outbox::{CloseReason, Outbox};
 use crate::session::Session;
-use crate::socket::{
-    Accept, ConnectError, ConnectFn, ConnectInfo, DynSocketHandler, SocketHandler, SocketInfo,
-};
+use crate::socket::{Accept, ConnectError, ConnectFn, ConnectInfo, DynSocketHandler, SocketHandler, SocketInfo};
 use crate::{Config, PubSub, Router};
 
 const REGISTRY_SHARDS: usize = 32;
@@ -75,9 +73,7 @@ pub struct EndpointBuilder {
 
 impl fmt::Debug for EndpointBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EndpointBuilder")
-            .field("router", &self.router)
-            .finish_non_exhaustive()
+        f.debug_struct("EndpointBuilder").field("router", &self.router).finish_non_exhaustive()
     }
 }
 
@@ -116,9 +112,7 @@ impl EndpointBuilder {
             config: self.config,
             pubsub: self.pubsub.unwrap_or_default(),
             handler: self.handler,
-            live: (0..REGISTRY_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
-                .collect(),
+            live: (0..REGISTRY_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_id: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
             live_count: AtomicUsize::new(0),
@@ -150,11 +144,7 @@ impl Endpoint {
             return Err(ConnectError::ShuttingDown);
         }
         if !self.0.config.check_origin.allows(&info.headers) {
-            let origin = info
-                .headers
-                .get(http::header::ORIGIN)
-                .and_then(|o| o.to_str().ok())
-                .unwrap_or("?");
+            let origin = info.headers.get(http::header::ORIGIN).and_then(|o| o.to_str().ok()).unwrap_or("?");
             return Err(ConnectError::Origin(origin.to_owned()));
         }
         let mut serializer = Serializer::from_vsn(info.vsn.as_deref())?;
@@ -166,26 +156,11 @@ impl Endpoint {
         let config = &self.0.config;
         let outbox = Outbox::new(id, config.outbound_queue_limit, config.slow_consumer);
         outbox.touch();
-        let socket = Arc::new(SocketInfo {
-            serializer,
-            transport: info.transport,
-            assigns: accept.assigns,
-            id: accept.id,
-        });
-        self.shard(id).lock().insert(
-            id,
-            Live {
-                outbox: outbox.clone(),
-                info: socket.clone(),
-            },
-        );
+        let socket =
+            Arc::new(SocketInfo { serializer, transport: info.transport, assigns: accept.assigns, id: accept.id });
+        self.shard(id).lock().insert(id, Live { outbox: outbox.clone(), info: socket.clone() });
         self.0.live_count.fetch_add(1, Ordering::AcqRel);
-        tracing::debug!(
-            socket = id,
-            transport = info.transport,
-            serializer = serializer.name(),
-            "socket connected"
-        );
+        tracing::debug!(socket = id, transport = info.transport, serializer = serializer.name(), "socket connected");
         Ok(Session::new(self.clone(), outbox, socket))
     }
 
@@ -218,10 +193,7 @@ impl Endpoint {
 
     /// Closes every socket whose connect callback gave it `id`. Returns how many.
     pub fn disconnect(&self, id: &str) -> usize {
-        self.close_where(
-            |live| live.info.id.as_deref() == Some(id),
-            CloseReason::Disconnected,
-        )
+        self.close_where(|live| live.info.id.as_deref() == Some(id), CloseReason::Disconnected)
     }
 
     /// Refuses new sockets and closes every live one with [`CloseReason::Shutdown`]; transports
@@ -252,9 +224,7 @@ impl Endpoint {
     }
 
     pub(crate) fn forget(&self, id: u64) {
-        if self.shard(id).lock().remove(&id).is_some()
-            && self.0.live_count.fetch_sub(1, Ordering::AcqRel) == 1
-        {
+        if self.shard(id).lock().remove(&id).is_some() && self.0.live_count.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.drained.notify_waiters();
         }
     }

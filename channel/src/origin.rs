@@ -24,28 +24,18 @@ impl OriginCheck {
         let Some(origin) = headers.get(ORIGIN).and_then(|o| o.to_str().ok()) else {
             return true;
         };
-        let authority = origin
-            .split_once("://")
-            .map_or(origin, |(_, rest)| rest)
-            .trim_end_matches('/');
-        let host = authority.rsplit_once(':').map_or(authority, |(h, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                h
-            } else {
-                authority
-            }
-        });
+        let authority = origin.split_once("://").map_or(origin, |(_, rest)| rest).trim_end_matches('/');
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { authority });
         match self {
             OriginCheck::Any => true,
-            OriginCheck::SameHost => headers
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .is_some_and(|h| h.eq_ignore_ascii_case(authority)),
+            OriginCheck::SameHost => {
+                headers.get(HOST).and_then(|h| h.to_str().ok()).is_some_and(|h| h.eq_ignore_ascii_case(authority))
+            }
             OriginCheck::Allow(list) => list.iter().any(|allowed| {
                 if allowed.contains("://") {
-                    allowed
-                        .trim_end_matches('/')
-                        .eq_ignore_ascii_case(origin.trim_end_matches('/'))
+                    allowed.trim_end_matches('/').eq_ignore_ascii_case(origin.trim_end_matches('/'))
                 } else if let Some(suffix) = allowed.strip_prefix("*.") {
                     host.len() > suffix.len()
                         && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
@@ -79,11 +69,7 @@ mod tests {
 
     #[test]
     fn allow_list_takes_origins_hosts_and_wildcards() {
-        let check = OriginCheck::Allow(vec![
-            "https://a.example".into(),
-            "b.example".into(),
-            "*.c.example".into(),
-        ]);
+        let check = OriginCheck::Allow(vec!["https://a.example".into(), "b.example".into(), "*.c.example".into()]);
         assert!(check.allows(&headers("https://a.example", "x")));
         assert!(!check.allows(&headers("http://a.example", "x")));
         assert!(check.allows(&headers("http://b.example:8080", "x")));

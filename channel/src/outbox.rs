@@ -81,9 +81,7 @@ pub(crate) struct Outbox(pub(crate) Arc<SocketShared>);
 
 impl fmt::Debug for Outbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Outbox")
-            .field("socket", &self.0.id)
-            .finish_non_exhaustive()
+        f.debug_struct("Outbox").field("socket", &self.0.id).finish_non_exhaustive()
     }
 }
 
@@ -91,11 +89,7 @@ impl Outbox {
     pub(crate) fn new(id: u64, limit: usize, policy: SlowConsumerPolicy) -> Outbox {
         Outbox(Arc::new(SocketShared {
             id,
-            state: Mutex::new(State {
-                queue: VecDeque::new(),
-                closed: None,
-                waker: None,
-            }),
+            state: Mutex::new(State { queue: VecDeque::new(), closed: None, waker: None }),
             limit: limit.max(1),
             policy,
             last_seen_ms: AtomicU64::new(0),
@@ -114,11 +108,7 @@ impl Outbox {
             if st.queue.len() >= self.0.limit {
                 match self.0.policy {
                     SlowConsumerPolicy::Disconnect => {
-                        tracing::warn!(
-                            socket = self.0.id,
-                            queued = st.queue.len(),
-                            "slow consumer: closing socket"
-                        );
+                        tracing::warn!(socket = self.0.id, queued = st.queue.len(), "slow consumer: closing socket");
                         st.queue = VecDeque::new();
                         st.closed = Some(CloseReason::SlowConsumer);
                         return wake(st.waker.take());
@@ -126,10 +116,7 @@ impl Outbox {
                     SlowConsumerPolicy::DropOldest => {
                         st.queue.pop_front();
                         if self.0.dropped.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
-                            tracing::warn!(
-                                socket = self.0.id,
-                                "slow consumer: dropping oldest frames"
-                            );
+                            tracing::warn!(socket = self.0.id, "slow consumer: dropping oldest frames");
                         }
                     }
                 }
@@ -187,22 +174,14 @@ pub struct Outbound {
 
 impl fmt::Debug for Outbound {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Outbound")
-            .field("socket", &self.outbox.0.id)
-            .finish_non_exhaustive()
+        f.debug_struct("Outbound").field("socket", &self.outbox.0.id).finish_non_exhaustive()
     }
 }
 
 impl Outbound {
     pub(crate) fn new(outbox: Outbox, heartbeat_timeout: Duration) -> Outbound {
-        let deadline = Box::pin(tokio::time::sleep_until(
-            outbox.last_seen() + heartbeat_timeout,
-        ));
-        Outbound {
-            outbox,
-            heartbeat_timeout,
-            deadline,
-        }
+        let deadline = Box::pin(tokio::time::sleep_until(outbox.last_seen() + heartbeat_timeout));
+        Outbound { outbox, heartbeat_timeout, deadline }
     }
 
     /// Waits for the next frame. `Err` carries the close reason once everything queued before
@@ -220,11 +199,7 @@ impl Outbound {
     /// Waits until frames are queued, then moves up to `limit` of them into `buf` and returns
     /// how many. `Err` carries the close reason once the queue is drained. Cancel-safe: nothing
     /// is taken from the queue unless it is returned.
-    pub async fn recv_many(
-        &mut self,
-        buf: &mut Vec<Frame>,
-        limit: usize,
-    ) -> Result<usize, CloseReason> {
+    pub async fn recv_many(&mut self, buf: &mut Vec<Frame>, limit: usize) -> Result<usize, CloseReason> {
         poll_fn(|cx| self.poll_recv_many(cx, buf, limit)).await
     }
 

@@ -90,9 +90,7 @@ impl RemoteInbound {
     /// Delivers a broadcast from another node to this node's subscribers. Returns how many
     /// subscribers it reached (0 once the PubSub is gone).
     pub fn deliver(&self, broadcast: &Arc<Broadcast>) -> usize {
-        self.0
-            .upgrade()
-            .map_or(0, |inner| inner.dispatch(broadcast, None))
+        self.0.upgrade().map_or(0, |inner| inner.dispatch(broadcast, None))
     }
 }
 
@@ -103,11 +101,7 @@ pub(crate) struct Intercept {
 }
 
 pub(crate) enum Subscriber {
-    Socket {
-        outbox: Outbox,
-        serializer: Serializer,
-        intercept: Option<Intercept>,
-    },
+    Socket { outbox: Outbox, serializer: Serializer, intercept: Option<Intercept> },
     Stream(mpsc::Sender<Arc<Broadcast>>),
 }
 
@@ -130,9 +124,7 @@ pub struct PubSub(Arc<Inner>);
 
 impl fmt::Debug for PubSub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PubSub")
-            .field("shards", &self.0.shards.len())
-            .finish_non_exhaustive()
+        f.debug_struct("PubSub").field("shards", &self.0.shards.len()).finish_non_exhaustive()
     }
 }
 
@@ -150,10 +142,7 @@ impl PubSub {
 
     /// A PubSub that carries broadcasts to other nodes through `adapter`.
     pub fn with_adapter(adapter: impl Adapter) -> PubSub {
-        let shards = std::thread::available_parallelism()
-            .map_or(4, |n| n.get())
-            .next_power_of_two()
-            * 4;
+        let shards = std::thread::available_parallelism().map_or(4, |n| n.get()).next_power_of_two() * 4;
         let inner = Arc::new(Inner {
             shards: (0..shards).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: Default::default(),
@@ -167,14 +156,7 @@ impl PubSub {
     /// Broadcasts to every subscriber of `topic`, on every node. Returns the number of local
     /// subscribers reached.
     pub fn broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) -> usize {
-        self.publish(
-            Broadcast {
-                topic: topic.into(),
-                event: event.into(),
-                payload: payload.into(),
-            },
-            None,
-        )
+        self.publish(Broadcast { topic: topic.into(), event: event.into(), payload: payload.into() }, None)
     }
 
     /// Broadcasts a prepared message, skipping the subscriber `from` (if any).
@@ -195,33 +177,17 @@ impl PubSub {
     pub fn subscribe(&self, topic: &str, capacity: usize) -> Subscription {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let id = self.insert(topic, Subscriber::Stream(tx));
-        Subscription {
-            rx,
-            _guard: SubscriptionGuard {
-                pubsub: self.clone(),
-                topic: topic.into(),
-                id,
-            },
-        }
+        Subscription { rx, _guard: SubscriptionGuard { pubsub: self.clone(), topic: topic.into(), id } }
     }
 
     /// Number of local subscribers of `topic`.
     pub fn subscriber_count(&self, topic: &str) -> usize {
-        self.0
-            .shard(topic)
-            .read()
-            .get(topic)
-            .map_or(0, HashMap::len)
+        self.0.shard(topic).read().get(topic).map_or(0, HashMap::len)
     }
 
     pub(crate) fn insert(&self, topic: &str, sub: Subscriber) -> SubscriberId {
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
-        self.0
-            .shard(topic)
-            .write()
-            .entry(topic.into())
-            .or_default()
-            .insert(id, sub);
+        self.0.shard(topic).write().entry(topic.into()).or_default().insert(id, sub);
         SubscriberId(id)
     }
 
@@ -256,11 +222,7 @@ impl Inner {
             }
             reached += 1;
             match sub {
-                Subscriber::Socket {
-                    outbox,
-                    serializer,
-                    intercept,
-                } => {
+                Subscriber::Socket { outbox, serializer, intercept } => {
                     if let Some(i) = intercept.as_ref().filter(|i| i.events.contains(&&*b.event)) {
                         if i.tx.try_send(b.clone()).is_err() {
                             tracing::warn!(topic = %b.topic, event = %b.event, "intercepted broadcast dropped: channel busy");
@@ -309,9 +271,7 @@ pub struct Subscription {
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Subscription")
-            .field("topic", &self._guard.topic)
-            .finish()
+        f.debug_struct("Subscription").field("topic", &self._guard.topic).finish()
     }
 }
 

@@ -59,9 +59,7 @@ pub struct Router {
 
 impl fmt::Debug for Router {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list()
-            .entries(self.routes.iter().map(|r| &r.pattern))
-            .finish()
+        f.debug_list().entries(self.routes.iter().map(|r| &r.pattern)).finish()
     }
 }
 
@@ -77,10 +75,7 @@ impl Router {
         C: Channel,
         F: Fn() -> C + Send + Sync + 'static,
     {
-        self.routes.push(Arc::new(Route {
-            pattern: pattern.into(),
-            starter: Arc::new(FnStarter(make, PhantomData)),
-        }));
+        self.routes.push(Arc::new(Route { pattern: pattern.into(), starter: Arc::new(FnStarter(make, PhantomData)) }));
         self
     }
 

@@ -53,14 +53,7 @@ impl fmt::Debug for Session {
 impl Session {
     pub(crate) fn new(endpoint: Endpoint, outbox: Outbox, info: Arc<SocketInfo>) -> Session {
         let burst = endpoint.0.config.join_rate.burst as f64;
-        Session {
-            endpoint,
-            outbox,
-            info,
-            channels: HashMap::new(),
-            join_tokens: burst,
-            join_tokens_at: Instant::now(),
-        }
+        Session { endpoint, outbox, info, channels: HashMap::new(), join_tokens: burst, join_tokens_at: Instant::now() }
     }
 
     /// The socket's id within this endpoint (for logs).
@@ -76,10 +69,7 @@ impl Session {
     /// The stream of frames to send to the peer. Call once: every `Outbound` of a session drains
     /// the same queue.
     pub fn outbound(&self) -> Outbound {
-        Outbound::new(
-            self.outbox.clone(),
-            self.endpoint.0.config.heartbeat_timeout,
-        )
+        Outbound::new(self.outbox.clone(), self.endpoint.0.config.heartbeat_timeout)
     }
 
     /// True once the socket is closed (by the peer's bad input, a limit, shutdown or the
@@ -106,10 +96,7 @@ impl Session {
         self.outbox.touch();
         let max = self.endpoint.0.config.max_frame_size;
         if frame.len() > max {
-            return Err(self.fail(CloseReason::FrameTooLarge {
-                len: frame.len(),
-                max,
-            }));
+            return Err(self.fail(CloseReason::FrameTooLarge { len: frame.len(), max }));
         }
         match self.info.serializer.decode(&frame) {
             Ok(message) => {
@@ -129,13 +116,7 @@ impl Session {
     /// Handles one decoded message (for transports that decode themselves).
     pub async fn handle_message(&mut self, msg: Message) {
         match (msg.topic.as_str(), msg.event.as_str()) {
-            ("phoenix", "heartbeat") => self.reply(
-                None,
-                msg.msg_ref,
-                &msg.topic,
-                ReplyStatus::Ok,
-                Payload::empty(),
-            ),
+            ("phoenix", "heartbeat") => self.reply(None, msg.msg_ref, &msg.topic, ReplyStatus::Ok, Payload::empty()),
             (_, "phx_join") => self.join(msg),
             (_, "phx_leave") => self.leave(msg).await,
             _ => self.push(msg).await,
@@ -148,13 +129,7 @@ impl Session {
         // V1 clients send no join_ref: the join's own ref serves, as in Phoenix.
         let join_ref = msg.join_ref.clone().or_else(|| msg.msg_ref.clone());
         let refuse = |this: &Self, join_ref: Option<Ref>, why: &str| {
-            this.reply(
-                join_ref,
-                msg.msg_ref.clone(),
-                &msg.topic,
-                ReplyStatus::Error,
-                Payload::Json(reason(why)),
-            );
+            this.reply(join_ref, msg.msg_ref.clone(), &msg.topic, ReplyStatus::Error, Payload::Json(reason(why)));
         };
         if msg.topic.len() > config.max_topic_len {
             return refuse(self, None, "topic too long");
@@ -196,13 +171,7 @@ impl Session {
         };
         let span = tracing::debug_span!("channel", socket = self.id(), topic = %topic, join_ref = ?join_ref);
         tokio::spawn(starter.start(request).instrument(span));
-        self.channels.insert(
-            topic,
-            Joined {
-                join_ref,
-                mailbox: tx,
-            },
-        );
+        self.channels.insert(topic, Joined { join_ref, mailbox: tx });
     }
 
     async fn leave(&mut self, msg: Message) {
@@ -212,23 +181,12 @@ impl Session {
             .is_some_and(|j| j.is_alive() && same_join(msg.join_ref.as_ref(), j.join_ref.as_ref()));
         if current {
             if let Some(joined) = self.channels.remove(msg.topic.as_str()) {
-                if joined
-                    .mailbox
-                    .send(ChannelMsg::Leave(msg.msg_ref.clone()))
-                    .await
-                    .is_ok()
-                {
+                if joined.mailbox.send(ChannelMsg::Leave(msg.msg_ref.clone())).await.is_ok() {
                     return;
                 }
             }
         }
-        self.reply(
-            msg.join_ref,
-            msg.msg_ref,
-            &msg.topic,
-            ReplyStatus::Ok,
-            Payload::empty(),
-        );
+        self.reply(msg.join_ref, msg.msg_ref, &msg.topic, ReplyStatus::Ok, Payload::empty());
     }
 
     async fn push(&mut self, msg: Message) {
@@ -242,9 +200,7 @@ impl Session {
             }
             _ => return self.unmatched(msg),
         };
-        if let Err(mpsc::error::SendError(ChannelMsg::In(msg))) =
-            mailbox.send(ChannelMsg::In(Box::new(msg))).await
-        {
+        if let Err(mpsc::error::SendError(ChannelMsg::In(msg))) = mailbox.send(ChannelMsg::In(Box::new(msg))).await {
             self.unmatched(*msg);
         }
     }
@@ -254,23 +210,8 @@ impl Session {
         self.reply(None, msg.msg_ref, &msg.topic, ReplyStatus::Error, response);
     }
 
-    fn reply(
-        &self,
-        join_ref: Option<Ref>,
-        msg_ref: Option<Ref>,
-        topic: &str,
-        status: ReplyStatus,
-        response: Payload,
-    ) {
-        send_reply(
-            &self.outbox,
-            &self.info,
-            join_ref,
-            msg_ref,
-            topic,
-            status,
-            response,
-        );
+    fn reply(&self, join_ref: Option<Ref>, msg_ref: Option<Ref>, topic: &str, status: ReplyStatus, response: Payload) {
+        send_reply(&self.outbox, &self.info, join_ref, msg_ref, topic, status, response);
     }
 
     fn take_join_token(&mut self) -> bool {

@@ -31,11 +31,7 @@ pub struct ConnectInfo {
 impl ConnectInfo {
     /// Connect info for `transport`, which carries binary frames when `binary_frames` is set.
     pub fn new(transport: &'static str, binary_frames: bool) -> ConnectInfo {
-        ConnectInfo {
-            transport,
-            binary_frames,
-            ..ConnectInfo::default()
-        }
+        ConnectInfo { transport, binary_frames, ..ConnectInfo::default() }
     }
 
     /// Fills `params` and `vsn` from a URL query string.
@@ -162,10 +158,7 @@ impl ConnectError {
 /// ```
 pub trait SocketHandler: Send + Sync + 'static {
     /// Accepts or refuses a connecting socket.
-    fn connect(
-        &self,
-        info: &ConnectInfo,
-    ) -> impl Future<Output = Result<Accept, ConnectError>> + Send;
+    fn connect(&self, info: &ConnectInfo) -> impl Future<Output = Result<Accept, ConnectError>> + Send;
 }
 
 /// A [`SocketHandler`] from a plain function.
@@ -186,8 +179,7 @@ where
     }
 }
 
-pub(crate) type ConnectFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Accept, ConnectError>> + Send + 'a>>;
+pub(crate) type ConnectFuture<'a> = Pin<Box<dyn Future<Output = Result<Accept, ConnectError>> + Send + 'a>>;
 
 pub(crate) trait DynSocketHandler: Send + Sync {
     fn connect<'a>(&'a self, info: &'a ConnectInfo) -> ConnectFuture<'a>;

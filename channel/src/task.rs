@@ -41,30 +41,11 @@ pub(crate) struct JoinRequest {
 }
 
 pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
-    let JoinRequest {
-        topic,
-        join_ref,
-        msg_ref,
-        params,
-        replaces,
-        outbox,
-        info,
-        pubsub,
-        mut mailbox,
-        mailbox_capacity,
-    } = req;
-    let mut socket = SocketRef {
-        topic,
-        join_ref,
-        outbox,
-        info,
-        pubsub,
-        subscriber: None,
-    };
+    let JoinRequest { topic, join_ref, msg_ref, params, replaces, outbox, info, pubsub, mut mailbox, mailbox_capacity } =
+        req;
+    let mut socket = SocketRef { topic, join_ref, outbox, info, pubsub, subscriber: None };
 
-    let joined = AssertUnwindSafe(channel.join(params, &mut socket))
-        .catch_unwind()
-        .await;
+    let joined = AssertUnwindSafe(channel.join(params, &mut socket)).catch_unwind().await;
     let (status, response) = match joined {
         Ok(Ok(response)) => (ReplyStatus::Ok, response),
         Ok(Err(response)) => (ReplyStatus::Error, response),
@@ -80,23 +61,12 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
         let intercept = (!C::INTERCEPT.is_empty()).then(|| {
             let (tx, rx) = mpsc::channel(mailbox_capacity);
             intercepted = Some(rx);
-            Intercept {
-                events: C::INTERCEPT,
-                tx,
-            }
+            Intercept { events: C::INTERCEPT, tx }
         });
-        let sub = Subscriber::Socket {
-            outbox: socket.outbox.clone(),
-            serializer: socket.info.serializer,
-            intercept,
-        };
+        let sub = Subscriber::Socket { outbox: socket.outbox.clone(), serializer: socket.info.serializer, intercept };
         let id = socket.pubsub.insert(&socket.topic, sub);
         socket.subscriber = Some(id);
-        SubscriptionGuard {
-            pubsub: socket.pubsub.clone(),
-            topic: (*socket.topic).into(),
-            id,
-        }
+        SubscriptionGuard { pubsub: socket.pubsub.clone(), topic: (*socket.topic).into(), id }
     });
 
     reply(&socket, msg_ref, status, Payload::Json(response));
@@ -133,24 +103,12 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
                 return control(&socket, socket.join_ref.clone(), "phx_close");
             }
             Next::Msg(Some(ChannelMsg::In(m))) => {
-                let Message {
-                    msg_ref,
-                    event,
-                    payload,
-                    ..
-                } = *m;
-                let outcome = AssertUnwindSafe(channel.handle_in(&event, payload, &mut socket))
-                    .catch_unwind()
-                    .await;
+                let Message { msg_ref, event, payload, .. } = *m;
+                let outcome = AssertUnwindSafe(channel.handle_in(&event, payload, &mut socket)).catch_unwind().await;
                 match outcome {
                     Ok(HandleIn::NoReply) => {}
-                    Ok(HandleIn::Reply(status, response)) => {
-                        reply(&socket, msg_ref, status, response)
-                    }
-                    Ok(HandleIn::Stop {
-                        reason,
-                        reply: answer,
-                    }) => {
+                    Ok(HandleIn::Reply(status, response)) => reply(&socket, msg_ref, status, response),
+                    Ok(HandleIn::Stop { reason, reply: answer }) => {
                         if let Some((status, response)) = answer {
                             reply(&socket, msg_ref, status, response);
                         }
@@ -172,9 +130,7 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
             }
             Next::Out(b) => {
                 let outcome =
-                    AssertUnwindSafe(channel.handle_out(&b.event, b.payload.clone(), &mut socket))
-                        .catch_unwind()
-                        .await;
+                    AssertUnwindSafe(channel.handle_out(&b.event, b.payload.clone(), &mut socket)).catch_unwind().await;
                 if let Err(panic) = outcome {
                     tracing::error!(topic = %socket.topic, event = %b.event, panic = panic_message(&*panic), "channel panicked in handle_out");
                     return control(&socket, socket.join_ref.clone(), "phx_error");
@@ -190,38 +146,18 @@ enum Next {
 }
 
 async fn terminate<C: Channel>(channel: &mut C, why: Terminate, socket: &mut SocketRef) {
-    if AssertUnwindSafe(channel.terminate(&why, socket))
-        .catch_unwind()
-        .await
-        .is_err()
-    {
+    if AssertUnwindSafe(channel.terminate(&why, socket)).catch_unwind().await.is_err() {
         tracing::error!(topic = %socket.topic, "channel panicked in terminate");
     }
 }
 
 fn reply(socket: &SocketRef, msg_ref: Option<Ref>, status: ReplyStatus, response: Payload) {
-    send_reply(
-        &socket.outbox,
-        &socket.info,
-        socket.join_ref.clone(),
-        msg_ref,
-        &socket.topic,
-        status,
-        response,
-    );
+    send_reply(&socket.outbox, &socket.info, socket.join_ref.clone(), msg_ref, &socket.topic, status, response);
 }
 
 fn unmatched(socket: &SocketRef, msg_ref: Option<Ref>) {
     let response = Payload::Json(reason("unmatched topic"));
-    send_reply(
-        &socket.outbox,
-        &socket.info,
-        None,
-        msg_ref,
-        &socket.topic,
-        ReplyStatus::Error,
-        response,
-    );
+    send_reply(&socket.outbox, &socket.info, None, msg_ref, &socket.topic, ReplyStatus::Error, response);
 }
 
 pub(crate) fn send_reply(
@@ -233,22 +169,13 @@ pub(crate) fn send_reply(
     status: ReplyStatus,
     response: Payload,
 ) {
-    let reply = Reply {
-        join_ref,
-        msg_ref,
-        topic: topic.to_owned(),
-        status,
-        response,
-    };
+    let reply = Reply { join_ref, msg_ref, topic: topic.to_owned(), status, response };
     match info.serializer.encode_reply(&reply) {
         Ok(frame) => outbox.push(frame),
         Err(e) => {
             tracing::warn!(topic, error = %e, "reply not encodable; answering with an error");
-            let fallback = Reply {
-                response: Payload::Json(reason("reply not encodable")),
-                status: ReplyStatus::Error,
-                ..reply
-            };
+            let fallback =
+                Reply { response: Payload::Json(reason("reply not encodable")), status: ReplyStatus::Error, ..reply };
             if let Ok(frame) = info.serializer.encode_reply(&fallback) {
                 outbox.push(frame);
             }

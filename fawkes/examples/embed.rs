@@ -4,8 +4,8 @@
 //! `ws://127.0.0.1:4001/live` and join `counter:anything`.
 
 use fawkes::ws::WebSocketService;
-use fawkes::{reason, Accept, Channel, ConnectError, ConnectInfo, Endpoint, HandleIn, Payload, Router, SocketRef};
-use serde_json::{json, Value};
+use fawkes::{Accept, Channel, ConnectError, ConnectInfo, Endpoint, HandleIn, Payload, Router, SocketRef, reason};
+use serde_json::{Value, json};
 
 /// Everyone on `counter:{name}` sees the count go up.
 #[derive(Default)]

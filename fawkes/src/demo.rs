@@ -19,27 +19,15 @@ pub struct Room {
 
 impl Channel for Room {
     async fn join(&mut self, params: Payload, _: &mut SocketRef) -> Result<Value, Value> {
-        let user = params
-            .as_json()
-            .and_then(|p| p.get("user"))
-            .and_then(Value::as_str);
+        let user = params.as_json().and_then(|p| p.get("user")).and_then(Value::as_str);
         self.user = user.unwrap_or("anonymous").to_owned();
         Ok(json!({}))
     }
 
-    async fn handle_in(
-        &mut self,
-        event: &str,
-        payload: Payload,
-        socket: &mut SocketRef,
-    ) -> HandleIn {
+    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> HandleIn {
         match event {
             "new_msg" => {
-                let body = payload
-                    .as_json()
-                    .and_then(|p| p.get("body"))
-                    .cloned()
-                    .unwrap_or(Value::Null);
+                let body = payload.as_json().and_then(|p| p.get("body")).cloned().unwrap_or(Value::Null);
                 socket.broadcast("new_msg", json!({"body": body, "user": self.user}));
                 HandleIn::ok(json!({}))
             }
@@ -65,7 +53,5 @@ impl Channel for Admin {
 
 /// The demo's routes.
 pub fn router() -> Router {
-    Router::new()
-        .channel("room:*", Room::default)
-        .channel("admin:*", || Admin)
+    Router::new().channel("room:*", Room::default).channel("admin:*", || Admin)
 }

@@ -30,9 +30,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let Command::Serve { bind, database } = Cli::parse().command;
     match serve(bind, database).await {
@@ -45,10 +43,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn serve(bind: SocketAddr, database: String) -> std::io::Result<()> {
-    let endpoint = Endpoint::builder()
-        .router(fawkes::demo::router())
-        .config(Config::default())
-        .build();
+    let endpoint = Endpoint::builder().router(fawkes::demo::router()).config(Config::default()).build();
     let listener = tokio::net::TcpListener::bind(bind).await?;
     tracing::info!(addr = %listener.local_addr()?, database, "listening on http://{}", listener.local_addr()?);
     fawkes::server::serve(listener, endpoint, fawkes::server::shutdown_signal()).await

@@ -32,13 +32,7 @@ pub fn app_with(endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .route(
             "/assets/phoenix.min.js",
-            get(|| async {
-                (
-                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-                    PHOENIX_JS,
-                )
-                    .into_response()
-            }),
+            get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], PHOENIX_JS).into_response() }),
         )
         .merge(socket_routes)
 }
@@ -47,14 +41,8 @@ pub fn app_with(endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
 pub fn sockets(path: &str, endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
     let path = path.trim_end_matches('/');
     axum::Router::new()
-        .route_service(
-            &format!("{path}/websocket"),
-            WebSocketService::new(endpoint.clone()),
-        )
-        .route_service(
-            &format!("{path}/longpoll"),
-            LongPollService::with_options(endpoint, longpoll),
-        )
+        .route_service(&format!("{path}/websocket"), WebSocketService::new(endpoint.clone()))
+        .route_service(&format!("{path}/longpoll"), LongPollService::with_options(endpoint, longpoll))
         .layer(axum::middleware::map_request(peer_addr))
 }
 
@@ -91,14 +79,8 @@ pub async fn serve_app(
             tracing::info!(sockets = n, "shutting down");
         })
         .await?;
-    if tokio::time::timeout(Duration::from_secs(5), endpoint.drained())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = endpoint.connected(),
-            "sockets still open after the shutdown grace period"
-        );
+    if tokio::time::timeout(Duration::from_secs(5), endpoint.drained()).await.is_err() {
+        tracing::warn!(open = endpoint.connected(), "sockets still open after the shutdown grace period");
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! prints messages per second (criterion's "thrpt" in elem/s).
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use fawkes_serializer::{Broadcast, Frame, Message, Payload, Ref, Reply, ReplyStatus, Serializer};
 use serde_json::json;
 use std::hint::black_box;
@@ -10,9 +10,13 @@ use std::hint::black_box;
 fn decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode");
     g.throughput(Throughput::Elements(1));
-    let v2 = Frame::text(r#"["3","17","room:lobby","new_msg",{"body":"hello there, how is everyone doing today?","n":42}]"#);
-    let v1 = Frame::text(r#"{"topic":"room:lobby","event":"new_msg","payload":{"body":"hello there, how is everyone doing today?","n":42},"ref":"17","join_ref":"3"}"#);
-    let bin = Frame::Binary(Bytes::from([&[0u8, 1, 2, 10, 4][..], b"3", b"17", b"room:lobby", b"ping", &[7u8; 64]].concat()));
+    let v2 =
+        Frame::text(r#"["3","17","room:lobby","new_msg",{"body":"hello there, how is everyone doing today?","n":42}]"#);
+    let v1 = Frame::text(
+        r#"{"topic":"room:lobby","event":"new_msg","payload":{"body":"hello there, how is everyone doing today?","n":42},"ref":"17","join_ref":"3"}"#,
+    );
+    let bin =
+        Frame::Binary(Bytes::from([&[0u8, 1, 2, 10, 4][..], b"3", b"17", b"room:lobby", b"ping", &[7u8; 64]].concat()));
     g.bench_function("v2_json", |b| b.iter(|| Serializer::V2.decode(black_box(&v2))));
     g.bench_function("v1_json", |b| b.iter(|| Serializer::V1.decode(black_box(&v1))));
     g.bench_function("v2_binary", |b| b.iter(|| Serializer::V2.decode(black_box(&bin))));

@@ -15,10 +15,7 @@ const NAMES_REPLY: [&str; 4] = ["join_ref", "ref", "topic", "status"];
 const NAMES_BROADCAST: [&str; 2] = ["topic", "event"];
 
 /// Splits a frame into its `N` string fields and the payload, checking lengths and UTF-8.
-fn split<'a, const N: usize>(
-    frame: &'a Bytes,
-    names: [&'static str; N],
-) -> Result<([&'a str; N], Bytes), DecodeError> {
+fn split<'a, const N: usize>(frame: &'a Bytes, names: [&'static str; N]) -> Result<([&'a str; N], Bytes), DecodeError> {
     let header = 1 + N;
     if frame.len() < header {
         return Err(DecodeError::BinaryTooShort { len: frame.len(), needed: header });
@@ -31,8 +28,7 @@ fn split<'a, const N: usize>(
     let mut at = header;
     for (i, name) in names.iter().enumerate() {
         let len = frame[1 + i] as usize;
-        fields[i] = std::str::from_utf8(&frame[at..at + len])
-            .map_err(|_| DecodeError::BinaryFieldNotUtf8(name))?;
+        fields[i] = std::str::from_utf8(&frame[at..at + len]).map_err(|_| DecodeError::BinaryFieldNotUtf8(name))?;
         at += len;
     }
     Ok((fields, frame.slice(needed..)))
@@ -97,11 +93,7 @@ pub(crate) fn decode_server(frame: &Bytes) -> Result<crate::ServerMessage, Decod
 }
 
 /// Writes `kind`, the length bytes, the fields and the payload.
-fn encode<const N: usize>(
-    kind: u8,
-    fields: [(&'static str, &str); N],
-    payload: &[u8],
-) -> Result<Bytes, EncodeError> {
+fn encode<const N: usize>(kind: u8, fields: [(&'static str, &str); N], payload: &[u8]) -> Result<Bytes, EncodeError> {
     let mut len = 1 + N + payload.len();
     for (field, value) in fields {
         if value.len() > 255 {
@@ -139,11 +131,7 @@ pub(crate) fn encode_reply(r: &Reply, payload: &[u8]) -> Result<Bytes, EncodeErr
 }
 
 pub(crate) fn encode_push(p: &Push, payload: &[u8]) -> Result<Bytes, EncodeError> {
-    encode(
-        PUSH,
-        [("join_ref", ref_str(p.join_ref.as_ref())), ("topic", &p.topic), ("event", &p.event)],
-        payload,
-    )
+    encode(PUSH, [("join_ref", ref_str(p.join_ref.as_ref())), ("topic", &p.topic), ("event", &p.event)], payload)
 }
 
 pub(crate) fn encode_broadcast(b: &Broadcast, payload: &[u8]) -> Result<Bytes, EncodeError> {

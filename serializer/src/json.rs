@@ -153,9 +153,8 @@ impl JsonBuf {
                 let start = self.0.len();
                 let encoded_len = base64::encoded_len(b.len(), true).unwrap_or(0);
                 self.0.resize(start + encoded_len, 0);
-                let written = base64::engine::general_purpose::STANDARD
-                    .encode_slice(b, &mut self.0[start..])
-                    .unwrap_or(0);
+                let written =
+                    base64::engine::general_purpose::STANDARD.encode_slice(b, &mut self.0[start..]).unwrap_or(0);
                 self.0.truncate(start + written);
                 self.raw("\"}")
             }

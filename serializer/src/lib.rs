@@ -73,7 +73,9 @@ impl Serializer {
     /// Picks the serializer for a client's `vsn` query parameter, as Phoenix does: no `vsn` or
     /// `1.x.y` is V1, `2.x.y` is V2, anything else is refused.
     pub fn from_vsn(vsn: Option<&str>) -> Result<Serializer, UnsupportedVsn> {
-        let Some(vsn) = vsn else { return Ok(Serializer::V1) };
+        let Some(vsn) = vsn else {
+            return Ok(Serializer::V1);
+        };
         let mut parts = vsn.split('.');
         let major = parts.next().and_then(|p| p.parse::<u32>().ok());
         let rest_numeric = parts.all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
@@ -196,7 +198,9 @@ impl Serializer {
     /// Decodes what a server sent, as a client does.
     pub fn decode_server(self, frame: &Frame) -> Result<ServerMessage, DecodeError> {
         let m = match (self, frame) {
-            (Serializer::V1, Frame::Binary(_)) => return Err(DecodeError::BinaryNotSupported("V1")),
+            (Serializer::V1, Frame::Binary(_)) => {
+                return Err(DecodeError::BinaryNotSupported("V1"));
+            }
             (_, Frame::Binary(b)) => return binary::decode_server(b),
             (Serializer::V1, Frame::Text(t)) => json::decode_v1(t)?,
             (_, Frame::Text(t)) => json::decode_v2(t)?,

@@ -2,8 +2,7 @@
 
 use bytes::Bytes;
 use fawkes_serializer::{
-    Broadcast, DecodeError, Frame, Message, Payload, Push, Ref, Reply, ReplyStatus, Serializer,
-    ServerMessage,
+    Broadcast, DecodeError, Frame, Message, Payload, Push, Ref, Reply, ReplyStatus, Serializer, ServerMessage,
 };
 use serde_json::json;
 
@@ -12,13 +11,7 @@ fn bin(parts: &[&[u8]]) -> Frame {
 }
 
 fn reply_to(m: &Message, status: ReplyStatus, response: Payload) -> Reply {
-    Reply {
-        join_ref: m.join_ref.clone(),
-        msg_ref: m.msg_ref.clone(),
-        topic: m.topic.clone(),
-        status,
-        response,
-    }
+    Reply { join_ref: m.join_ref.clone(), msg_ref: m.msg_ref.clone(), topic: m.topic.clone(), status, response }
 }
 
 #[test]
@@ -120,10 +113,7 @@ fn malformed_frames_are_typed_errors() {
         let err = Serializer::V2.decode(&Frame::text(*text)).expect_err(text);
         assert!(check(&err), "{text:?} gave {err:?}");
     }
-    assert!(matches!(
-        Serializer::V1.decode(&Frame::text(r#"["1","2","t","e",{}]"#)),
-        Err(DecodeError::Shape(_))
-    ));
+    assert!(matches!(Serializer::V1.decode(&Frame::text(r#"["1","2","t","e",{}]"#)), Err(DecodeError::Shape(_))));
     assert!(matches!(
         Serializer::V1.decode(&Frame::Binary(Bytes::from_static(&[0]))),
         Err(DecodeError::BinaryNotSupported(_))

@@ -19,12 +19,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fawkes::{
-    reason, Accept, Channel, Config, ConnectError, ConnectInfo, Endpoint, HandleIn, Payload, Router, SocketRef,
-    StopReason,
+    Accept, Channel, Config, ConnectError, ConnectInfo, Endpoint, HandleIn, Payload, Router, SocketRef, StopReason,
+    reason,
 };
 use fawkes_serializer::{Frame, Message, Ref, Serializer, ServerMessage};
 use futures_util::{SinkExt as _, StreamExt as _};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -66,7 +66,9 @@ impl Channel for TestChannel {
         };
         match event {
             "crash" => panic!("crash requested"),
-            "stop" => HandleIn::Stop { reason: StopReason::Normal, reply: Some((fawkes::ReplyStatus::Ok, Payload::empty())) },
+            "stop" => {
+                HandleIn::Stop { reason: StopReason::Normal, reply: Some((fawkes::ReplyStatus::Ok, Payload::empty())) }
+            }
             "push" => {
                 let (event, body) = target();
                 socket.push(&event, body);
@@ -244,12 +246,18 @@ impl RawClient {
             loop {
                 match self.ws.next().await {
                     Some(Ok(WsMessage::Text(t))) => {
-                        return Received::Message(self.serializer.decode_server(&Frame::Text(Bytes::from(t))).expect("server frame decodes"));
+                        return Received::Message(
+                            self.serializer.decode_server(&Frame::Text(Bytes::from(t))).expect("server frame decodes"),
+                        );
                     }
                     Some(Ok(WsMessage::Binary(b))) => {
-                        return Received::Message(self.serializer.decode_server(&Frame::Binary(b)).expect("server frame decodes"));
+                        return Received::Message(
+                            self.serializer.decode_server(&Frame::Binary(b)).expect("server frame decodes"),
+                        );
                     }
-                    Some(Ok(WsMessage::Close(frame))) => return Received::Closed(frame.map(|f| u16::from(f.code))),
+                    Some(Ok(WsMessage::Close(frame))) => {
+                        return Received::Closed(frame.map(|f| u16::from(f.code)));
+                    }
                     Some(Ok(_)) => continue,
                     Some(Err(_)) | None => return Received::Closed(None),
                 }

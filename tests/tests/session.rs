@@ -77,11 +77,20 @@ async fn unmatched_and_refused_joins() {
     let ep = endpoint();
     let mut c = connect(&ep, "2.0.0").await;
     c.send(r#"["1","1","nope:1","phx_join",{}]"#).await;
-    assert_eq!(c.next_text().await, r#"[null,"1","nope:1","phx_reply",{"response":{"reason":"unmatched topic"},"status":"error"}]"#);
+    assert_eq!(
+        c.next_text().await,
+        r#"[null,"1","nope:1","phx_reply",{"response":{"reason":"unmatched topic"},"status":"error"}]"#
+    );
     c.send(r#"["2","2","admin:x","phx_join",{}]"#).await;
-    assert_eq!(c.next_text().await, r#"["2","2","admin:x","phx_reply",{"response":{"reason":"unauthorized"},"status":"error"}]"#);
+    assert_eq!(
+        c.next_text().await,
+        r#"["2","2","admin:x","phx_reply",{"response":{"reason":"unauthorized"},"status":"error"}]"#
+    );
     c.send(r#"["3","3","admin:x","anything",{}]"#).await;
-    assert_eq!(c.next_text().await, r#"[null,"3","admin:x","phx_reply",{"response":{"reason":"unmatched topic"},"status":"error"}]"#);
+    assert_eq!(
+        c.next_text().await,
+        r#"[null,"3","admin:x","phx_reply",{"response":{"reason":"unmatched topic"},"status":"error"}]"#
+    );
     c.send("[null,null,null,null,null]").await;
     let r = reply(c.next().await);
     assert_eq!(r.response, Payload::Json(json!({"reason": "unmatched topic"})));
@@ -193,11 +202,17 @@ async fn v1_and_v2_sockets_share_a_broadcast_each_in_its_own_form() {
     let mut v1 = connect(&ep, "1.0.0").await;
     let mut v2 = connect(&ep, "2.0.0").await;
     v1.send(r#"{"topic":"room:mix","event":"phx_join","payload":{"user":"old"},"ref":"1"}"#).await;
-    assert_eq!(v1.next_text().await, r#"{"event":"phx_reply","payload":{"response":{},"status":"ok"},"ref":"1","topic":"room:mix"}"#);
+    assert_eq!(
+        v1.next_text().await,
+        r#"{"event":"phx_reply","payload":{"response":{},"status":"ok"},"ref":"1","topic":"room:mix"}"#
+    );
     v2.send(r#"["1","1","room:mix","phx_join",{}]"#).await;
     reply(v2.next().await);
     v1.send(r#"{"topic":"room:mix","event":"new_msg","payload":{"body":"yo"},"ref":"2"}"#).await;
-    assert_eq!(v1.next_text().await, r#"{"event":"new_msg","payload":{"body":"yo","user":"old"},"ref":null,"topic":"room:mix"}"#);
+    assert_eq!(
+        v1.next_text().await,
+        r#"{"event":"new_msg","payload":{"body":"yo","user":"old"},"ref":null,"topic":"room:mix"}"#
+    );
     assert_eq!(v2.next_text().await, r#"[null,null,"room:mix","new_msg",{"body":"yo","user":"old"}]"#);
 }
 
@@ -210,7 +225,10 @@ async fn binary_payloads_use_the_binary_layout() {
     let push = [&[0u8, 1, 1, 8, 4][..], b"1", b"2", b"test:bin", b"echo", &[0, 1, 2, 0xfa]].concat();
     c.session.handle_frame(Frame::Binary(push.into())).await.expect("open");
     let frame = c.out.recv().await.expect("reply");
-    assert_eq!(frame, Frame::Binary([&[1u8, 1, 1, 8, 2][..], b"1", b"2", b"test:bin", b"ok", &[0, 1, 2, 0xfa]].concat().into()));
+    assert_eq!(
+        frame,
+        Frame::Binary([&[1u8, 1, 1, 8, 2][..], b"1", b"2", b"test:bin", b"ok", &[0, 1, 2, 0xfa]].concat().into())
+    );
     c.send(r#"["1","3","test:bin","binary_broadcast",{}]"#).await;
     let frame = c.out.recv().await.expect("broadcast");
     assert_eq!(frame, Frame::Binary([&[2u8, 8, 6][..], b"test:bin", b"binary", &BINARY].concat().into()));
@@ -275,7 +293,16 @@ async fn a_flood_of_joins_is_rate_limited_and_capped() {
     }
     assert_eq!(
         reasons,
-        ["ok", "ok", "ok", "too many channels", "too many channels", "join rate exceeded", "join rate exceeded", "join rate exceeded"]
+        [
+            "ok",
+            "ok",
+            "ok",
+            "too many channels",
+            "too many channels",
+            "join rate exceeded",
+            "join rate exceeded",
+            "join rate exceeded"
+        ]
     );
     c.send(r#"["0","99","room:0","ping",{}]"#).await;
     assert_eq!(reply(c.next().await).status, ReplyStatus::Ok, "the socket still works");
@@ -303,7 +330,9 @@ async fn a_slow_consumer_is_disconnected_and_memory_stays_bounded() {
 
 #[tokio::test]
 async fn drop_oldest_keeps_the_newest_frames() {
-    let ep = fawkes_tests::endpoint(Config::default().outbound_queue_limit(10).slow_consumer(SlowConsumerPolicy::DropOldest));
+    let ep = fawkes_tests::endpoint(
+        Config::default().outbound_queue_limit(10).slow_consumer(SlowConsumerPolicy::DropOldest),
+    );
     let mut c = connect(&ep, "2.0.0").await;
     c.send(r#"["1","1","room:feed","phx_join",{}]"#).await;
     reply(c.next().await);

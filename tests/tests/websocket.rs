@@ -55,10 +55,8 @@ async fn the_phoenix_subprotocol_is_echoed_and_the_token_reaches_connect() {
     let server = TestServer::start(Config::default()).await;
     let mut req = server.url("vsn=2.0.0&room=1").into_client_request().expect("request");
     // "s3cr3t token" in base64url without padding.
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        HeaderValue::from_static("phoenix, base64url.bearer.phx.czNjcjN0IHRva2Vu"),
-    );
+    req.headers_mut()
+        .insert("sec-websocket-protocol", HeaderValue::from_static("phoenix, base64url.bearer.phx.czNjcjN0IHRva2Vu"));
     let (mut ws, res) = tokio_tungstenite::connect_async(req).await.expect("accepted");
     assert_eq!(res.headers().get("sec-websocket-protocol").map(|v| v.as_bytes()), Some(&b"phoenix"[..]));
     ws.send(Message::text(r#"["1","1","test:whoami","phx_join",{}]"#)).await.expect("send");
@@ -100,7 +98,9 @@ async fn a_100_mb_frame_is_refused_without_being_read() {
     .await;
     if let Ok(mut c) = sent {
         match c.recv().await {
-            Some(Received::Closed(code)) => assert!(code.is_none() || code == Some(1009), "close code {code:?}"),
+            Some(Received::Closed(code)) => {
+                assert!(code.is_none() || code == Some(1009), "close code {code:?}")
+            }
             other => panic!("expected the socket to close, got {other:?}"),
         }
     }

@@ -129,10 +129,7 @@ impl Registry {
             shard.lock().retain(|_, s| {
                 let polling = s.polling.load(Ordering::Acquire) > 0;
                 let idle_for = now.saturating_sub(s.last_get_ms.load(Ordering::Acquire));
-                let closed = s
-                    .session
-                    .try_lock()
-                    .is_ok_and(|session| session.is_closed());
+                let closed = s.session.try_lock().is_ok_and(|session| session.is_closed());
                 polling || (idle_for < idle && !closed)
             });
         }
@@ -141,8 +138,7 @@ impl Registry {
     fn start_reaper(self: &Arc<Self>) {
         self.reaper.get_or_init(|| {
             let weak: Weak<Registry> = Arc::downgrade(self);
-            let every = (self.options.session_idle / 4)
-                .clamp(Duration::from_millis(50), Duration::from_secs(5));
+            let every = (self.options.session_idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -167,9 +163,7 @@ pub struct LongPollService {
 
 impl fmt::Debug for LongPollService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LongPollService")
-            .field("sessions", &self.sessions())
-            .finish_non_exhaustive()
+        f.debug_struct("LongPollService").field("sessions", &self.sessions()).finish_non_exhaustive()
     }
 }
 
@@ -211,21 +205,12 @@ impl LongPollService {
             Method::POST => self.post(req).await,
             Method::OPTIONS => preflight(&req),
             _ => {
-                let mut res = json(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    r#"{"error":"method not allowed"}"#.into(),
-                );
-                res.headers_mut().insert(
-                    header::ALLOW,
-                    HeaderValue::from_static("GET, POST, OPTIONS"),
-                );
+                let mut res = json(StatusCode::METHOD_NOT_ALLOWED, r#"{"error":"method not allowed"}"#.into());
+                res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST, OPTIONS"));
                 res
             }
         };
-        res.headers_mut().insert(
-            header::ACCESS_CONTROL_ALLOW_ORIGIN,
-            HeaderValue::from_static("*"),
-        );
+        res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
         res
     }
 
@@ -236,12 +221,9 @@ impl LongPollService {
             Some((id, session)) => self.poll(id, token.unwrap_or_default(), session).await,
             None => {
                 if token.is_some() {
-                    tracing::debug!(
-                        "long-poll GET with an unknown or invalid token: opening a new session"
-                    );
+                    tracing::debug!("long-poll GET with an unknown or invalid token: opening a new session");
                 }
-                self.open(query.as_deref(), std::mem::take(req.headers_mut()))
-                    .await
+                self.open(query.as_deref(), std::mem::take(req.headers_mut())).await
             }
         }
     }
@@ -249,10 +231,7 @@ impl LongPollService {
     async fn open(&self, query: Option<&str>, headers: http::HeaderMap) -> Response<Full<Bytes>> {
         let mut info = ConnectInfo::new("longpoll", false).with_query(query);
         info.params.remove("token");
-        info.auth_token = headers
-            .get("x-phoenix-authtoken")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        info.auth_token = headers.get("x-phoenix-authtoken").and_then(|v| v.to_str().ok()).map(str::to_owned);
         info.headers = headers;
         let session = match self.registry.endpoint.connect(info).await {
             Ok(session) => session,
@@ -276,12 +255,7 @@ impl LongPollService {
         envelope(410, Some(&self.registry.signer.sign(id)), &[])
     }
 
-    async fn poll(
-        &self,
-        id: SessionId,
-        token: String,
-        s: Arc<LongPollSession>,
-    ) -> Response<Full<Bytes>> {
+    async fn poll(&self, id: SessionId, token: String, s: Arc<LongPollSession>) -> Response<Full<Bytes>> {
         let registry = &self.registry;
         let _polling = PollGuard::new(registry, &s);
         let generation = s.poll_generation.fetch_add(1, Ordering::AcqRel) + 1;
@@ -327,20 +301,12 @@ impl LongPollService {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("application/x-ndjson"));
-        let body = match Limited::new(req.into_body(), self.registry.options.max_body_size)
-            .collect()
-            .await
-        {
+        let body = match Limited::new(req.into_body(), self.registry.options.max_body_size).collect().await {
             Ok(body) => body.to_bytes(),
             Err(e) => {
-                let too_large = e
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some();
+                let too_large = e.downcast_ref::<http_body_util::LengthLimitError>().is_some();
                 return if too_large {
-                    tracing::info!(
-                        limit = self.registry.options.max_body_size,
-                        "long-poll POST body too large"
-                    );
+                    tracing::info!(limit = self.registry.options.max_body_size, "long-poll POST body too large");
                     json(StatusCode::PAYLOAD_TOO_LARGE, r#"{"status":413}"#.into())
                 } else {
                     envelope(400, None, &[])
@@ -397,18 +363,14 @@ struct PollGuard<'a> {
 impl<'a> PollGuard<'a> {
     fn new(registry: &'a Registry, session: &'a LongPollSession) -> PollGuard<'a> {
         session.polling.fetch_add(1, Ordering::AcqRel);
-        session
-            .last_get_ms
-            .store(registry.now_ms(), Ordering::Release);
+        session.last_get_ms.store(registry.now_ms(), Ordering::Release);
         PollGuard { registry, session }
     }
 }
 
 impl Drop for PollGuard<'_> {
     fn drop(&mut self) {
-        self.session
-            .last_get_ms
-            .store(self.registry.now_ms(), Ordering::Release);
+        self.session.last_get_ms.store(self.registry.now_ms(), Ordering::Release);
         self.session.polling.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -425,9 +387,7 @@ fn line_frame(line: Bytes) -> Frame {
 }
 
 fn token_param(query: Option<&str>) -> Option<String> {
-    fawkes_channel::parse_query(query?)
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v)
+    fawkes_channel::parse_query(query?).find(|(k, _)| k == "token").map(|(_, v)| v)
 }
 
 fn envelope(status: u16, token: Option<&str>, messages: &[&[u8]]) -> Response<Full<Bytes>> {
@@ -448,10 +408,7 @@ fn envelope(status: u16, token: Option<&str>, messages: &[&[u8]]) -> Response<Fu
 fn json(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
     let mut res = Response::new(Full::new(body));
     *res.status_mut() = status;
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
 }
 
@@ -461,13 +418,7 @@ fn preflight<B>(req: &Request<B>) -> Response<Full<Bytes>> {
     if let Some(requested) = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
         h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested.clone());
     }
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("get, post, options"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("3600"),
-    );
+    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("get, post, options"));
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("3600"));
     res
 }

@@ -13,8 +13,7 @@ impl SessionId {
     pub(crate) fn random() -> SessionId {
         let mut id = [0u8; 16];
         // Failing to read the OS's randomness leaves no safe way to make tokens.
-        getrandom::fill(&mut id)
-            .expect("the operating system's random number generator is unavailable");
+        getrandom::fill(&mut id).expect("the operating system's random number generator is unavailable");
         SessionId(id)
     }
 }
@@ -27,12 +26,7 @@ impl Signer {
     pub(crate) fn new(secret: Option<&[u8]>) -> Signer {
         let key = match secret {
             Some(secret) => secret.to_vec(),
-            None => SessionId::random()
-                .0
-                .iter()
-                .chain(SessionId::random().0.iter())
-                .copied()
-                .collect(),
+            None => SessionId::random().0.iter().chain(SessionId::random().0.iter()).copied().collect(),
         };
         Signer { key }
     }
@@ -47,11 +41,7 @@ impl Signer {
         let mut mac = self.mac();
         mac.update(&id.0);
         let tag = mac.finalize().into_bytes();
-        format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(id.0),
-            URL_SAFE_NO_PAD.encode(tag)
-        )
+        format!("{}.{}", URL_SAFE_NO_PAD.encode(id.0), URL_SAFE_NO_PAD.encode(tag))
     }
 
     /// The session id of a token this server signed; `None` for anything else. The tag is
@@ -86,10 +76,7 @@ mod tests {
 
         let mut altered = token.clone().into_bytes();
         altered[3] = if altered[3] == b'A' { b'B' } else { b'A' };
-        assert_eq!(
-            signer.verify(std::str::from_utf8(&altered).expect("ascii")),
-            None
-        );
+        assert_eq!(signer.verify(std::str::from_utf8(&altered).expect("ascii")), None);
 
         for garbage in ["", ".", "abc", "a.b", &"x".repeat(10_000), "🙂.🙂"] {
             assert_eq!(signer.verify(garbage), None, "{garbage:?}");

@@ -82,7 +82,8 @@ where
             let frame = CloseFrame { code, reason: Utf8Bytes::from(short_reason(&reason)) };
             if sink.send(Message::Close(Some(frame))).await.is_ok() {
                 // Wait briefly for the peer's close so the TCP connection ends cleanly.
-                let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
+                let _ =
+                    tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
             }
         }
     }

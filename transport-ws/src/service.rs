@@ -100,7 +100,9 @@ impl WebSocketService {
 
         let session = match self.endpoint.connect(info).await {
             Ok(session) => session,
-            Err(ConnectError::ShuttingDown) => return plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+            Err(ConnectError::ShuttingDown) => {
+                return plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+            }
             Err(e) => {
                 tracing::info!(error = %e, "websocket connect refused");
                 return plain(StatusCode::FORBIDDEN, "forbidden");
@@ -168,7 +170,9 @@ fn upgrade_key<B>(req: &Request<B>) -> Option<String> {
 fn subprotocols(h: &HeaderMap) -> (bool, Option<String>) {
     let mut phoenix = false;
     let mut token = None;
-    for offer in h.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
+    for offer in
+        h.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','))
+    {
         let offer = offer.trim();
         if offer == "phoenix" {
             phoenix = true;
