@@ -1,6 +1,7 @@
 //! The server the phoenix.js suite drives: the demo app plus the `test:*` channel.
 //!
-//! `fawkes-test-server [--bind ADDR] [--heartbeat-timeout-ms N]` prints
+//! `fawkes-test-server [--bind ADDR] [--heartbeat-timeout-ms N] [--poll-window-ms N]
+//! [--session-idle-ms N]` prints
 //! `listening on http://ADDR` once ready and exits cleanly on SIGTERM or Ctrl-C.
 
 use std::io::Write as _;
@@ -16,6 +17,12 @@ struct Args {
     bind: SocketAddr,
     #[arg(long, default_value_t = 60_000)]
     heartbeat_timeout_ms: u64,
+    /// How long a long-poll GET waits for messages.
+    #[arg(long, default_value_t = 10_000)]
+    poll_window_ms: u64,
+    /// How long a long-poll session lives without a GET.
+    #[arg(long, default_value_t = 20_000)]
+    session_idle_ms: u64,
 }
 
 #[tokio::main]
@@ -31,5 +38,9 @@ async fn main() -> std::io::Result<()> {
     let mut out = std::io::stdout();
     writeln!(out, "listening on http://{}", listener.local_addr()?)?;
     out.flush()?;
-    fawkes::server::serve(listener, endpoint, fawkes::server::shutdown_signal()).await
+    let longpoll = fawkes::longpoll::LongPollOptions::default()
+        .poll_window(Duration::from_millis(args.poll_window_ms))
+        .session_idle(Duration::from_millis(args.session_idle_ms));
+    let app = fawkes::server::app_with(endpoint.clone(), longpoll);
+    fawkes::server::serve_app(listener, app, endpoint, fawkes::server::shutdown_signal()).await
 }

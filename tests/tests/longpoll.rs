@@ -1,0 +1,254 @@
+//! The long-poll protocol, request by request, against the service itself.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fawkes::longpoll::{LongPollOptions, LongPollService};
+use fawkes::{Config, Endpoint};
+use http_body_util::{BodyExt as _, Full};
+use serde_json::{Value, json};
+
+struct Lp {
+    svc: LongPollService,
+    endpoint: Endpoint,
+}
+
+fn lp(options: LongPollOptions) -> Lp {
+    let endpoint = fawkes_tests::endpoint(Config::default());
+    Lp { svc: LongPollService::with_options(endpoint.clone(), options), endpoint }
+}
+
+impl Lp {
+    async fn request(&self, req: http::Request<Full<Bytes>>) -> (u16, http::HeaderMap, Value) {
+        let res = self.svc.handle(req).await;
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        let value = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).expect("JSON body") };
+        (status, headers, value)
+    }
+
+    async fn get(&self, query: &str) -> Value {
+        let req = http::Request::get(format!("/socket/longpoll?{query}")).body(Full::default()).expect("request");
+        let (status, headers, body) = self.request(req).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["access-control-allow-origin"], "*");
+        body
+    }
+
+    async fn open(&self) -> String {
+        let body = self.get("vsn=2.0.0").await;
+        assert_eq!(body["status"], 410);
+        body["token"].as_str().expect("token").to_owned()
+    }
+
+    async fn post(&self, token: &str, lines: &[&str]) -> Value {
+        let req = http::Request::post(format!("/socket/longpoll?vsn=2.0.0&token={token}"))
+            .header("content-type", "application/x-ndjson")
+            .body(Full::new(Bytes::from(lines.join("\n"))))
+            .expect("request");
+        let (status, _, body) = self.request(req).await;
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// Polls until `n` messages have arrived.
+    async fn messages(&self, token: &str, n: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let body = self.get(&format!("vsn=2.0.0&token={token}")).await;
+            assert_eq!(body["status"], 200, "expected messages, got {body}");
+            for m in body["messages"].as_array().expect("messages") {
+                out.push(serde_json::from_str(m.as_str().expect("string")).expect("V2 JSON"));
+            }
+        }
+        assert_eq!(out.len(), n, "{out:?}");
+        out
+    }
+}
+
+#[tokio::test]
+async fn open_post_a_batch_and_poll_the_answers_in_order() {
+    let lp = lp(LongPollOptions::default());
+    let token = lp.open().await;
+    let body = lp
+        .post(
+            &token,
+            &[r#"["1","1","room:lp","phx_join",{"user":"lee"}]"#, r#"["1","2","room:lp","new_msg",{"body":"hi"}]"#],
+        )
+        .await;
+    assert_eq!(body["status"], 200);
+    let msgs = lp.messages(&token, 3).await;
+    assert_eq!(msgs[0], json!(["1", "1", "room:lp", "phx_reply", {"response": {}, "status": "ok"}]));
+    assert_eq!(msgs[1], json!([null, null, "room:lp", "new_msg", {"body": "hi", "user": "lee"}]));
+    assert_eq!(msgs[2], json!(["1", "2", "room:lp", "phx_reply", {"response": {}, "status": "ok"}]));
+}
+
+#[tokio::test]
+async fn an_empty_poll_answers_204_and_loses_nothing() {
+    let lp = lp(LongPollOptions::default().poll_window(Duration::from_millis(50)));
+    let token = lp.open().await;
+    lp.post(&token, &[r#"["1","1","room:q","phx_join",{}]"#]).await;
+    lp.messages(&token, 1).await;
+    let body = lp.get(&format!("vsn=2.0.0&token={token}")).await;
+    assert_eq!((body["status"].clone(), body["token"].as_str()), (json!(204), Some(token.as_str())));
+    lp.endpoint.pubsub().broadcast("room:q", "later", json!({"n": 1}));
+    assert_eq!(lp.messages(&token, 1).await[0], json!([null, null, "room:q", "later", {"n": 1}]));
+}
+
+#[tokio::test]
+async fn bad_tokens_get_410_never_403() {
+    let lp = lp(LongPollOptions::default());
+    let token = lp.open().await;
+    let mut altered = token.clone().into_bytes();
+    altered[0] = if altered[0] == b'A' { b'B' } else { b'A' };
+    let altered = String::from_utf8(altered).expect("ascii");
+    for bad in [altered.as_str(), "forged.token", "", "%%%"] {
+        let body = lp.get(&format!("vsn=2.0.0&token={bad}")).await;
+        assert_eq!(body["status"], 410, "GET {bad:?}");
+        assert_ne!(body["token"].as_str(), Some(token.as_str()), "a fresh session, not the real one");
+        let req = http::Request::post(format!("/socket/longpoll?token={bad}"))
+            .body(Full::new(Bytes::from_static(br#"[null,"1","phoenix","heartbeat",{}]"#)))
+            .expect("request");
+        assert_eq!(lp.request(req).await.2["status"], 410, "POST {bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn refused_connects_get_403() {
+    let lp = lp(LongPollOptions::default());
+    assert_eq!(lp.get("vsn=2.0.0&reject=true").await["status"], 403);
+    assert_eq!(lp.get("vsn=3.0.0").await["status"], 403);
+    let req = http::Request::get("/socket/longpoll?vsn=2.0.0")
+        .header("origin", "https://evil.example")
+        .header("host", "localhost:4000")
+        .body(Full::default())
+        .expect("request");
+    assert_eq!(lp.request(req).await.2["status"], 403);
+    assert_eq!(lp.endpoint.connected(), 0);
+}
+
+#[tokio::test]
+async fn a_batch_over_100_lines_is_taken_whole() {
+    let lp = lp(LongPollOptions::default());
+    let token = lp.open().await;
+    let mut lines = vec![r#"["1","0","room:big","phx_join",{}]"#.to_owned()];
+    lines.extend((1..=250).map(|i| format!(r#"["1","{i}","room:big","ping",{{"i":{i}}}]"#)));
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    lp.post(&token, &refs).await;
+    let msgs = lp.messages(&token, 251).await;
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m[1], json!(i.to_string()), "in order");
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_line_is_answered_at_once_and_ends_the_session() {
+    let lp = lp(LongPollOptions::default());
+    let token = lp.open().await;
+    let req = http::Request::post(format!("/socket/longpoll?token={token}"))
+        .header("content-type", "application/x-ndjson")
+        .body(Full::new(Bytes::from_static(b"[\"1\",\"1\",\"room:x\",\"phx_join\",{}]\n[not json")))
+        .expect("request");
+    let (status, _, body) = lp.request(req).await;
+    assert_eq!((status, body["status"].clone()), (200, json!(400)));
+    assert_eq!(lp.get(&format!("vsn=2.0.0&token={token}")).await["status"], 410, "the session is gone");
+}
+
+#[tokio::test]
+async fn a_huge_post_is_refused_and_the_session_survives() {
+    let lp = lp(LongPollOptions::default().max_body_size(64 * 1024));
+    let token = lp.open().await;
+    let req = http::Request::post(format!("/socket/longpoll?token={token}"))
+        .body(Full::new(Bytes::from(vec![b'['; 1024 * 1024])))
+        .expect("request");
+    assert_eq!(lp.request(req).await.0, 413);
+    lp.post(&token, &[r#"[null,"1","phoenix","heartbeat",{}]"#]).await;
+    assert_eq!(lp.messages(&token, 1).await[0][1], "1");
+}
+
+#[tokio::test]
+async fn wrong_methods_and_preflight() {
+    let lp = lp(LongPollOptions::default());
+    let req = http::Request::delete("/socket/longpoll").body(Full::default()).expect("request");
+    let (status, headers, _) = lp.request(req).await;
+    assert_eq!((status, headers["allow"].to_str().ok()), (405, Some("GET, POST, OPTIONS")));
+    let req = http::Request::options("/socket/longpoll")
+        .header("access-control-request-headers", "content-type,x-phoenix-authtoken")
+        .body(Full::default())
+        .expect("request");
+    let (status, headers, _) = lp.request(req).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["access-control-allow-headers"], "content-type,x-phoenix-authtoken");
+    assert_eq!(headers["access-control-allow-methods"], "get, post, options");
+    assert_eq!(headers["access-control-max-age"], "3600");
+    assert_eq!(headers["access-control-allow-origin"], "*");
+}
+
+#[tokio::test]
+async fn a_newer_poll_releases_the_older_without_losing_messages() {
+    let lp = lp(LongPollOptions::default().poll_window(Duration::from_secs(30)));
+    let token = lp.open().await;
+    lp.post(&token, &[r#"["1","1","room:two","phx_join",{}]"#]).await;
+    lp.messages(&token, 1).await;
+    let query = format!("vsn=2.0.0&token={token}");
+    let first = lp.get(&query);
+    let second = async {
+        tokio::task::yield_now().await;
+        lp.get(&query).await
+    };
+    let broadcast = async {
+        // Lets both polls start waiting before the message is sent.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        lp.endpoint.pubsub().broadcast("room:two", "hello", json!({}));
+    };
+    let (first, second, ()) = tokio::join!(first, second, broadcast);
+    let statuses = [first["status"].as_u64(), second["status"].as_u64()];
+    assert!(statuses.contains(&Some(204)) && statuses.contains(&Some(200)), "{first} {second}");
+    let delivered: usize = [first, second].iter().map(|b| b["messages"].as_array().map_or(0, Vec::len)).sum();
+    assert_eq!(delivered, 1, "the message went out exactly once");
+}
+
+#[tokio::test]
+async fn binary_pushes_arrive_as_base64_lines_and_go_back_as_base64_json() {
+    let lp = lp(LongPollOptions::default());
+    let token = lp.open().await;
+    lp.post(&token, &[r#"["1","1","room:bin","phx_join",{}]"#]).await;
+    lp.messages(&token, 1).await;
+    // Kind 0 push: join_ref "1", ref "2", topic "room:bin", event "ping", payload [1,2,3,255].
+    let frame = [&[0u8, 1, 1, 8, 4][..], b"1", b"2", b"room:bin", b"ping", &[1, 2, 3, 255]].concat();
+    use base64::Engine as _;
+    let line = base64::engine::general_purpose::STANDARD.encode(frame);
+    lp.post(&token, &[&line]).await;
+    let reply = &lp.messages(&token, 1).await[0];
+    assert_eq!(
+        reply,
+        &json!(["1", "2", "room:bin", "phx_reply", {"response": {"binary": "AQID/w=="}, "status": "ok"}])
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn abandoned_sessions_expire_and_free_everything() {
+    let idle = Duration::from_secs(20);
+    let lp = lp(LongPollOptions::default().session_idle(idle));
+    for _ in 0..2000 {
+        let token = lp.open().await;
+        lp.post(&token, &[r#"["1","1","room:abandoned","phx_join",{}]"#]).await;
+    }
+    // Let every join finish before measuring.
+    while lp.endpoint.pubsub().subscriber_count("room:abandoned") < 2000 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!((lp.svc.sessions(), lp.endpoint.connected()), (2000, 2000));
+    tokio::time::sleep(idle / 2).await;
+    assert_eq!(lp.svc.sessions(), 2000, "not before the idle window");
+    tokio::time::sleep(idle).await;
+    assert_eq!((lp.svc.sessions(), lp.endpoint.connected()), (0, 0));
+    while lp.endpoint.pubsub().subscriber_count("room:abandoned") > 0 {
+        tokio::task::yield_now().await;
+    }
+    let expired = lp.get("vsn=2.0.0&token=whatever").await;
+    assert_eq!(expired["status"], 410);
+}
