@@ -1,8 +1,11 @@
-//! A custom channel mounted in an existing axum app, next to the app's own routes.
+//! A custom channel mounted in an existing axum app, next to the app's own routes, over WebSocket
+//! and with a long-poll fallback.
 //!
 //! `cargo run -p fawkes --example embed`, then connect a phoenix client to
-//! `ws://127.0.0.1:4001/live` and join `counter:anything`.
+//! `ws://127.0.0.1:4001/live` (params `{user: "ann"}`) and join `counter:anything`. Clients behind
+//! networks that block WebSocket fall back to long-poll with `longPollFallbackMs`.
 
+use fawkes::longpoll::LongPollService;
 use fawkes::ws::WebSocketService;
 use fawkes::{Accept, Channel, ConnectError, ConnectInfo, Endpoint, HandleIn, Payload, Router, SocketRef, reason};
 use serde_json::{Value, json};
@@ -46,7 +49,8 @@ async fn main() -> std::io::Result<()> {
 
     let app = axum::Router::new()
         .route("/health", axum::routing::get(|| async { "ok" }))
-        .route_service("/live/websocket", WebSocketService::new(endpoint));
+        .route_service("/live/websocket", WebSocketService::new(endpoint.clone()))
+        .route_service("/live/longpoll", LongPollService::new(endpoint));
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:4001").await?;
     axum::serve(listener, app).await

@@ -23,6 +23,10 @@ struct Args {
     /// How long a long-poll session lives without a GET.
     #[arg(long, default_value_t = 20_000)]
     session_idle_ms: u64,
+    /// Serve long-poll only: the WebSocket route answers 404, as behind a proxy that blocks
+    /// upgrades (for the fallback tests).
+    #[arg(long)]
+    no_websocket: bool,
 }
 
 #[tokio::main]
@@ -41,6 +45,17 @@ async fn main() -> std::io::Result<()> {
     let longpoll = fawkes::longpoll::LongPollOptions::default()
         .poll_window(Duration::from_millis(args.poll_window_ms))
         .session_idle(Duration::from_millis(args.session_idle_ms));
-    let app = fawkes::server::app_with(endpoint.clone(), longpoll);
+    let mut app = fawkes::server::app_with(endpoint.clone(), longpoll);
+    if args.no_websocket {
+        app = app.layer(axum::middleware::from_fn(block_websocket));
+    }
     fawkes::server::serve_app(listener, app, endpoint, fawkes::server::shutdown_signal()).await
+}
+
+async fn block_websocket(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if req.uri().path().ends_with("/websocket") {
+        return (axum::http::StatusCode::NOT_FOUND, "websocket blocked").into_response();
+    }
+    next.run(req).await
 }
