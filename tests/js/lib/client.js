@@ -475,6 +475,7 @@ module.exports = {
   makeSocket,
   push,
   pushOk,
+  pushResult,
   record,
   recordMessages,
   safeJson,
