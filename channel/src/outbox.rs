@@ -41,6 +41,8 @@ pub enum CloseReason {
     TransportClosed,
 }
 
+impl std::error::Error for CloseReason {}
+
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
