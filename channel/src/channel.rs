@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use fawkes_serializer::{Broadcast, Payload, Push, Ref, ReplyStatus};
+
 use serde_json::Value;
 
 use crate::outbox::Outbox;
@@ -54,6 +55,13 @@ pub trait Channel: Send + 'static {
     /// `{"status": "ok", "response": response}` and subscribes the socket to the topic;
     /// `Err(response)` answers `{"status": "error", "response": response}`.
     fn join(&mut self, params: Payload, socket: &mut SocketRef) -> impl Future<Output = Result<Value, Value>> + Send;
+
+    /// Runs once the join's ok reply is queued and the socket is subscribed: the place to push
+    /// state the client should see right after joining (Phoenix's `send(self(), :after_join)`).
+    fn after_join(&mut self, socket: &mut SocketRef) -> impl Future<Output = ()> + Send {
+        let _ = socket;
+        async {}
+    }
 
     /// An event pushed by the client.
     fn handle_in(
@@ -126,6 +134,55 @@ pub enum Terminate {
     SocketClosed,
 }
 
+fn push_to(outbox: &Outbox, info: &SocketInfo, topic: &str, join_ref: Option<&Ref>, event: &str, payload: Payload) {
+    let push =
+        Push { join_ref: join_ref.cloned(), msg_ref: None, topic: topic.to_owned(), event: event.to_owned(), payload };
+    match info.serializer.encode_push(&push) {
+        Ok(frame) => outbox.push(frame),
+        Err(e) => tracing::warn!(topic, event, error = %e, "push not encodable"),
+    }
+}
+
+/// Pushes to one client on one topic from outside its channel task. Cheap to clone. Once the
+/// channel instance ends (leave, stop, crash, socket closed), pushes are dropped and
+/// [`Pusher::is_closed`] is true.
+#[derive(Clone)]
+pub struct Pusher {
+    topic: Arc<str>,
+    join_ref: Option<Ref>,
+    outbox: Outbox,
+    info: Arc<SocketInfo>,
+    alive: std::sync::Weak<()>,
+}
+
+impl fmt::Debug for Pusher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pusher").field("topic", &self.topic).field("closed", &self.is_closed()).finish()
+    }
+}
+
+impl Pusher {
+    /// Sends `event` to the client, in order with everything else queued for it. Returns false
+    /// (and sends nothing) once the channel instance has ended.
+    pub fn push(&self, event: &str, payload: impl Into<Payload>) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        push_to(&self.outbox, &self.info, &self.topic, self.join_ref.as_ref(), event, payload.into());
+        true
+    }
+
+    /// True once the channel instance has ended or its socket has closed.
+    pub fn is_closed(&self) -> bool {
+        self.alive.strong_count() == 0 || self.outbox.is_closed()
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+}
+
 /// Builds an error response `{"reason": reason}`.
 pub fn reason(reason: &str) -> Value {
     serde_json::json!({ "reason": reason })
@@ -140,6 +197,8 @@ pub struct SocketRef {
     pub(crate) info: Arc<SocketInfo>,
     pub(crate) pubsub: PubSub,
     pub(crate) subscriber: Option<SubscriberId>,
+    /// Dropped with the channel, which ends every [`Pusher`] of it.
+    pub(crate) alive: Arc<()>,
 }
 
 impl fmt::Debug for SocketRef {
@@ -180,16 +239,18 @@ impl SocketRef {
 
     /// Sends `event` to this client only.
     pub fn push(&self, event: &str, payload: impl Into<Payload>) {
-        let push = Push {
+        push_to(&self.outbox, &self.info, &self.topic, self.join_ref.as_ref(), event, payload.into());
+    }
+
+    /// A handle that pushes to this client on this topic from anywhere (another task, a poller),
+    /// for as long as this channel instance lives.
+    pub fn pusher(&self) -> Pusher {
+        Pusher {
+            topic: self.topic.clone(),
             join_ref: self.join_ref.clone(),
-            msg_ref: None,
-            topic: self.topic.to_string(),
-            event: event.to_owned(),
-            payload: payload.into(),
-        };
-        match self.info.serializer.encode_push(&push) {
-            Ok(frame) => self.outbox.push(frame),
-            Err(e) => tracing::warn!(topic = %self.topic, event, error = %e, "push not encodable"),
+            outbox: self.outbox.clone(),
+            info: self.info.clone(),
+            alive: Arc::downgrade(&self.alive),
         }
     }
 

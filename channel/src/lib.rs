@@ -54,7 +54,7 @@ mod session;
 mod socket;
 mod task;
 
-pub use channel::{Channel, HandleIn, SocketRef, StopReason, Terminate, reason};
+pub use channel::{Channel, HandleIn, Pusher, SocketRef, StopReason, Terminate, reason};
 pub use config::{Config, JoinRate, SlowConsumerPolicy};
 pub use endpoint::{Endpoint, EndpointBuilder};
 pub use fawkes_serializer::{Frame, Payload, Ref, ReplyStatus, Serializer};

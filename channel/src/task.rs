@@ -43,7 +43,7 @@ pub(crate) struct JoinRequest {
 pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
     let JoinRequest { topic, join_ref, msg_ref, params, replaces, outbox, info, pubsub, mut mailbox, mailbox_capacity } =
         req;
-    let mut socket = SocketRef { topic, join_ref, outbox, info, pubsub, subscriber: None };
+    let mut socket = SocketRef { topic, join_ref, outbox, info, pubsub, subscriber: None, alive: Arc::new(()) };
 
     let joined = AssertUnwindSafe(channel.join(params, &mut socket)).catch_unwind().await;
     let (status, response) = match joined {
@@ -82,6 +82,10 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
             }
         }
         return;
+    }
+    if AssertUnwindSafe(channel.after_join(&mut socket)).catch_unwind().await.is_err() {
+        tracing::error!(topic = %socket.topic, "channel panicked in after_join");
+        return control(&socket, socket.join_ref.clone(), "phx_error");
     }
 
     loop {

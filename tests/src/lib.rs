@@ -4,12 +4,14 @@
 //!
 //! The `test:*` contract (also driven by the phoenix.js suite in `tests/js`):
 //! - join params `{"refuse": R}` answer error `{"reason": R}`; `{"crash": true}` panics in join
-//!   (error `{"reason": "join crashed"}`); otherwise ok
+//!   (error `{"reason": "join crashed"}`); `{"welcome": true}` pushes `welcome` right after the
+//!   join reply; otherwise ok
 //!   `{"topic": T, "token": <auth token or null>, "params": <connect params>}`.
 //! - events: `crash` panics; `stop` replies ok then stops normally; `push`/`broadcast`/
 //!   `broadcast_from` `{"event", "payload"}` do that and reply ok; `binary_push`/`binary_broadcast`
 //!   send event `binary` with bytes `[1, 2, 3, 255]`; `noreply` answers nothing; `error_reply`
-//!   replies error `{"reason": "requested"}`; `echo` replies ok with the payload; anything else
+//!   replies error `{"reason": "requested"}`; `echo` replies ok with the payload; `deferred_push`
+//!   replies ok, then another task pushes `deferred` with the payload; anything else
 //!   replies error `{"reason": "unknown event"}`.
 //! - connect is refused when the params contain `reject=true`.
 
@@ -40,7 +42,9 @@ struct ConnectParams(HashMap<String, String>);
 
 /// The `test:*` channel.
 #[derive(Debug, Default)]
-pub struct TestChannel;
+pub struct TestChannel {
+    welcome: bool,
+}
 
 fn field<'a>(payload: &'a Payload, key: &str) -> Option<&'a Value> {
     payload.as_json().and_then(|p| p.get(key))
@@ -54,9 +58,16 @@ impl Channel for TestChannel {
         if field(&params, "crash") == Some(&Value::Bool(true)) {
             panic!("join crash requested");
         }
+        self.welcome = field(&params, "welcome") == Some(&Value::Bool(true));
         let token = socket.assign::<AuthToken>().and_then(|t| t.0.clone());
         let params = socket.assign::<ConnectParams>().map(|p| json!(p.0)).unwrap_or(Value::Null);
         Ok(json!({ "topic": socket.topic(), "token": token, "params": params }))
+    }
+
+    async fn after_join(&mut self, socket: &mut SocketRef) {
+        if self.welcome {
+            socket.push("welcome", json!({ "topic": socket.topic() }));
+        }
     }
 
     async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> HandleIn {
@@ -92,6 +103,12 @@ impl Channel for TestChannel {
                 socket.broadcast("binary", Bytes::from_static(&BINARY));
                 HandleIn::ok(json!({}))
             }
+            "deferred_push" => {
+                // Pushes from another task, after this reply.
+                let pusher = socket.pusher();
+                tokio::spawn(async move { pusher.push("deferred", payload) });
+                HandleIn::ok(json!({}))
+            }
             "noreply" => HandleIn::NoReply,
             "error_reply" => HandleIn::error(reason("requested")),
             "echo" => HandleIn::ok(payload),
@@ -102,7 +119,7 @@ impl Channel for TestChannel {
 
 /// The demo routes plus `test:*`.
 pub fn router() -> Router {
-    fawkes::demo::router().channel("test:*", || TestChannel)
+    fawkes::demo::router().channel("test:*", TestChannel::default)
 }
 
 /// An endpoint with the test routes and connect callback.

@@ -405,3 +405,23 @@ async fn dropping_the_session_ends_its_channels_and_subscriptions() {
     .expect("unsubscribed");
     assert_eq!(ep.connected(), 0);
 }
+
+#[tokio::test]
+async fn after_join_pushes_follow_the_join_reply() {
+    let ep = endpoint();
+    let mut c = connect(&ep, "2.0.0").await;
+    c.send(r#"["1","1","test:hi","phx_join",{"welcome":true}]"#).await;
+    assert_eq!(reply(c.next().await).status, ReplyStatus::Ok);
+    assert_eq!(c.next_text().await, r#"["1",null,"test:hi","welcome",{"topic":"test:hi"}]"#);
+}
+
+#[tokio::test]
+async fn a_pusher_pushes_from_another_task_until_its_channel_ends() {
+    let ep = endpoint();
+    let mut c = connect(&ep, "2.0.0").await;
+    c.send(r#"["1","1","test:p","phx_join",{}]"#).await;
+    reply(c.next().await);
+    c.send(r#"["1","2","test:p","deferred_push",{"n":7}]"#).await;
+    assert_eq!(reply(c.next().await).msg_ref, Some(Ref::new("2")));
+    assert_eq!(c.next_text().await, r#"["1",null,"test:p","deferred",{"n":7}]"#);
+}
