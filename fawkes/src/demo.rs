@@ -1,7 +1,9 @@
 //! The demo app served by `fawkes serve`: chat rooms, and a topic that refuses everyone.
 //!
 //! - `room:{name}`: join params may carry `{"user": string}` (default `"anonymous"`); the join
-//!   replies ok `{}`. `new_msg` `{"body": ...}` broadcasts `new_msg` `{"body": ..., "user": ...}`
+//!   replies ok `{}`. With a database, rows of `fawkes_events` for the topic arrive as `event`
+//!   with `{"id": <row id>, "data": <payload>}`, and `{"last_event_id": N}` in the join params
+//!   replays every such row with id > N first. `new_msg` `{"body": ...}` broadcasts `new_msg` `{"body": ..., "user": ...}`
 //!   to every subscriber, the sender included, and replies ok `{}`. `ping` replies ok with the
 //!   payload unchanged, JSON or binary. Any other event replies error `{"reason": "unknown event"}`.
 //! - `admin:{anything}`: every join is refused with `{"reason": "unauthorized"}`.
@@ -15,13 +17,29 @@ use crate::{Channel, HandleIn, Payload, Router, SocketRef, reason};
 #[derive(Debug, Default)]
 pub struct Room {
     user: String,
+    #[cfg(feature = "db")]
+    events: Option<crate::db::TableStream>,
+    #[cfg(feature = "db")]
+    last_event_id: Option<i64>,
 }
 
 impl Channel for Room {
     async fn join(&mut self, params: Payload, _: &mut SocketRef) -> Result<Value, Value> {
-        let user = params.as_json().and_then(|p| p.get("user")).and_then(Value::as_str);
+        let params = params.as_json();
+        let user = params.and_then(|p| p.get("user")).and_then(Value::as_str);
         self.user = user.unwrap_or("anonymous").to_owned();
+        #[cfg(feature = "db")]
+        {
+            self.last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64);
+        }
         Ok(json!({}))
+    }
+
+    #[cfg(feature = "db")]
+    async fn after_join(&mut self, socket: &mut SocketRef) {
+        if let Some(events) = &self.events {
+            events.attach(socket, self.last_event_id).await;
+        }
     }
 
     async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> HandleIn {
@@ -54,4 +72,12 @@ impl Channel for Admin {
 /// The demo's routes.
 pub fn router() -> Router {
     Router::new().channel("room:*", Room::default).channel("admin:*", || Admin)
+}
+
+/// The demo's routes, with rooms fed by the `fawkes_events` table stream.
+#[cfg(feature = "db")]
+pub fn router_with_events(events: crate::db::TableStream) -> Router {
+    Router::new()
+        .channel("room:*", move || Room { events: Some(events.clone()), ..Room::default() })
+        .channel("admin:*", || Admin)
 }

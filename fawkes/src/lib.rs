@@ -1,7 +1,7 @@
 //! Phoenix Channels for Rust: channels, PubSub and pluggable transports.
 //!
 //! This facade re-exports [`fawkes_channel`] (channels, routing, sessions, PubSub) and the
-//! transports enabled by features (`ws` and `longpoll`, on by default), and holds the demo app that the `fawkes`
+//! transports enabled by features (`ws`, `longpoll` and `db`, on by default), and holds the demo app that the `fawkes`
 //! binary serves.
 //!
 //! ```no_run
@@ -36,6 +36,8 @@ pub mod server;
 
 pub use fawkes_channel::*;
 pub use fawkes_serializer as serializer;
+#[cfg(feature = "db")]
+pub use fawkes_transport_db as db;
 #[cfg(feature = "longpoll")]
 pub use fawkes_transport_longpoll as longpoll;
 #[cfg(feature = "ws")]

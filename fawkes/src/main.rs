@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand};
+use fawkes::db::{Db, DbClients, DbClientsOptions, StreamOptions, TableStream};
 use fawkes::{Config, Endpoint};
 use tracing_subscriber::EnvFilter;
 
@@ -20,8 +21,8 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:4000")]
         bind: SocketAddr,
-        /// Database for the database transport and table streams (SQLite file created if missing,
-        /// or postgres://...).
+        /// Database for database clients (fawkes_inbox/fawkes_outbox) and the fawkes_events stream:
+        /// a SQLite file (created if missing) or postgres://...
         #[arg(long, default_value = "sqlite://fawkes.db")]
         database: String,
     },
@@ -42,9 +43,27 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn serve(bind: SocketAddr, database: String) -> std::io::Result<()> {
-    let endpoint = Endpoint::builder().router(fawkes::demo::router()).config(Config::default()).build();
+async fn serve(bind: SocketAddr, database: String) -> Result<(), Box<dyn std::error::Error>> {
+    let db = Db::connect(&database).await?;
+    db.notify_on("fawkes_events").await?;
+    let events = TableStream::start(db.clone(), StreamOptions::table("fawkes_events")).await?;
+    let endpoint =
+        Endpoint::builder().router(fawkes::demo::router_with_events(events)).config(Config::default()).build();
+    let _db_clients = DbClients::start(db, endpoint.clone(), DbClientsOptions::default()).await?;
     let listener = tokio::net::TcpListener::bind(bind).await?;
-    tracing::info!(addr = %listener.local_addr()?, database, "listening on http://{}", listener.local_addr()?);
-    fawkes::server::serve(listener, endpoint, fawkes::server::shutdown_signal()).await
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, database = %redact(&database), "listening on http://{addr}");
+    fawkes::server::serve(listener, endpoint, fawkes::server::shutdown_signal()).await?;
+    Ok(())
+}
+
+/// The URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
 }
