@@ -124,8 +124,13 @@ pub fn router() -> Router {
 
 /// An endpoint with the test routes and connect callback.
 pub fn endpoint(config: Config) -> Endpoint {
+    endpoint_with(router(), config)
+}
+
+/// An endpoint with `router` and the test connect callback.
+pub fn endpoint_with(router: Router, config: Config) -> Endpoint {
     Endpoint::builder()
-        .router(router())
+        .router(router)
         .config(config)
         .on_connect(|info: &ConnectInfo| {
             if info.params.get("reject").map(String::as_str) == Some("true") {

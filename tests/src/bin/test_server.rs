@@ -1,7 +1,7 @@
 //! The server the phoenix.js suite drives: the demo app plus the `test:*` channel.
 //!
 //! `fawkes-test-server [--bind ADDR] [--heartbeat-timeout-ms N] [--poll-window-ms N]
-//! [--session-idle-ms N]` prints
+//! [--session-idle-ms N] [--no-websocket] [--database URL]` prints
 //! `listening on http://ADDR` once ready and exits cleanly on SIGTERM or Ctrl-C.
 
 use std::io::Write as _;
@@ -27,6 +27,9 @@ struct Args {
     /// upgrades (for the fallback tests).
     #[arg(long)]
     no_websocket: bool,
+    /// Serve database clients and the `fawkes_events` stream from this database too.
+    #[arg(long)]
+    database: Option<String>,
 }
 
 #[tokio::main]
@@ -37,7 +40,22 @@ async fn main() -> std::io::Result<()> {
         .init();
     let args = Args::parse();
     let config = Config::default().heartbeat_timeout(Duration::from_millis(args.heartbeat_timeout_ms));
-    let endpoint = fawkes_tests::endpoint(config);
+    let mut _db_clients = None;
+    let endpoint = match &args.database {
+        None => fawkes_tests::endpoint(config),
+        Some(url) => {
+            use fawkes::db::{Db, DbClients, DbClientsOptions, StreamOptions, TableStream};
+            let db = Db::connect(url).await.map_err(std::io::Error::other)?;
+            db.notify_on("fawkes_events").await.map_err(std::io::Error::other)?;
+            let options = StreamOptions::table("fawkes_events").poll_interval(Duration::from_millis(20));
+            let events = TableStream::start(db.clone(), options).await.map_err(std::io::Error::other)?;
+            let router = fawkes::demo::router_with_events(events).channel("test:*", fawkes_tests::TestChannel::default);
+            let endpoint = fawkes_tests::endpoint_with(router, config);
+            let options = DbClientsOptions::default().poll_interval(Duration::from_millis(20));
+            _db_clients = Some(DbClients::start(db, endpoint.clone(), options).await.map_err(std::io::Error::other)?);
+            endpoint
+        }
+    };
     let listener = tokio::net::TcpListener::bind(args.bind).await?;
     let mut out = std::io::stdout();
     writeln!(out, "listening on http://{}", listener.local_addr()?)?;
