@@ -367,3 +367,81 @@ async fn postgres_a_db_client_chats_with_a_socket_client() {
         a_db_client_chats_with_a_socket_client(t).await;
     }
 }
+
+/// A TCP proxy to PostgreSQL that can be cut (live connections dropped, new ones refused) and
+/// restored, to make the database disappear and come back.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    refused_changed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Proxy {
+    async fn start(upstream: std::net::SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let refused_changed = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (count, notify) = (refused.clone(), refused_changed.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if *cut_rx.borrow() {
+                    drop(inbound);
+                    count.fetch_add(1, Ordering::SeqCst);
+                    notify.notify_waiters();
+                    continue;
+                }
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, cut, refused, refused_changed }
+    }
+
+    /// Waits until `n` connection attempts have been refused since the cut.
+    async fn refused_at_least(&self, n: usize) {
+        loop {
+            let changed = self.refused_changed.notified();
+            if self.refused.load(std::sync::atomic::Ordering::SeqCst) >= n {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_going_away_and_coming_back_loses_nothing() {
+    let Some(t) = postgres().await else { return };
+    let upstream: std::net::SocketAddr = "127.0.0.1:5432".parse().expect("addr");
+    let proxy = Proxy::start(upstream).await;
+    let via_proxy = t.url.replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
+    assert_ne!(via_proxy, t.url, "the test URL names 127.0.0.1:5432");
+    let served = Db::connect(&via_proxy).await.expect("connect through the proxy");
+    let (endpoint, _events) = demo(&served).await;
+    let mut c = Client::join(&endpoint, "room:outage", json!({})).await;
+
+    let before = insert_event(&t.db, "room:outage", "e", "{}").await;
+    assert_eq!(c.event().await.1, before);
+
+    proxy.cut.send_replace(true);
+    let during = [
+        insert_event(&t.db, "room:outage", "e", r#"{"during":1}"#).await,
+        insert_event(&t.db, "room:outage", "e", r#"{"during":2}"#).await,
+    ];
+    // The reader notices, and keeps trying (with backoff) while the database is gone.
+    tokio::time::timeout(Duration::from_secs(20), proxy.refused_at_least(2)).await.expect("the reader retries");
+    proxy.cut.send_replace(false);
+    let after = insert_event(&t.db, "room:outage", "e", "{}").await;
+    let seen = [c.event().await.1, c.event().await.1, c.event().await.1];
+    assert_eq!(seen, [during[0], during[1], after], "nothing lost, nothing repeated, in order");
+}
