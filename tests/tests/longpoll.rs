@@ -252,3 +252,18 @@ async fn abandoned_sessions_expire_and_free_everything() {
     let expired = lp.get("vsn=2.0.0&token=whatever").await;
     assert_eq!(expired["status"], 410);
 }
+
+#[tokio::test]
+async fn a_retried_post_is_not_handled_twice() {
+    let lp = lp(LongPollOptions::default().poll_window(Duration::from_millis(100)));
+    let token = lp.open().await;
+    let batch = [r#"["1","1","room:retry","phx_join",{}]"#, r#"["1","2","room:retry","new_msg",{"body":"once"}]"#];
+    lp.post(&token, &batch).await;
+    // The answer was lost; the client sends the same batch again, plus a new push.
+    lp.post(&token, &[batch[0], batch[1], r#"["1","3","room:retry","ping",{}]"#]).await;
+    let msgs = lp.messages(&token, 4).await;
+    let refs: Vec<&Value> = msgs.iter().map(|m| &m[1]).collect();
+    assert_eq!(refs, [&json!("1"), &Value::Null, &json!("2"), &json!("3")], "join, broadcast, reply, ping: once each");
+    let next = lp.get(&format!("vsn=2.0.0&token={token}")).await;
+    assert_eq!(next["status"], 204, "nothing else was queued: {next}");
+}

@@ -25,7 +25,9 @@
 //! - `POST` with `Content-Type: application/x-ndjson` carries one message per line (all lines are
 //!   taken, however many); any other type carries one message. Lines that are not JSON are base64
 //!   binary pushes. Answer `200` once all are handled; `400` (and the session ends) for a malformed
-//!   message; HTTP `413` for a body over [`LongPollOptions::max_body_size`].
+//!   message; HTTP `413` for a body over [`LongPollOptions::max_body_size`]. A line the session
+//!   already took (a POST retried after its answer was lost) is not handled twice: every Phoenix
+//!   push carries a fresh ref, so an identical line can only be a retry.
 //! - Sessions end [`LongPollOptions::session_idle`] after their last `GET`; their channels leave.
 //! - Binary payloads sent to a long-poll client arrive as `{"binary": "<base64>"}` (the client
 //!   cannot decode binary frames from long-poll strings).

@@ -77,9 +77,39 @@ impl LongPollOptions {
     }
 }
 
+/// Lines a session remembers, to drop a retried POST's lines that were already taken.
+const RECENT_LINES: usize = 512;
+
+/// Hashes of the lines a session took most recently. Every Phoenix push carries a fresh ref, so
+/// a line seen again is a retry of a POST whose answer was lost, never a new message.
+struct RecentLines {
+    hashes: std::collections::VecDeque<u64>,
+    keys: std::collections::hash_map::RandomState,
+}
+
+impl RecentLines {
+    fn new() -> RecentLines {
+        RecentLines { hashes: std::collections::VecDeque::new(), keys: Default::default() }
+    }
+
+    /// True (and remembered) for a line not seen recently.
+    fn first_time(&mut self, line: &[u8]) -> bool {
+        use std::hash::BuildHasher as _;
+        let hash = self.keys.hash_one(line);
+        if self.hashes.contains(&hash) {
+            return false;
+        }
+        if self.hashes.len() == RECENT_LINES {
+            self.hashes.pop_front();
+        }
+        self.hashes.push_back(hash);
+        true
+    }
+}
+
 /// One long-poll client's session, kept between requests.
 struct LongPollSession {
-    session: tokio::sync::Mutex<Session>,
+    session: tokio::sync::Mutex<(Session, RecentLines)>,
     outbound: tokio::sync::Mutex<Outbound>,
     /// Bumped by every `GET`; a waiting `GET` that sees a newer one answers `204` and steps aside.
     poll_generation: AtomicU64,
@@ -129,7 +159,7 @@ impl Registry {
             shard.lock().retain(|_, s| {
                 let polling = s.polling.load(Ordering::Acquire) > 0;
                 let idle_for = now.saturating_sub(s.last_get_ms.load(Ordering::Acquire));
-                let closed = s.session.try_lock().is_ok_and(|session| session.is_closed());
+                let closed = s.session.try_lock().is_ok_and(|session| session.0.is_closed());
                 polling || (idle_for < idle && !closed)
             });
         }
@@ -244,7 +274,7 @@ impl LongPollService {
         let id = SessionId::random();
         let outbound = session.outbound();
         let entry = Arc::new(LongPollSession {
-            session: tokio::sync::Mutex::new(session),
+            session: tokio::sync::Mutex::new((session, RecentLines::new())),
             outbound: tokio::sync::Mutex::new(outbound),
             poll_generation: AtomicU64::new(0),
             newer_poll: Notify::new(),
@@ -313,20 +343,25 @@ impl LongPollService {
                 };
             }
         };
-        let frames: Vec<Frame> = if ndjson {
+        let lines: Vec<Bytes> = if ndjson {
             body.split(|&b| b == b'\n')
                 .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
                 .filter(|line| !line.is_empty())
-                .map(|line| line_frame(body.slice_ref(line)))
+                .map(|line| body.slice_ref(line))
                 .collect()
         } else {
-            vec![line_frame(body)]
+            vec![body]
         };
-        let mut session = s.session.lock().await;
-        for frame in frames {
-            if let Err(reason) = session.handle_frame(frame).await {
+        let mut guard = s.session.lock().await;
+        let (session, recent) = &mut *guard;
+        for line in lines {
+            if !recent.first_time(&line) {
+                tracing::debug!("dropping a line already taken (a retried POST)");
+                continue;
+            }
+            if let Err(reason) = session.handle_frame(line_frame(line)).await {
                 tracing::info!(%reason, "long-poll session closed by a POST");
-                drop(session);
+                drop(guard);
                 self.registry.remove(&id);
                 return envelope(400, None, &[]);
             }
