@@ -353,7 +353,12 @@ async fn a_db_client_chats_with_a_socket_client(t: TestDb) {
         ServerMessage::Broadcast(b) => assert_eq!(b.payload.as_json(), Some(&json!({"body": "back", "user": "sql"}))),
         other => panic!("expected the DB client's message, got {other:?}"),
     }
-    let _ = &t.url;
+    let sql = "SELECT COUNT(*) FROM fawkes_dead_letters WHERE source = 'fawkes_inbox'";
+    let dead: i64 = match &t.db {
+        Db::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await.expect("count"),
+        Db::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await.expect("count"),
+    };
+    assert_eq!(dead, 1, "the malformed row is recorded");
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use fawkes_channel::{CloseReason, ConnectInfo, Endpoint, Frame, Outbound, Sessio
 
 use crate::db::Db;
 use crate::feed::Feed;
-use crate::{Error, backoff};
+use crate::{Error, backoff, idle_wait};
 
 const CURSOR: &str = "fawkes_inbox";
 
@@ -19,11 +19,17 @@ pub struct DbClientsOptions {
     pub batch_size: i64,
     /// How often to look for new rows (on PostgreSQL, NOTIFY wakes the reader sooner).
     pub poll_interval: Duration,
+    /// While nothing arrives, the interval doubles up to this.
+    pub max_idle_interval: Duration,
 }
 
 impl Default for DbClientsOptions {
     fn default() -> DbClientsOptions {
-        DbClientsOptions { batch_size: 500, poll_interval: Duration::from_millis(50) }
+        DbClientsOptions {
+            batch_size: 500,
+            poll_interval: Duration::from_millis(50),
+            max_idle_interval: Duration::from_millis(500),
+        }
     }
 }
 
@@ -87,6 +93,7 @@ impl Inbox {
     async fn run(mut self, mut position: i64) {
         let mut listener = crate::db::listener(&self.db).await;
         let mut failures = 0u32;
+        let mut empty = 0u32;
         loop {
             let rows = match self.feed.read(&self.db, position, self.options.batch_size).await {
                 Ok(rows) => {
@@ -101,6 +108,7 @@ impl Inbox {
                 }
             };
             let full = rows.len() as i64 == self.options.batch_size;
+            empty = if rows.is_empty() { empty.saturating_add(1) } else { 0 };
             if let Some(last) = rows.last().map(|r| r.id) {
                 for row in rows {
                     match (row.a, row.b) {
@@ -116,8 +124,8 @@ impl Inbox {
             self.sessions.retain(|_, s| !s.is_closed());
             if !full {
                 tokio::select! {
-                    () = crate::db::notified(&mut listener) => {}
-                    () = tokio::time::sleep(self.options.poll_interval) => {}
+                    () = crate::db::notified(&mut listener) => empty = 0,
+                    () = tokio::time::sleep(idle_wait(self.options.poll_interval, self.options.max_idle_interval, empty)) => {}
                 }
             }
         }

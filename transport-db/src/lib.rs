@@ -54,3 +54,23 @@ pub enum Error {
 pub(crate) fn backoff(n: u32) -> std::time::Duration {
     std::time::Duration::from_millis(100u64.saturating_mul(1 << n.saturating_sub(1).min(6)).min(5_000))
 }
+
+/// How long an idle reader sleeps after `empty` reads in a row found nothing: `base` doubling up
+/// to `max` (a notification or a request still wakes it at once).
+pub(crate) fn idle_wait(base: std::time::Duration, max: std::time::Duration, empty: u32) -> std::time::Duration {
+    base.saturating_mul(1 << empty.min(16)).min(max.max(base))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn idle_readers_back_off_to_the_cap_and_retries_grow_to_five_seconds() {
+        let ms = Duration::from_millis;
+        let waits: Vec<_> = (0..6).map(|n| super::idle_wait(ms(50), ms(500), n)).collect();
+        assert_eq!(waits, [ms(50), ms(100), ms(200), ms(400), ms(500), ms(500)]);
+        assert_eq!(super::idle_wait(ms(800), ms(500), 3), ms(800), "never below the base interval");
+        assert_eq!((super::backoff(1), super::backoff(2), super::backoff(30)), (ms(100), ms(200), ms(5000)));
+    }
+}

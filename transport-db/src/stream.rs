@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::db::{Db, quote_ident};
 use crate::feed::{Feed, FeedRow};
-use crate::{Error, backoff};
+use crate::{Error, backoff, idle_wait};
 
 /// Which table (or query) to stream, and how a row maps to topic, event and payload.
 #[derive(Debug, Clone)]
@@ -34,6 +34,8 @@ pub struct StreamOptions {
     pub batch_size: i64,
     /// How often to look for new rows (on PostgreSQL, NOTIFY wakes the reader sooner).
     pub poll_interval: Duration,
+    /// While nothing arrives, the interval doubles up to this.
+    pub max_idle_interval: Duration,
 }
 
 impl StreamOptions {
@@ -48,6 +50,7 @@ impl StreamOptions {
             payload_column: "payload".into(),
             batch_size: 500,
             poll_interval: Duration::from_millis(50),
+            max_idle_interval: Duration::from_millis(500),
         }
     }
 
@@ -66,6 +69,12 @@ impl StreamOptions {
     /// Sets [`StreamOptions::poll_interval`].
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = d;
+        self
+    }
+
+    /// Sets [`StreamOptions::max_idle_interval`].
+    pub fn max_idle_interval(mut self, d: Duration) -> Self {
+        self.max_idle_interval = d;
         self
     }
 
@@ -193,6 +202,7 @@ impl Reader {
     async fn run(mut self, mut position: i64, mut requests: mpsc::Receiver<Attach>) {
         let mut listener = crate::db::listener(&self.db).await;
         let mut failures = 0u32;
+        let mut empty = 0u32;
         loop {
             while let Ok(request) = requests.try_recv() {
                 self.serve(request, position).await;
@@ -210,6 +220,7 @@ impl Reader {
                 }
             };
             let full = rows.len() as i64 == self.options.batch_size;
+            empty = if rows.is_empty() { empty.saturating_add(1) } else { 0 };
             if let Some(last) = rows.last().map(|r| r.id) {
                 for row in rows {
                     self.deliver(row).await;
@@ -231,8 +242,8 @@ impl Reader {
                     Some(request) => self.serve(request, position).await,
                     None => return,
                 },
-                () = crate::db::notified(&mut listener) => {}
-                () = tokio::time::sleep(self.options.poll_interval) => {}
+                () = crate::db::notified(&mut listener) => empty = 0,
+                () = tokio::time::sleep(idle_wait(self.options.poll_interval, self.options.max_idle_interval, empty)) => {}
             }
         }
     }
