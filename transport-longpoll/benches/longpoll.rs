@@ -99,7 +99,8 @@ fn main() {
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async move {
-        let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(sessions * 2).build_http();
+        let client: HttpClient =
+            Client::builder(TokioExecutor::new()).pool_max_idle_per_host(sessions * 2).build_http();
         let base = format!("http://{addr}/socket/longpoll");
         let started = Instant::now();
         let until = started + Duration::from_secs(seconds);
