@@ -92,21 +92,9 @@ struct Inbox {
 impl Inbox {
     async fn run(mut self, mut position: i64) {
         let mut listener = crate::db::listener(&self.db).await;
-        let mut failures = 0u32;
         let mut empty = 0u32;
         loop {
-            let rows = match self.feed.read(&self.db, position, self.options.batch_size).await {
-                Ok(rows) => {
-                    failures = 0;
-                    rows
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(error = %e, "inbox read failed; retrying");
-                    tokio::time::sleep(backoff(failures)).await;
-                    continue;
-                }
-            };
+            let rows = self.feed.next_batch(&self.db, position, self.options.batch_size, CURSOR).await;
             let full = rows.len() as i64 == self.options.batch_size;
             empty = if rows.is_empty() { empty.saturating_add(1) } else { 0 };
             if let Some(last) = rows.last().map(|r| r.id) {

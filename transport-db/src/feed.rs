@@ -50,6 +50,22 @@ impl Feed {
         }
     }
 
+    /// [`Feed::read`], retried with backoff while the database fails: the reader resumes from
+    /// the same position when it comes back, so nothing is lost.
+    pub(crate) async fn next_batch(&mut self, db: &Db, position: i64, limit: i64, reader: &str) -> Vec<FeedRow> {
+        let mut failures = 0u32;
+        loop {
+            match self.read(db, position, limit).await {
+                Ok(rows) => return rows,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(reader, error = %e, failures, "read failed; retrying");
+                    tokio::time::sleep(crate::backoff(failures)).await;
+                }
+            }
+        }
+    }
+
     /// Rows after `position`, in order, that are safe to deliver now.
     pub(crate) async fn read(&mut self, db: &Db, position: i64, limit: i64) -> Result<Vec<FeedRow>, Error> {
         match db {

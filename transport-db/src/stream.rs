@@ -201,24 +201,12 @@ struct Reader {
 impl Reader {
     async fn run(mut self, mut position: i64, mut requests: mpsc::Receiver<Attach>) {
         let mut listener = crate::db::listener(&self.db).await;
-        let mut failures = 0u32;
         let mut empty = 0u32;
         loop {
             while let Ok(request) = requests.try_recv() {
                 self.serve(request, position).await;
             }
-            let rows = match self.feed.read(&self.db, position, self.options.batch_size).await {
-                Ok(rows) => {
-                    failures = 0;
-                    rows
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(stream = %self.options.name, error = %e, "stream read failed; retrying");
-                    tokio::time::sleep(backoff(failures)).await;
-                    continue;
-                }
-            };
+            let rows = self.feed.next_batch(&self.db, position, self.options.batch_size, &self.options.name).await;
             let full = rows.len() as i64 == self.options.batch_size;
             empty = if rows.is_empty() { empty.saturating_add(1) } else { 0 };
             if let Some(last) = rows.last().map(|r| r.id) {
