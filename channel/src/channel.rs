@@ -172,6 +172,19 @@ impl Pusher {
         true
     }
 
+    /// Sends a broadcast to this client, using the frame already encoded for its serializer (see
+    /// [`BroadcastFrames`](crate::BroadcastFrames)). Returns false once the channel instance has
+    /// ended.
+    pub fn broadcast(&self, frames: &crate::BroadcastFrames<'_>) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        if let Some(frame) = frames.frame(self.info.serializer) {
+            self.outbox.push(frame.clone());
+        }
+        true
+    }
+
     /// True once the channel instance has ended or its socket has closed.
     pub fn is_closed(&self) -> bool {
         self.alive.strong_count() == 0 || self.outbox.is_closed()

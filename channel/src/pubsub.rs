@@ -210,7 +210,7 @@ impl Inner {
     }
 
     fn dispatch(&self, b: &Arc<Broadcast>, from: Option<SubscriberId>) -> usize {
-        let frames: [OnceLock<Option<Frame>>; 3] = Default::default();
+        let frames = BroadcastFrames::new(b);
         let shard = self.shard(&b.topic).read();
         let Some(subs) = shard.get(&*b.topic) else {
             return 0;
@@ -229,13 +229,7 @@ impl Inner {
                         }
                         continue;
                     }
-                    let frame = frames[serializer.index()].get_or_init(|| {
-                        serializer
-                            .encode_broadcast(b)
-                            .map_err(|e| tracing::warn!(topic = %b.topic, error = %e, "broadcast not encodable"))
-                            .ok()
-                    });
-                    if let Some(frame) = frame {
+                    if let Some(frame) = frames.frame(*serializer) {
                         outbox.push(frame.clone());
                     }
                 }
@@ -247,6 +241,39 @@ impl Inner {
             }
         }
         reached
+    }
+}
+
+/// A broadcast and its encodings: each serializer's frame is made on first use and shared by
+/// every socket that speaks it ("fastlane"), so a broadcast is never encoded per subscriber.
+pub struct BroadcastFrames<'a> {
+    broadcast: &'a Broadcast,
+    frames: [OnceLock<Option<Frame>>; 3],
+}
+
+impl fmt::Debug for BroadcastFrames<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BroadcastFrames").field("broadcast", self.broadcast).finish_non_exhaustive()
+    }
+}
+
+impl<'a> BroadcastFrames<'a> {
+    /// Nothing is encoded until a frame is asked for.
+    pub fn new(broadcast: &'a Broadcast) -> BroadcastFrames<'a> {
+        BroadcastFrames { broadcast, frames: Default::default() }
+    }
+
+    /// The frame for `serializer`, or `None` when the broadcast cannot be encoded in it (logged).
+    pub fn frame(&self, serializer: Serializer) -> Option<&Frame> {
+        self.frames[serializer.index()]
+            .get_or_init(|| {
+                let b = self.broadcast;
+                serializer
+                    .encode_broadcast(b)
+                    .map_err(|e| tracing::warn!(topic = %b.topic, error = %e, "broadcast not encodable"))
+                    .ok()
+            })
+            .as_ref()
     }
 }
 

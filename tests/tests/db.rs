@@ -124,11 +124,11 @@ impl Client {
     /// The next stream message: (event, id, data).
     async fn event(&mut self) -> (String, i64, Value) {
         match self.next().await {
-            ServerMessage::Push(p) => {
-                let body = p.payload.as_json().cloned().expect("JSON");
-                (p.event, body["id"].as_i64().expect("id"), body["data"].clone())
+            ServerMessage::Broadcast(b) => {
+                let body = b.payload.as_json().cloned().expect("JSON");
+                (b.event, body["id"].as_i64().expect("id"), body["data"].clone())
             }
-            other => panic!("expected a stream push, got {other:?}"),
+            other => panic!("expected a stream broadcast, got {other:?}"),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use fawkes_channel::{Pusher, SocketRef};
+use fawkes_channel::{Broadcast, BroadcastFrames, Payload, Pusher, SocketRef};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
@@ -263,7 +263,12 @@ impl Reader {
                 };
                 for (id, _, event, payload) in &rows {
                     if let Some((event, payload)) = message(*id, event.as_deref(), payload.as_deref()) {
-                        request.pusher.push(event, payload);
+                        let broadcast = Broadcast {
+                            topic: topic.clone(),
+                            event: event.to_owned(),
+                            payload: Payload::Json(payload),
+                        };
+                        request.pusher.broadcast(&BroadcastFrames::new(&broadcast));
                     }
                 }
                 match rows.last() {
@@ -285,7 +290,10 @@ impl Reader {
             return self.db.dead_letter(&self.options.name, row.id, "event is NULL or payload is not JSON").await;
         };
         if let Some(pushers) = self.attached.get_mut(topic) {
-            pushers.retain(|p| p.push(event, payload.clone()));
+            let broadcast =
+                Broadcast { topic: topic.to_owned(), event: event.to_owned(), payload: Payload::Json(payload) };
+            let frames = BroadcastFrames::new(&broadcast);
+            pushers.retain(|p| p.broadcast(&frames));
             if pushers.is_empty() {
                 self.attached.remove(topic);
             }

@@ -360,9 +360,13 @@ impl LongPollService {
                 continue;
             }
             if let Err(reason) = session.handle_frame(line_frame(line)).await {
-                tracing::info!(%reason, "long-poll session closed by a POST");
                 drop(guard);
                 self.registry.remove(&id);
+                // A session that had already ended is gone (410); one this POST broke is a bad request.
+                if reason == fawkes_channel::CloseReason::TransportClosed {
+                    return envelope(410, None, &[]);
+                }
+                tracing::info!(%reason, "long-poll session closed by a POST");
                 return envelope(400, None, &[]);
             }
         }
