@@ -245,6 +245,13 @@ impl Outbound {
         }
     }
 
+    /// Counts as activity of the peer for the heartbeat timeout, for transports where the peer
+    /// shows it is alive other than by sending frames (a long-poll client polling; phoenix.js
+    /// sends no heartbeats over long-poll).
+    pub fn keep_alive(&self) {
+        self.outbox.touch();
+    }
+
     /// Closes the socket from the transport's side (e.g. the peer went away). Channels are told
     /// when the [`Session`](crate::Session) is dropped.
     pub fn close(&self, reason: CloseReason) {

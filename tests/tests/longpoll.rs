@@ -267,3 +267,26 @@ async fn a_retried_post_is_not_handled_twice() {
     let next = lp.get(&format!("vsn=2.0.0&token={token}")).await;
     assert_eq!(next["status"], 204, "nothing else was queued: {next}");
 }
+
+/// phoenix.js sends no heartbeats over long-poll: polling alone must keep a session alive.
+#[tokio::test(start_paused = true)]
+async fn polling_alone_keeps_a_session_past_the_heartbeat_timeout() {
+    let endpoint = fawkes_tests::endpoint(Config::default().heartbeat_timeout(Duration::from_secs(60)));
+    let lp = Lp {
+        svc: LongPollService::with_options(
+            endpoint.clone(),
+            LongPollOptions::default().poll_window(Duration::from_secs(10)),
+        ),
+        endpoint,
+    };
+    let token = lp.open().await;
+    lp.post(&token, &[r#"["1","1","room:listen","phx_join",{}]"#]).await;
+    lp.messages(&token, 1).await;
+    // Three minutes of empty polls, each up to the poll window.
+    for _ in 0..18 {
+        let body = lp.get(&format!("vsn=2.0.0&token={token}")).await;
+        assert_eq!(body["status"], 204, "{body}");
+    }
+    lp.endpoint.pubsub().broadcast("room:listen", "still", json!({}));
+    assert_eq!(lp.messages(&token, 1).await[0][3], "still");
+}

@@ -292,6 +292,8 @@ impl LongPollService {
         s.newer_poll.notify_waiters();
 
         let mut outbound = s.outbound.lock().await;
+        // Polling is this client's heartbeat: phoenix.js sends none over long-poll.
+        outbound.keep_alive();
         let mut newer = pin!(s.newer_poll.notified());
         newer.as_mut().enable();
         if s.poll_generation.load(Ordering::Acquire) != generation {
