@@ -1,0 +1,493 @@
+//! `fawkes-bench`: loads a real Fawkes server over real sockets with long-poll or WebSocket
+//! clients and prints throughput and latency percentiles, one greppable line per run.
+//!
+//! By default the `fawkes serve` demo app runs in this process, on its own one-thread tokio
+//! runtime, so the server and the load generator never share a worker thread; `--url` targets a
+//! server already running on this machine instead. See `bench/README.md`.
+
+mod ctx;
+mod longpoll;
+mod net;
+mod ws;
+
+use std::future::Future;
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::ctx::{Ctx, Phase, Res};
+use crate::net::Target;
+
+/// Most clients one run may open (this machine allows 20,000 open files per process).
+const MAX_CLIENTS: usize = 19_000;
+/// File descriptors the process needs besides client and server sockets.
+const SPARE_FILES: u64 = 64;
+/// How long in-flight pushes (echo) or undelivered broadcasts may take after the window ends.
+const ECHO_DRAIN: Duration = Duration::from_secs(10);
+const BROADCAST_DRAIN: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Parser)]
+#[command(name = "fawkes-bench", about = "Measure a Fawkes server over real sockets: long-poll and WebSocket clients")]
+struct Cli {
+    /// A running server to measure, e.g. http://127.0.0.1:4000 (loopback only; the socket path
+    /// defaults to /socket). Without it, the `fawkes serve` demo app runs in-process.
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// Worker threads of the load generator's runtime (the in-process server has its own one).
+    #[arg(long, global = true, default_value_t = 1)]
+    client_threads: usize,
+    /// Seconds allowed for every client to connect and join before the run fails.
+    #[arg(long, global = true, default_value_t = 60)]
+    ramp_seconds: u64,
+    #[command(subcommand)]
+    workload: Workload,
+}
+
+#[derive(Debug, Subcommand)]
+enum Workload {
+    /// Long-poll sessions speaking Phoenix's long-poll protocol as phoenix.js does.
+    Longpoll {
+        /// Long-poll sessions.
+        #[arg(long, default_value_t = 200)]
+        sessions: usize,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// WebSocket clients (`/socket/websocket?vsn=2.0.0`).
+    Ws {
+        /// WebSocket clients.
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct RunArgs {
+    /// Length of the measured window.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// echo: each client pushes `ping` and awaits the reply, one at a time. broadcast: one extra
+    /// publisher sends `new_msg` at --rate and every client receives it.
+    #[arg(long, value_enum, default_value_t = Mode::Echo)]
+    mode: Mode,
+    /// Messages per second the broadcast publisher sends.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Echo,
+    Broadcast,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    LongPoll,
+    WebSocket,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::LongPoll => "longpoll",
+            Transport::WebSocket => "ws",
+        }
+    }
+
+    fn clients_word(self) -> &'static str {
+        match self {
+            Transport::LongPoll => "sessions",
+            Transport::WebSocket => "clients",
+        }
+    }
+
+    /// Sockets the load generator opens for `n` clients in `mode`.
+    fn client_sockets(self, n: usize, mode: Mode) -> u64 {
+        let n = n as u64;
+        match (self, mode) {
+            (Transport::LongPoll, Mode::Echo) => 2 * n,
+            (Transport::LongPoll, Mode::Broadcast) => n + 2,
+            (Transport::WebSocket, Mode::Echo) => n,
+            (Transport::WebSocket, Mode::Broadcast) => n + 1,
+        }
+    }
+}
+
+/// What one run measured.
+#[derive(Debug)]
+struct Report {
+    transport: Transport,
+    mode: Mode,
+    clients: usize,
+    rate: u32,
+    window: Duration,
+    counted: u64,
+    p50_us: u64,
+    p99_us: u64,
+    max_us: u64,
+    published: u64,
+    delivered: u64,
+    connect: Duration,
+    rss_per_client_kib: Option<f64>,
+    in_process: bool,
+    /// Echo replies per client while measuring: fewest, median, most.
+    spread: (u64, u64, u64),
+    /// CPU used while measuring, as a share of one core: server (in-process only), load generator.
+    server_cpu: Option<f64>,
+    client_cpu: Option<f64>,
+}
+
+impl Report {
+    fn line(&self) -> String {
+        let ms = |us: u64| format!("{:.2}ms", us as f64 / 1000.0);
+        let per_sec = self.counted as f64 / self.window.as_secs_f64();
+        let mode = match self.mode {
+            Mode::Echo => "echo",
+            Mode::Broadcast => "broadcast",
+        };
+        let mut line = format!(
+            "{:<8}  mode={mode:<9}  {}={}  seconds={}",
+            self.transport.name(),
+            self.transport.clients_word(),
+            self.clients,
+            self.window.as_secs_f64().round(),
+        );
+        if self.mode == Mode::Broadcast {
+            line += &format!("  rate={}/s", self.rate);
+        }
+        line += &format!(
+            "  msgs/s={per_sec:.0}  p50={}  p99={}  max={}",
+            ms(self.p50_us),
+            ms(self.p99_us),
+            ms(self.max_us)
+        );
+        match self.mode {
+            Mode::Echo => {
+                let (fewest, median, most) = self.spread;
+                line += &format!("  answered={}  per-client=min:{fewest}/median:{median}/max:{most}", self.counted);
+            }
+            Mode::Broadcast => {
+                let expected = self.published * self.clients as u64;
+                line += &format!(
+                    "  published={}({:.0}/s)  delivered={}  undelivered={}",
+                    self.published,
+                    self.published as f64 / self.window.as_secs_f64(),
+                    self.delivered,
+                    expected.saturating_sub(self.delivered)
+                );
+            }
+        }
+        if let Some(cpu) = self.server_cpu {
+            line += &format!("  server_cpu={:.0}%", cpu * 100.0);
+        }
+        if let Some(cpu) = self.client_cpu {
+            line += &format!("  client_cpu={:.0}%", cpu * 100.0);
+        }
+        line += &format!("  connect={:.2}s", self.connect.as_secs_f64());
+        if let Some(kib) = self.rss_per_client_kib {
+            let whose = if self.in_process { "client+server" } else { "client" };
+            line += &format!("  rss/client={kib:.1}KiB({whose})");
+        }
+        line
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (transport, clients, run) = match &cli.workload {
+        Workload::Longpoll { sessions, run } => (Transport::LongPoll, *sessions, run.clone()),
+        Workload::Ws { clients, run } => (Transport::WebSocket, *clients, run.clone()),
+    };
+    match check_args(&cli, transport, clients, &run) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("fawkes-bench: {e}");
+            return ExitCode::from(2);
+        }
+    }
+
+    let server = match &cli.url {
+        Some(url) => match Target::parse(url) {
+            Ok(target) => Server::Remote(target),
+            Err(e) => {
+                eprintln!("fawkes-bench: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => match InProcess::start() {
+            Ok(server) => Server::InProcess(server),
+            Err(e) => {
+                eprintln!("fawkes-bench: cannot start the in-process server: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let target = match &server {
+        Server::Remote(target) => target.clone(),
+        Server::InProcess(s) => Target::local(s.addr),
+    };
+    eprintln!(
+        "fawkes-bench: {} {} {} against {} ({}), measuring {} s",
+        clients,
+        transport.name(),
+        transport.clients_word(),
+        target.addr,
+        if matches!(server, Server::InProcess(_)) { "in-process demo server, 1 thread" } else { "--url" },
+        run.seconds
+    );
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.client_threads.max(1))
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fawkes-bench: cannot start the client runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let ctx = Arc::new(Ctx::new(target, clients));
+    let in_process = matches!(server, Server::InProcess(_));
+    let result = runtime.block_on(run_workload(ctx, transport, clients, run, cli.ramp_seconds, in_process));
+    // Cancels every client task and closes its sockets before the server goes.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    if let Server::InProcess(s) = server {
+        s.stop();
+    }
+    let mut stdout = std::io::stdout();
+    match result {
+        Ok(report) => {
+            let _ = writeln!(stdout, "{}", report.line());
+            let _ = stdout.flush();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = stdout.flush();
+            eprintln!("fawkes-bench: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check_args(cli: &Cli, transport: Transport, clients: usize, run: &RunArgs) -> Res<()> {
+    if clients == 0 || clients >= MAX_CLIENTS {
+        return Err(format!("expected 1 to {} {}, got {clients}", MAX_CLIENTS - 1, transport.clients_word()));
+    }
+    if run.seconds == 0 || run.seconds > 3600 {
+        return Err(format!("expected --seconds from 1 to 3600, got {}", run.seconds));
+    }
+    if run.mode == Mode::Broadcast && !(1..=100_000).contains(&run.rate) {
+        return Err(format!("expected --rate from 1 to 100000, got {}", run.rate));
+    }
+    let client_sockets = transport.client_sockets(clients, run.mode);
+    let in_process = cli.url.is_none();
+    // In-process, every client socket has a server socket in this process too.
+    let needed = client_sockets * if in_process { 2 } else { 1 } + SPARE_FILES;
+    if let Some((soft, hard)) = net::open_file_limits() {
+        if needed > soft {
+            let why = if in_process { " (client and in-process server sockets)" } else { "" };
+            return Err(format!(
+                "{clients} {} {} need about {needed} open files{why}, but this process may open {soft} \
+                 (`ulimit -n`; hard limit {hard}). Lower the count, raise `ulimit -n` up to {hard}, or run the \
+                 server as its own process and pass --url, which halves what this process holds.",
+                transport.name(),
+                transport.clients_word(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn run_workload(
+    ctx: Arc<Ctx>,
+    transport: Transport,
+    clients: usize,
+    run: RunArgs,
+    ramp_seconds: u64,
+    in_process: bool,
+) -> Res<Report> {
+    let rss_before = net::rss_kib();
+    let ramp_start = Instant::now();
+    let label = match transport {
+        Transport::LongPoll => "long-poll session",
+        Transport::WebSocket => "WebSocket client",
+    };
+    for id in 0..clients {
+        let c = ctx.clone();
+        match (transport, run.mode) {
+            (Transport::LongPoll, Mode::Echo) => spawn_client(&ctx, label, id, longpoll::echo_session(c, id)),
+            (Transport::LongPoll, Mode::Broadcast) => {
+                spawn_client(&ctx, label, id, longpoll::subscriber_session(c, id))
+            }
+            (Transport::WebSocket, Mode::Echo) => spawn_client(&ctx, label, id, ws::client(c, id, ws::Role::Echo)),
+            (Transport::WebSocket, Mode::Broadcast) => {
+                spawn_client(&ctx, label, id, ws::client(c, id, ws::Role::Subscriber))
+            }
+        }
+    }
+    let expected_joins = match run.mode {
+        Mode::Echo => clients,
+        Mode::Broadcast => clients + 1,
+    };
+
+    // Ramp: every client connected and joined (the publisher last, so it joins a full room).
+    let ramp_deadline = ramp_start + Duration::from_secs(ramp_seconds);
+    let mut publisher_spawned = false;
+    loop {
+        if let Some(failure) = ctx.failure() {
+            return Err(failure);
+        }
+        let joined = ctx.joined.load(Ordering::Relaxed);
+        if joined == clients && run.mode == Mode::Broadcast && !publisher_spawned {
+            publisher_spawned = true;
+            let (c, id, rate) = (ctx.clone(), clients, run.rate);
+            match transport {
+                Transport::LongPoll => spawn_client(&ctx, "publisher", id, longpoll::publisher_session(c, id, rate)),
+                Transport::WebSocket => {
+                    spawn_client(&ctx, "publisher", id, ws::client(c, id, ws::Role::Publisher { rate }))
+                }
+            }
+        }
+        if joined >= expected_joins {
+            break;
+        }
+        if Instant::now() >= ramp_deadline {
+            return Err(format!(
+                "expected all {expected_joins} clients to connect and join {} within {ramp_seconds} s \
+                 (--ramp-seconds), but {joined} had",
+                ctx::TOPIC
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let connect = ramp_start.elapsed();
+    let rss_after = net::rss_kib();
+    eprintln!("fawkes-bench: {expected_joins} joined in {:.2} s; measuring", connect.as_secs_f64());
+
+    // Measure.
+    let cpu_before = (net::thread_cpu("bench-server"), net::thread_cpu("bench-client"));
+    ctx.set_phase(Phase::Measure);
+    let window_start = Instant::now();
+    let window_end = window_start + Duration::from_secs(run.seconds);
+    while Instant::now() < window_end && ctx.phase() == Phase::Measure {
+        tokio::time::sleep(Duration::from_millis(20).min(window_end.saturating_duration_since(Instant::now()))).await;
+    }
+    let window = window_start.elapsed();
+    ctx.set_phase(Phase::Drain);
+    let cpu_after = (net::thread_cpu("bench-server"), net::thread_cpu("bench-client"));
+    let share = |before: Option<Duration>, after: Option<Duration>| {
+        Some(after?.saturating_sub(before?).as_secs_f64() / window.as_secs_f64())
+    };
+    let server_cpu = if in_process { share(cpu_before.0, cpu_after.0) } else { None };
+    let client_cpu = share(cpu_before.1, cpu_after.1);
+
+    // Drain: answers to pushes in flight, broadcasts not yet delivered (bounded).
+    let drain_start = Instant::now();
+    loop {
+        if ctx.phase() == Phase::Stop {
+            break;
+        }
+        let drained = match run.mode {
+            Mode::Echo => ctx.in_flight.load(Ordering::Relaxed) == 0 || drain_start.elapsed() >= ECHO_DRAIN,
+            Mode::Broadcast => {
+                let expected = ctx.published.load(Ordering::Relaxed) * clients as u64;
+                ctx.delivered.load(Ordering::Relaxed) >= expected || drain_start.elapsed() >= BROADCAST_DRAIN
+            }
+        };
+        if drained {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some(failure) = ctx.finish() {
+        return Err(failure);
+    }
+
+    let (p50_us, p99_us, max_us, _) = ctx.percentiles();
+    let rss_per_client_kib = match (rss_before, rss_after) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before) as f64 / clients as f64),
+        _ => None,
+    };
+    Ok(Report {
+        transport,
+        mode: run.mode,
+        clients,
+        rate: run.rate,
+        window,
+        counted: ctx.counted.load(Ordering::Relaxed),
+        p50_us,
+        p99_us,
+        max_us,
+        published: ctx.published.load(Ordering::Relaxed),
+        delivered: ctx.delivered.load(Ordering::Relaxed),
+        connect,
+        rss_per_client_kib,
+        in_process,
+        spread: ctx.per_client_spread(),
+        server_cpu,
+        client_cpu,
+    })
+}
+
+/// Runs one client; its first error fails the run, naming the client.
+fn spawn_client(
+    ctx: &Arc<Ctx>,
+    label: &'static str,
+    id: usize,
+    client: impl Future<Output = Res<()>> + Send + 'static,
+) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        if let Err(e) = client.await {
+            ctx.fail(format!("{label} {id}: {e}"));
+        }
+    });
+}
+
+enum Server {
+    Remote(Target),
+    InProcess(InProcess),
+}
+
+/// The `fawkes serve` demo app on 127.0.0.1:0, on a runtime of its own with one worker thread.
+struct InProcess {
+    runtime: tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl InProcess {
+    fn start() -> std::io::Result<InProcess> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bench-server")
+            .enable_all()
+            .build()?;
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let endpoint = fawkes::Endpoint::new(fawkes::demo::router());
+        let served = runtime.spawn(fawkes::server::serve(listener, endpoint, async {
+            let _ = stopped.await;
+        }));
+        Ok(InProcess { runtime, addr, stop, served })
+    }
+
+    /// Shuts the server down, waiting a little for it (its clients are already gone).
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let served = self.served;
+        let _ = self.runtime.block_on(async { tokio::time::timeout(Duration::from_secs(2), served).await });
+        self.runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+}

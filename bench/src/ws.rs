@@ -1,0 +1,176 @@
+//! WebSocket clients (`/socket/websocket?vsn=2.0.0`) for the same workloads as long-poll: a
+//! request/response `ping` client, a broadcast subscriber and the broadcast publisher. Each sends
+//! a heartbeat every 25 s, as phoenix.js does (every 30 s by default).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fawkes_serializer::{Ref, ServerMessage};
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::ctx::{
+    Ctx, Deliveries, Phase, REPLY_TIMEOUT, Res, TOPIC, decode, due, encode, expect_echo, expect_ok, join_frame,
+    publish_payload,
+};
+
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(25);
+
+/// What a client does once joined.
+#[derive(Debug, Clone, Copy)]
+pub enum Role {
+    /// `ping` with `{"t": ..}`, one outstanding at a time.
+    Echo,
+    /// Receives `new_msg` broadcasts.
+    Subscriber,
+    /// Sends `rate` `new_msg` per second while measuring.
+    Publisher { rate: u32 },
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+async fn send(ws: &mut Ws, text: String) -> Res<()> {
+    ws.send(WsMessage::text(text)).await.map_err(|e| format!("cannot send a frame: {e}"))
+}
+
+/// The next server message; control frames are skipped, a close or a broken socket is an error.
+async fn recv(ws: &mut Ws) -> Res<ServerMessage> {
+    loop {
+        match ws.next().await {
+            Some(Ok(WsMessage::Text(text))) => return decode(Bytes::from(text)),
+            Some(Ok(WsMessage::Binary(b))) => {
+                return Err(format!("expected text frames (JSON payloads only), got a binary frame {b:?}"));
+            }
+            Some(Ok(WsMessage::Close(frame))) => {
+                let why = frame.map(|f| format!("{} {:?}", u16::from(f.code), f.reason.as_str())).unwrap_or_default();
+                return Err(format!("expected messages, but the server closed the socket ({why})"));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(format!("expected messages, but the socket broke: {e}")),
+            None => return Err("expected messages, but the socket closed without a close frame".to_owned()),
+        }
+    }
+}
+
+pub async fn client(ctx: Arc<Ctx>, id: usize, role: Role) -> Res<()> {
+    let permit = ctx.gate.acquire().await.map_err(|e| e.to_string())?;
+    let stream = ctx.target.connect(ctx.target.source_addr(id)).await?;
+    let url = format!("ws://{}{}/websocket?vsn=2.0.0", ctx.target.authority, ctx.target.path);
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(config))
+        .await
+        .map_err(|e| format!("expected the WebSocket upgrade of {url} to succeed, got: {e}"))?;
+    send(&mut ws, join_frame()).await?;
+    let joined = async {
+        match recv(&mut ws).await? {
+            ServerMessage::Reply(reply) => expect_ok(&reply, "1", "phx_join"),
+            other => Err(format!("expected the reply to phx_join, got {other:?}")),
+        }
+    };
+    tokio::time::timeout(REPLY_TIMEOUT, joined)
+        .await
+        .map_err(|_| format!("expected the reply to phx_join within {REPLY_TIMEOUT:?}"))??;
+    drop(permit);
+    ctx.joined.fetch_add(1, Ordering::Relaxed);
+
+    let mut phase = ctx.watch_phase();
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT_EVERY, HEARTBEAT_EVERY);
+    let mut heartbeats = 0u64;
+    let mut next_ref = 1u64;
+    // The outstanding ping: its ref, embedded time, and when it was sent.
+    let mut pending: Option<(String, u64, Instant)> = None;
+    let mut deliveries = Deliveries::default();
+    let mut publish_tick = tokio::time::interval(Duration::from_millis(5));
+    publish_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut publishing_since: Option<Instant> = None;
+    let mut published = 0u64;
+    let mut publish_answered = 0u64;
+
+    loop {
+        let now_phase = *phase.borrow_and_update();
+        if now_phase == Phase::Stop {
+            return Ok(());
+        }
+        let measuring = now_phase == Phase::Measure;
+        if let (Role::Echo, true, None) = (role, measuring, &pending) {
+            next_ref += 1;
+            let msg_ref = next_ref.to_string();
+            let t = ctx.micros();
+            ctx.in_flight.fetch_add(1, Ordering::Relaxed);
+            let sent = Instant::now();
+            send(&mut ws, encode(Some("1"), &msg_ref, TOPIC, "ping", json!({ "t": t }))).await?;
+            pending = Some((msg_ref, t, sent));
+        }
+        if let (Role::Publisher { .. }, true, None) = (role, measuring, publishing_since) {
+            publishing_since = Some(Instant::now());
+        }
+        let publishing = matches!(role, Role::Publisher { .. }) && measuring;
+        let reply_deadline = pending.as_ref().map(|(_, _, sent)| *sent + REPLY_TIMEOUT);
+
+        tokio::select! {
+            changed = phase.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            _ = heartbeat.tick() => {
+                heartbeats += 1;
+                send(&mut ws, encode(None, &format!("hb{heartbeats}"), "phoenix", "heartbeat", json!({}))).await?;
+            }
+            _ = publish_tick.tick(), if publishing => {
+                if let (Role::Publisher { rate }, Some(since)) = (role, publishing_since) {
+                    let due = due(since, rate).saturating_sub(published);
+                    for seq in published..published + due {
+                        let frame = encode(Some("1"), &(seq + 2).to_string(), TOPIC, "new_msg", publish_payload(&ctx, seq));
+                        ws.feed(WsMessage::text(frame)).await.map_err(|e| format!("cannot send a frame: {e}"))?;
+                    }
+                    if due > 0 {
+                        ws.flush().await.map_err(|e| format!("cannot send a frame: {e}"))?;
+                        published += due;
+                        ctx.published.store(published, Ordering::Relaxed);
+                    }
+                }
+            }
+            () = sleep_until_opt(reply_deadline) => {
+                let what = pending.as_ref().map(|(r, _, _)| r.clone()).unwrap_or_default();
+                return Err(format!("expected the reply to ping (ref {what:?}) within {REPLY_TIMEOUT:?}"));
+            }
+            message = recv(&mut ws) => {
+                let message = message?;
+                match (&message, role) {
+                    (ServerMessage::Reply(reply), _) if reply.msg_ref.as_ref().is_some_and(|r| r.as_str().starts_with("hb")) => {
+                        let hb = reply.msg_ref.as_ref().map(Ref::as_str).unwrap_or_default().to_owned();
+                        expect_ok(reply, &hb, "heartbeat")?;
+                    }
+                    (ServerMessage::Reply(reply), Role::Echo) => {
+                        let Some((msg_ref, t, sent)) = pending.take() else {
+                            return Err(format!("expected no reply (no ping outstanding), got {reply:?}"));
+                        };
+                        expect_echo(reply, &msg_ref, t)?;
+                        ctx.answered(id, sent.elapsed());
+                    }
+                    (ServerMessage::Reply(reply), Role::Publisher { .. }) => {
+                        expect_ok(reply, &(publish_answered + 2).to_string(), "new_msg")?;
+                        publish_answered += 1;
+                    }
+                    (ServerMessage::Broadcast(b), Role::Publisher { .. }) if b.event == "new_msg" => {}
+                    (_, Role::Subscriber) => deliveries.deliver(&ctx, &message)?,
+                    (other, _) => return Err(format!("expected only phx_reply messages, got {other:?}")),
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
