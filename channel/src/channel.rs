@@ -9,6 +9,7 @@ use fawkes_serializer::{Broadcast, Payload, Push, Ref, ReplyStatus};
 use serde_json::Value;
 
 use crate::outbox::Outbox;
+use crate::presence::PresenceError;
 use crate::pubsub::{PubSub, SubscriberId};
 use crate::socket::SocketInfo;
 
@@ -212,6 +213,8 @@ pub struct SocketRef {
     pub(crate) subscriber: Option<SubscriberId>,
     /// Dropped with the channel, which ends every [`Pusher`] of it.
     pub(crate) alive: Arc<()>,
+    /// The presences this channel tracks; untracked when the channel ends.
+    pub(crate) presence: Option<crate::presence::Owner>,
 }
 
 impl fmt::Debug for SocketRef {
@@ -281,5 +284,35 @@ impl SocketRef {
     /// The endpoint's PubSub, to broadcast to other topics.
     pub fn pubsub(&self) -> &PubSub {
         &self.pubsub
+    }
+
+    /// Tracks `key` (a user id, say) as present on this topic with `meta` (a JSON object), on
+    /// every node, until [`untrack`](SocketRef::untrack) or the end of this channel instance
+    /// (leave, crash, closed socket). Subscribers of the topic get a `presence_diff`. Returns the
+    /// entry's `phx_ref`. One channel tracks a key once; a second track is an error (use
+    /// [`update`](SocketRef::update)).
+    pub fn track(&mut self, key: impl Into<String>, meta: Value) -> Result<String, PresenceError> {
+        let pubsub = &self.pubsub;
+        let owner = self.presence.get_or_insert_with(|| crate::presence::Owner::new(pubsub));
+        owner.track(&self.topic, key.into(), meta)
+    }
+
+    /// Replaces the meta of a key this channel tracks; the new entry gets a fresh `phx_ref` and
+    /// `phx_ref_prev` names the old one. Returns the new `phx_ref`.
+    pub fn update(&mut self, key: &str, meta: Value) -> Result<String, PresenceError> {
+        match &self.presence {
+            Some(owner) => owner.update(&self.topic, key, meta),
+            None => Err(PresenceError::NotTracked(key.into())),
+        }
+    }
+
+    /// Stops tracking `key` on this topic. Returns whether it was tracked.
+    pub fn untrack(&mut self, key: &str) -> bool {
+        self.presence.as_ref().is_some_and(|owner| owner.untrack(&self.topic, key))
+    }
+
+    /// Everyone present on this topic, on every node: the payload of `presence_state`.
+    pub fn presence_list(&self) -> Value {
+        self.pubsub.presence().list(&self.topic)
     }
 }

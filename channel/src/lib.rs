@@ -6,12 +6,78 @@
 //! yields a [`CloseReason`]. Serialization, heartbeats, joins, replies, broadcasts and limits all
 //! live here, so a transport is only glue between its I/O and those three calls.
 //!
-//! A complete transport over an in-memory pipe:
+//! # Writing a transport
+//!
+//! The WebSocket, long-poll, SSE and database transports use nothing but the items below; a new
+//! transport needs nothing else (if it does, that is a defect of this contract). The
+//! `fawkes-testkit` crate checks a transport against the protocol with one function call.
+//!
+//! | item | the transport's side of the contract |
+//! | --- | --- |
+//! | [`ConnectInfo`] | What is known about the connecting peer: `ConnectInfo::new(name, binary_frames)` then [`with_query`](ConnectInfo::with_query) (fills `vsn` and the connect params), plus `auth_token`, `headers`, `peer_addr` where the transport has them. Remove the transport's own query params (e.g. a session token) from `params`. A transport that cannot carry binary frames says so: binary payloads then reach it as text (`{"binary": "<base64>"}`). |
+//! | [`Endpoint::connect`] | Runs the origin check and the application's connect callback. [`ConnectError`] is a refusal: answer it as one (HTTP 403), except [`ConnectError::ShuttingDown`] (503, or a close). Never connect before the peer is known to be there. |
+//! | [`Session::handle_frame`] | Every inbound frame, in order, one at a time (it takes `&mut self`). It waits while the target channel's mailbox is full: that is backpressure, so read nothing more from the peer meanwhile. `Err(reason)` means the socket is closed (malformed or oversized frame, or closed already): stop reading, deliver what [`Outbound`] still yields, then close. |
+//! | [`Session::outbound`] → [`Outbound`] | Call once. [`recv`](Outbound::recv) / [`recv_many`](Outbound::recv_many) yield frames in order, then `Err(CloseReason)` once the socket is closed and everything queued before was taken. Cancel-safe. Only take frames you can send: a peer that stops reading must leave frames in the queue, where [`Config::outbound_queue_limit`] and [`SlowConsumerPolicy`] bound them. Never buffer without a bound in the transport. |
+//! | [`CloseReason`] | Map it to the transport's own signal (WebSocket: 1000 heartbeat timeout or disconnect, 1001 shutdown, 1008 slow consumer, 1009 frame too large, 1011 malformed; [`CloseReason::TransportClosed`] means the peer went away, so there is no one to tell). |
+//! | dropping the [`Session`] | When the peer is gone, drop the session: its channels terminate, the endpoint forgets the socket ([`Endpoint::connected`], [`Endpoint::drained`]). |
+//! | heartbeats | [`Outbound`] closes a socket that sent nothing for [`Config::heartbeat_timeout`]. A transport whose clients show they are alive other than by frames (a long-poll `GET`) calls [`Outbound::keep_alive`]. |
+//! | limits | [`Endpoint::config`]: refuse a frame over [`Config::max_frame_size`] before reading all of it ([`Session::close`] with [`CloseReason::FrameTooLarge`], or an HTTP 413 where the request is not the socket). |
+//! | sessions between requests | For transports whose peer comes back with a token: [`SessionSigner`] signs a [`random_session_id`]; a token that does not verify means "session gone" (410), never a refusal. |
+//! | shutdown | [`Endpoint::shutdown`] closes every socket with [`CloseReason::Shutdown`]; the transport tells its peers and [`Endpoint::drained`] completes when all are dropped. [`Endpoint::is_shutting_down`] lets a transport refuse new work. |
+//!
+//! A complete toy transport: newline-delimited text frames over any byte stream (here
+//! `tokio::io::duplex`), a reader loop feeding the session and a writer loop draining it, which
+//! tells the peer why the socket closed.
 //!
 //! ```
-//! use fawkes_channel::{Channel, ConnectInfo, Endpoint, HandleIn, Payload, Router, SocketRef};
+//! use fawkes_channel::{Channel, CloseReason, ConnectError, ConnectInfo, Endpoint, HandleIn, Payload, Router, SocketRef};
 //! use fawkes_serializer::Frame;
 //! use serde_json::{json, Value};
+//! use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
+//!
+//! /// Serves one connection: one text frame per line each way; a last line `closed: <reason>`.
+//! async fn serve_lines<S>(endpoint: Endpoint, io: S, query: &str) -> Result<(), ConnectError>
+//! where
+//!     S: AsyncRead + AsyncWrite + Send + 'static,
+//! {
+//!     let info = ConnectInfo::new("lines", false).with_query(Some(query));
+//!     let mut session = endpoint.connect(info).await?;
+//!     let mut outbound = session.outbound();
+//!     let (read, mut write) = tokio::io::split(io);
+//!     let mut writer = tokio::spawn(async move {
+//!         let reason = loop {
+//!             match outbound.recv().await {
+//!                 Ok(frame) => {
+//!                     write.write_all(frame.as_bytes()).await?;
+//!                     write.write_all(b"\n").await?;
+//!                 }
+//!                 Err(reason) => break reason,
+//!             }
+//!         };
+//!         if reason != CloseReason::TransportClosed {
+//!             write.write_all(format!("closed: {reason}\n").as_bytes()).await?;
+//!         }
+//!         write.shutdown().await
+//!     });
+//!     // A real transport bounds the line length by `endpoint.config().max_frame_size`.
+//!     let mut lines = BufReader::new(read).lines();
+//!     loop {
+//!         tokio::select! {
+//!             line = lines.next_line() => match line {
+//!                 Ok(Some(line)) => {
+//!                     if session.handle_frame(Frame::text(line)).await.is_err() {
+//!                         break; // closed (e.g. a malformed frame): the writer says why
+//!                     }
+//!                 }
+//!                 Ok(None) | Err(_) => break, // the peer went away
+//!             },
+//!             _ = &mut writer => return Ok(()), // the server closed the socket
+//!         }
+//!     }
+//!     drop(session); // channels terminate; the writer delivers what is left, then ends
+//!     let _ = writer.await;
+//!     Ok(())
+//! }
 //!
 //! struct Echo;
 //! impl Channel for Echo {
@@ -25,34 +91,50 @@
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! let endpoint = Endpoint::new(Router::new().channel("echo:*", || Echo));
+//! let (client, server) = tokio::io::duplex(64 * 1024);
+//! let served = tokio::spawn(serve_lines(endpoint.clone(), server, "vsn=2.0.0"));
 //!
-//! // The transport: connect with the query string's params, then move frames both ways.
-//! let info = ConnectInfo::new("memory", true).with_query(Some("vsn=2.0.0"));
-//! let mut session = endpoint.connect(info).await?;
-//! let mut outbound = session.outbound();
+//! // The peer: writes frames, reads frames.
+//! let (read, mut write) = tokio::io::split(client);
+//! let mut lines = BufReader::new(read).lines();
+//! write.write_all(b"[\"1\",\"1\",\"echo:a\",\"phx_join\",{}]\n").await?;
+//! write.write_all(b"[\"1\",\"2\",\"echo:a\",\"say\",{\"hi\":1}]\n").await?;
+//! assert_eq!(
+//!     lines.next_line().await?.as_deref(),
+//!     Some(r#"["1","1","echo:a","phx_reply",{"response":{"welcome":true},"status":"ok"}]"#)
+//! );
+//! assert_eq!(
+//!     lines.next_line().await?.as_deref(),
+//!     Some(r#"["1","2","echo:a","phx_reply",{"response":{"hi":1},"status":"ok"}]"#)
+//! );
 //!
-//! session.handle_frame(Frame::text(r#"["1","1","echo:a","phx_join",{}]"#)).await?;
-//! session.handle_frame(Frame::text(r#"["1","2","echo:a","say",{"hi":1}]"#)).await?;
-//!
-//! let reply = outbound.recv().await?;
-//! assert_eq!(reply, Frame::text(r#"["1","1","echo:a","phx_reply",{"response":{"welcome":true},"status":"ok"}]"#));
-//! let echo = outbound.recv().await?;
-//! assert_eq!(echo, Frame::text(r#"["1","2","echo:a","phx_reply",{"response":{"hi":1},"status":"ok"}]"#));
+//! // The server side closes: the peer is told why, then the stream ends.
+//! endpoint.shutdown();
+//! assert_eq!(lines.next_line().await?.as_deref(), Some("closed: server shutting down"));
+//! assert_eq!(lines.next_line().await?, None);
+//! served.await??;
+//! endpoint.drained().await;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! ```
+//!
+//! A malformed line closes only that socket, as Phoenix does; the toy transport then tells
+//! `closed: malformed frame: ...` and ends the stream.
 #![forbid(unsafe_code)]
 
 mod channel;
+mod cluster;
 mod config;
 mod endpoint;
 mod origin;
 mod outbox;
+mod presence;
 mod pubsub;
 mod router;
 mod session;
 mod socket;
 mod task;
+mod token;
 
 pub use channel::{Channel, HandleIn, Pusher, SocketRef, StopReason, Terminate, reason};
 pub use config::{Config, JoinRate, SlowConsumerPolicy};
@@ -60,7 +142,18 @@ pub use endpoint::{Endpoint, EndpointBuilder};
 pub use fawkes_serializer::{Broadcast, Frame, Payload, Ref, ReplyStatus, Serializer};
 pub use origin::OriginCheck;
 pub use outbox::{CloseReason, Outbound};
-pub use pubsub::{Adapter, BroadcastFrames, LocalAdapter, PubSub, RemoteInbound, SubscriberId, Subscription};
+pub use cluster::{ClusterOptions, ClusterStats, EnvelopeError, NodeId, RequestError};
+pub use presence::{Presence, PresenceError};
+pub use pubsub::{Adapter, BroadcastFrames, PubSub, RemoteInbound, ServiceGuard, SubscriberId, Subscription};
 pub use router::Router;
 pub use session::Session;
 pub use socket::{Accept, ConnectError, ConnectFn, ConnectInfo, SocketHandler, parse_query};
+pub use token::{MAX_TOKEN_PAYLOAD, SessionSigner, random_session_id};
+
+/// 64 random bits from the operating system.
+pub(crate) fn random_u64() -> u64 {
+    let mut raw = [0u8; 8];
+    // Without the OS's randomness there is no safe way to name nodes.
+    getrandom::fill(&mut raw).expect("the operating system's random number generator is unavailable");
+    u64::from_ne_bytes(raw)
+}

@@ -1,7 +1,9 @@
 //! The demo app served by `fawkes serve`: chat rooms, and a topic that refuses everyone.
 //!
 //! - `room:{name}`: join params may carry `{"user": string}` (default `"anonymous"`); the join
-//!   replies ok `{}`. With a database, rows of `fawkes_events` for the topic arrive as `event`
+//!   replies ok `{}`. A join that names its user is tracked in Presence under that user, with
+//!   meta `{"online_at": <unix ms>}`: the client gets `presence_state` right after the join
+//!   reply, and every subscriber gets `presence_diff` as users come and go, on every node. With a database, rows of `fawkes_events` for the topic arrive as `event`
 //!   with `{"id": <row id>, "data": <payload>}`, and `{"last_event_id": N}` in the join params
 //!   replays every such row with id > N first. `new_msg` `{"body": ...}` broadcasts `new_msg` `{"body": ..., "user": ...}`
 //!   to every subscriber, the sender included, and replies ok `{}`. `ping` replies ok with the
@@ -17,6 +19,7 @@ use crate::{Channel, HandleIn, Payload, Router, SocketRef, reason};
 #[derive(Debug, Default)]
 pub struct Room {
     user: String,
+    tracked: bool,
     #[cfg(feature = "db")]
     events: Option<crate::db::TableStream>,
     #[cfg(feature = "db")]
@@ -28,6 +31,7 @@ impl Channel for Room {
         let params = params.as_json();
         let user = params.and_then(|p| p.get("user")).and_then(Value::as_str);
         self.user = user.unwrap_or("anonymous").to_owned();
+        self.tracked = user.is_some();
         #[cfg(feature = "db")]
         {
             self.last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64);
@@ -35,8 +39,17 @@ impl Channel for Room {
         Ok(json!({}))
     }
 
-    #[cfg(feature = "db")]
     async fn after_join(&mut self, socket: &mut SocketRef) {
+        if self.tracked {
+            let online_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            if let Err(e) = socket.track(self.user.clone(), json!({ "online_at": online_at })) {
+                tracing::warn!(error = %e, "presence not tracked");
+            }
+            socket.push("presence_state", socket.presence_list());
+        }
+        #[cfg(feature = "db")]
         if let Some(events) = &self.events {
             events.attach(socket, self.last_event_id).await;
         }

@@ -1,8 +1,9 @@
 //! Phoenix Channels for Rust: channels, PubSub and pluggable transports.
 //!
 //! This facade re-exports [`fawkes_channel`] (channels, routing, sessions, PubSub) and the
-//! transports enabled by features (`ws`, `longpoll` and `db`, on by default), and holds the demo app that the `fawkes`
-//! binary serves.
+//! transports enabled by features (`ws`, `longpoll` and `db`, on by default), the PubSub adapters
+//! that make several nodes one cluster (`redis` and `postgres`, on by default), and holds the demo
+//! app that the `fawkes` binary serves.
 //!
 //! ```no_run
 //! use fawkes::{Channel, Endpoint, HandleIn, Payload, Router, SocketRef};
@@ -40,5 +41,9 @@ pub use fawkes_serializer as serializer;
 pub use fawkes_transport_db as db;
 #[cfg(feature = "longpoll")]
 pub use fawkes_transport_longpoll as longpoll;
+#[cfg(feature = "postgres")]
+pub use fawkes_pubsub_postgres as pubsub_postgres;
+#[cfg(feature = "redis")]
+pub use fawkes_pubsub_redis as pubsub_redis;
 #[cfg(feature = "ws")]
 pub use fawkes_transport_ws as ws;

@@ -19,17 +19,18 @@ const PHOENIX_JS: &str = include_str!("../assets/phoenix.min.js");
 /// The conventional socket path the phoenix client is given.
 pub const SOCKET_PATH: &str = "/socket";
 
-/// An axum router serving the demo page at `/`, the phoenix client at `/assets/phoenix.min.js`
-/// and `endpoint` at `/socket/websocket` and `/socket/longpoll`.
+/// An axum router serving the demo page at `/`, the phoenix client at `/assets/phoenix.min.js`,
+/// `endpoint` at `/socket/websocket` and `/socket/longpoll`, and Prometheus metrics at `/metrics`.
 pub fn app(endpoint: Endpoint) -> axum::Router {
     app_with(endpoint, LongPollOptions::default())
 }
 
 /// [`app`] with long-poll options.
 pub fn app_with(endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
-    let socket_routes = sockets(SOCKET_PATH, endpoint, longpoll);
+    let socket_routes = sockets(SOCKET_PATH, endpoint.clone(), longpoll);
     axum::Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
+        .route("/metrics", get(move || std::future::ready(metrics(&endpoint))))
         .route(
             "/assets/phoenix.min.js",
             get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], PHOENIX_JS).into_response() }),
@@ -44,6 +45,29 @@ pub fn sockets(path: &str, endpoint: Endpoint, longpoll: LongPollOptions) -> axu
         .route_service(&format!("{path}/websocket"), WebSocketService::new(endpoint.clone()))
         .route_service(&format!("{path}/longpoll"), LongPollService::with_options(endpoint, longpoll))
         .layer(axum::middleware::map_request(peer_addr))
+}
+
+/// Prometheus text: open sockets and the cluster link.
+fn metrics(endpoint: &Endpoint) -> impl IntoResponse + use<> {
+    let c = endpoint.pubsub().stats();
+    let body = format!(
+        "# HELP fawkes_sockets Open sockets.\n# TYPE fawkes_sockets gauge\nfawkes_sockets {}\n\
+         # HELP fawkes_pubsub_connected Whether the PubSub backend is reachable (1 on a single node).\n\
+         # TYPE fawkes_pubsub_connected gauge\nfawkes_pubsub_connected {}\n\
+         # TYPE fawkes_pubsub_disconnects_total counter\nfawkes_pubsub_disconnects_total {}\n\
+         # TYPE fawkes_pubsub_sent_total counter\nfawkes_pubsub_sent_total {}\n\
+         # TYPE fawkes_pubsub_received_total counter\nfawkes_pubsub_received_total {}\n\
+         # TYPE fawkes_pubsub_dropped_total counter\nfawkes_pubsub_dropped_total {}\n\
+         # TYPE fawkes_pubsub_malformed_total counter\nfawkes_pubsub_malformed_total {}\n",
+        endpoint.connected(),
+        u8::from(c.connected),
+        c.disconnects,
+        c.sent,
+        c.received,
+        c.dropped,
+        c.malformed,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 async fn peer_addr(mut req: Request) -> Request {

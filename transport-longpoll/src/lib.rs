@@ -32,9 +32,13 @@
 //! - Binary payloads sent to a long-poll client arrive as `{"binary": "<base64>"}` (the client
 //!   cannot decode binary frames from long-poll strings).
 //! - Every answer carries `access-control-allow-origin: *`; `OPTIONS` preflights are answered.
+//! - Across nodes: a token names the node that holds its session. When the endpoint's PubSub has
+//!   an adapter, a request that reaches another node is forwarded to the owner and answered with
+//!   the owner's answer, so a load balancer needs no sticky sessions. Nodes must share
+//!   [`LongPollOptions::secret`]. If the owner is gone, the token is answered as an ended
+//!   session's (`410`, and `GET` opens a new session on the node it reached).
 #![forbid(unsafe_code)]
 
 mod service;
-mod token;
 
 pub use service::{LongPollOptions, LongPollService};

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use fawkes_channel::{ConnectError, ConnectInfo, Endpoint, Frame, Outbound, Session};
+use fawkes_channel::{
+    ConnectError, ConnectInfo, Endpoint, Frame, NodeId, Outbound, ServiceGuard, Session, SessionSigner, random_session_id,
+};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -20,7 +22,36 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::token::{SessionId, Signer};
+/// A session's id: 128 random bits, never reused.
+type SessionId = [u8; 16];
+
+/// What a token names: the node that owns the session, the service instance on it, the session.
+struct Address {
+    node: u64,
+    instance: u32,
+    id: SessionId,
+}
+
+impl Address {
+    fn to_bytes(&self) -> [u8; 28] {
+        let mut out = [0u8; 28];
+        out[..8].copy_from_slice(&self.node.to_be_bytes());
+        out[8..12].copy_from_slice(&self.instance.to_be_bytes());
+        out[12..].copy_from_slice(&self.id);
+        out
+    }
+
+    fn from_bytes(raw: &[u8]) -> Option<Address> {
+        let raw: &[u8; 28] = raw.try_into().ok()?;
+        let (node, rest) = raw.split_at(8);
+        let (instance, id) = rest.split_at(4);
+        Some(Address {
+            node: u64::from_be_bytes(node.try_into().ok()?),
+            instance: u32::from_be_bytes(instance.try_into().ok()?),
+            id: id.try_into().ok()?,
+        })
+    }
+}
 
 const SHARDS: usize = 32;
 /// Messages answered by one poll at most; the rest wait for the next poll.
@@ -37,9 +68,9 @@ pub struct LongPollOptions {
     pub session_idle: Duration,
     /// Largest `POST` body, in bytes.
     pub max_body_size: usize,
-    /// The key tokens are signed with. Nodes that share sessions must share it; by default each
-    /// process makes a random one (a restarted server then answers old tokens `410`, and clients
-    /// reconnect).
+    /// The key tokens are signed with. Nodes of one cluster must share it, so any node can read a
+    /// token and forward the request to the session's node; by default each process makes a
+    /// random one (a restarted server then answers old tokens `410`, and clients reconnect).
     pub secret: Option<Vec<u8>>,
 }
 
@@ -122,21 +153,57 @@ struct LongPollSession {
 struct Registry {
     endpoint: Endpoint,
     options: LongPollOptions,
-    signer: Signer,
+    signer: SessionSigner,
+    /// This node, and this service among the node's long-poll services.
+    node: NodeId,
+    instance: u32,
     sessions: Box<[Mutex<HashMap<SessionId, Arc<LongPollSession>>>]>,
     epoch: Instant,
     reaper: OnceLock<()>,
+    /// Answers requests other nodes forward here (set when the endpoint's PubSub is clustered).
+    service: OnceLock<ServiceGuard>,
+}
+
+/// Where a token's session lives.
+enum Lookup {
+    Here(SessionId, Arc<LongPollSession>),
+    /// On another node.
+    Elsewhere(NodeId, u32),
+    /// No token, a token that does not verify, or a session that ended.
+    Gone,
+}
+
+/// The name other nodes send requests for this service's sessions to.
+fn service_name(instance: u32) -> String {
+    format!("fawkes.longpoll.{instance:08x}")
 }
 
 impl Registry {
     fn shard(&self, id: &SessionId) -> &Mutex<HashMap<SessionId, Arc<LongPollSession>>> {
-        &self.sessions[id.0[0] as usize % SHARDS]
+        &self.sessions[id[0] as usize % SHARDS]
     }
 
-    fn get(&self, token: Option<&str>) -> Option<(SessionId, Arc<LongPollSession>)> {
-        let id = self.signer.verify(token?)?;
-        let entry = self.shard(&id).lock().get(&id).cloned()?;
-        Some((id, entry))
+    fn lookup(&self, token: Option<&str>) -> Lookup {
+        let Some(addr) = token.and_then(|t| self.signer.verify(t)).and_then(|raw| Address::from_bytes(&raw)) else {
+            return Lookup::Gone;
+        };
+        if addr.node != self.node.get() {
+            return match NodeId::from_u64(addr.node) {
+                Some(node) => Lookup::Elsewhere(node, addr.instance),
+                None => Lookup::Gone,
+            };
+        }
+        if addr.instance != self.instance {
+            return Lookup::Gone;
+        }
+        match self.shard(&addr.id).lock().get(&addr.id).cloned() {
+            Some(session) => Lookup::Here(addr.id, session),
+            None => Lookup::Gone,
+        }
+    }
+
+    fn sign(&self, id: SessionId) -> String {
+        self.signer.sign(&Address { node: self.node.get(), instance: self.instance, id }.to_bytes())
     }
 
     fn remove(&self, id: &SessionId) {
@@ -186,6 +253,11 @@ impl Registry {
 
 /// Phoenix long-poll for an [`Endpoint`]. Mount it at `{path}/longpoll`. Cheap to clone; clones
 /// share sessions.
+///
+/// When the endpoint's [`PubSub`](fawkes_channel::PubSub) is clustered, a request whose token
+/// names a session on another node is forwarded to that node through the PubSub and answered
+/// with what the owner answers, so consecutive requests of one client may reach any node (no
+/// sticky sessions). Every node must then share [`LongPollOptions::secret`].
 #[derive(Clone)]
 pub struct LongPollService {
     registry: Arc<Registry>,
@@ -197,6 +269,56 @@ impl fmt::Debug for LongPollService {
     }
 }
 
+/// A long-poll answer before it becomes an HTTP response: a status and a JSON body.
+struct Answer {
+    status: StatusCode,
+    body: Bytes,
+}
+
+impl Answer {
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut res = Response::new(Full::new(self.body));
+        *res.status_mut() = self.status;
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        res
+    }
+}
+
+/// A request forwarded to the session's node: `kind (1: GET, 2: POST) | ndjson (0/1) | token
+/// length (u16) | token | body`. The answer: `HTTP status (u16, 0 = no such session) | body`.
+fn encode_forward(post: bool, ndjson: bool, token: &str, body: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(4 + token.len() + body.len());
+    out.push(if post { 2 } else { 1 });
+    out.push(u8::from(ndjson));
+    out.extend_from_slice(&(token.len() as u16).to_be_bytes());
+    out.extend_from_slice(token.as_bytes());
+    out.extend_from_slice(body);
+    out.into()
+}
+
+fn decode_forward(raw: &Bytes) -> Option<(bool, bool, String, Bytes)> {
+    let (&kind, rest) = raw.split_first()?;
+    let (&ndjson, rest) = rest.split_first()?;
+    let len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+    let token = std::str::from_utf8(rest.get(2..2 + len)?).ok()?.to_owned();
+    Some((kind == 2, ndjson == 1, token, raw.slice(4 + len..)))
+}
+
+fn encode_answer(answer: Option<&Answer>) -> Bytes {
+    let mut out = Vec::with_capacity(2 + answer.map_or(0, |a| a.body.len()));
+    out.extend_from_slice(&answer.map_or(0, |a| a.status.as_u16()).to_be_bytes());
+    if let Some(a) = answer {
+        out.extend_from_slice(&a.body);
+    }
+    out.into()
+}
+
+fn decode_answer(raw: &Bytes) -> Option<Answer> {
+    let status = u16::from_be_bytes(raw.get(..2)?.try_into().ok()?);
+    let status = StatusCode::from_u16(status).ok()?;
+    Some(Answer { status, body: raw.slice(2..) })
+}
+
 impl LongPollService {
     /// A service for `endpoint` with default options.
     pub fn new(endpoint: Endpoint) -> LongPollService {
@@ -205,20 +327,38 @@ impl LongPollService {
 
     /// A service for `endpoint` with `options`.
     pub fn with_options(endpoint: Endpoint, options: LongPollOptions) -> LongPollService {
-        let signer = Signer::new(options.secret.as_deref());
-        LongPollService {
-            registry: Arc::new(Registry {
-                endpoint,
-                options,
-                signer,
-                sessions: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-                epoch: Instant::now(),
-                reaper: OnceLock::new(),
-            }),
+        let signer = SessionSigner::new(options.secret.as_deref());
+        let pubsub = endpoint.pubsub().clone();
+        let instance = u32::from_be_bytes(random_session_id()[..4].try_into().unwrap_or_default());
+        let registry = Arc::new(Registry {
+            endpoint,
+            options,
+            signer,
+            node: pubsub.node(),
+            instance,
+            sessions: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            epoch: Instant::now(),
+            reaper: OnceLock::new(),
+            service: OnceLock::new(),
+        });
+        if pubsub.is_clustered() {
+            let weak = Arc::downgrade(&registry);
+            let guard = pubsub.serve(&service_name(instance), move |from, request| {
+                let registry = weak.upgrade();
+                async move {
+                    let answer = match registry {
+                        Some(registry) => registry.forwarded(from, request).await,
+                        None => None,
+                    };
+                    encode_answer(answer.as_ref())
+                }
+            });
+            let _ = registry.service.set(guard);
         }
+        LongPollService { registry }
     }
 
-    /// Number of live long-poll sessions.
+    /// Number of live long-poll sessions on this node.
     pub fn sessions(&self) -> usize {
         self.registry.len()
     }
@@ -231,11 +371,12 @@ impl LongPollService {
     {
         self.registry.start_reaper();
         let mut res = match *req.method() {
-            Method::GET => self.get(req).await,
-            Method::POST => self.post(req).await,
+            Method::GET => self.get(req).await.into_response(),
+            Method::POST => self.post(req).await.into_response(),
             Method::OPTIONS => preflight(&req),
             _ => {
-                let mut res = json(StatusCode::METHOD_NOT_ALLOWED, r#"{"error":"method not allowed"}"#.into());
+                let mut res = json(StatusCode::METHOD_NOT_ALLOWED, r#"{"error":"method not allowed"}"#.into())
+                    .into_response();
                 res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST, OPTIONS"));
                 res
             }
@@ -244,26 +385,76 @@ impl LongPollService {
         res
     }
 
-    async fn get<B>(&self, mut req: Request<B>) -> Response<Full<Bytes>> {
+    async fn get<B>(&self, mut req: Request<B>) -> Answer {
         let query = req.uri().query().map(str::to_owned);
         let token = token_param(query.as_deref());
-        match self.registry.get(token.as_deref()) {
-            Some((id, session)) => self.poll(id, token.unwrap_or_default(), session).await,
+        let registry = &self.registry;
+        let answer = match registry.lookup(token.as_deref()) {
+            Lookup::Here(id, session) => return registry.poll(id, token.unwrap_or_default(), session).await,
+            Lookup::Elsewhere(node, instance) => {
+                let request = encode_forward(false, false, token.as_deref().unwrap_or_default(), &[]);
+                registry.forward(node, instance, request, registry.options.poll_window).await
+            }
+            Lookup::Gone => None,
+        };
+        match answer {
+            Some(answer) => answer,
             None => {
                 if token.is_some() {
                     tracing::debug!("long-poll GET with an unknown or invalid token: opening a new session");
                 }
-                self.open(query.as_deref(), std::mem::take(req.headers_mut())).await
+                registry.open(query.as_deref(), std::mem::take(req.headers_mut())).await
             }
         }
     }
 
-    async fn open(&self, query: Option<&str>, headers: http::HeaderMap) -> Response<Full<Bytes>> {
+    async fn post<B>(&self, req: Request<B>) -> Answer
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let registry = &self.registry;
+        let token = token_param(req.uri().query());
+        let lookup = registry.lookup(token.as_deref());
+        if let Lookup::Gone = lookup {
+            return envelope(410, None, &[]);
+        }
+        let ndjson = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/x-ndjson"));
+        let body = match Limited::new(req.into_body(), registry.options.max_body_size).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                let too_large = e.downcast_ref::<http_body_util::LengthLimitError>().is_some();
+                return if too_large {
+                    tracing::info!(limit = registry.options.max_body_size, "long-poll POST body too large");
+                    json(StatusCode::PAYLOAD_TOO_LARGE, r#"{"status":413}"#.into())
+                } else {
+                    envelope(400, None, &[])
+                };
+            }
+        };
+        match lookup {
+            Lookup::Here(id, session) => registry.publish(id, session, ndjson, body).await,
+            Lookup::Elsewhere(node, instance) => {
+                let request = encode_forward(true, ndjson, token.as_deref().unwrap_or_default(), &body);
+                let answer = registry.forward(node, instance, request, Duration::ZERO).await;
+                answer.unwrap_or_else(|| envelope(410, None, &[]))
+            }
+            Lookup::Gone => envelope(410, None, &[]),
+        }
+    }
+}
+
+impl Registry {
+    async fn open(&self, query: Option<&str>, headers: http::HeaderMap) -> Answer {
         let mut info = ConnectInfo::new("longpoll", false).with_query(query);
         info.params.remove("token");
         info.auth_token = headers.get("x-phoenix-authtoken").and_then(|v| v.to_str().ok()).map(str::to_owned);
         info.headers = headers;
-        let session = match self.registry.endpoint.connect(info).await {
+        let session = match self.endpoint.connect(info).await {
             Ok(session) => session,
             Err(ConnectError::ShuttingDown) => return envelope(500, None, &[]),
             Err(e) => {
@@ -271,23 +462,22 @@ impl LongPollService {
                 return envelope(403, None, &[]);
             }
         };
-        let id = SessionId::random();
+        let id = random_session_id();
         let outbound = session.outbound();
         let entry = Arc::new(LongPollSession {
             session: tokio::sync::Mutex::new((session, RecentLines::new())),
             outbound: tokio::sync::Mutex::new(outbound),
             poll_generation: AtomicU64::new(0),
             newer_poll: Notify::new(),
-            last_get_ms: AtomicU64::new(self.registry.now_ms()),
+            last_get_ms: AtomicU64::new(self.now_ms()),
             polling: AtomicUsize::new(0),
         });
-        self.registry.shard(&id).lock().insert(id, entry);
-        envelope(410, Some(&self.registry.signer.sign(id)), &[])
+        self.shard(&id).lock().insert(id, entry);
+        envelope(410, Some(&self.sign(id)), &[])
     }
 
-    async fn poll(&self, id: SessionId, token: String, s: Arc<LongPollSession>) -> Response<Full<Bytes>> {
-        let registry = &self.registry;
-        let _polling = PollGuard::new(registry, &s);
+    async fn poll(&self, id: SessionId, token: String, s: Arc<LongPollSession>) -> Answer {
+        let _polling = PollGuard::new(self, &s);
         let generation = s.poll_generation.fetch_add(1, Ordering::AcqRel) + 1;
         s.newer_poll.notify_waiters();
 
@@ -303,7 +493,7 @@ impl LongPollService {
         let result = tokio::select! {
             received = outbound.recv_many(&mut frames, MAX_MESSAGES_PER_POLL) => Some(received),
             () = newer => None,
-            () = tokio::time::sleep(registry.options.poll_window) => None,
+            () = tokio::time::sleep(self.options.poll_window) => None,
         };
         match result {
             None => envelope(204, Some(&token), &[]),
@@ -313,38 +503,14 @@ impl LongPollService {
             }
             Some(Err(reason)) => {
                 tracing::debug!(%reason, "long-poll session closed");
-                registry.remove(&id);
+                self.remove(&id);
                 envelope(410, Some(&token), &[])
             }
         }
     }
 
-    async fn post<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
-    where
-        B: Body<Data = Bytes>,
-        B::Error: std::error::Error + Send + Sync + 'static,
-    {
-        let token = token_param(req.uri().query());
-        let Some((id, s)) = self.registry.get(token.as_deref()) else {
-            return envelope(410, None, &[]);
-        };
-        let ndjson = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("application/x-ndjson"));
-        let body = match Limited::new(req.into_body(), self.registry.options.max_body_size).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) => {
-                let too_large = e.downcast_ref::<http_body_util::LengthLimitError>().is_some();
-                return if too_large {
-                    tracing::info!(limit = self.registry.options.max_body_size, "long-poll POST body too large");
-                    json(StatusCode::PAYLOAD_TOO_LARGE, r#"{"status":413}"#.into())
-                } else {
-                    envelope(400, None, &[])
-                };
-            }
-        };
+    /// Hands a POST's messages to the session.
+    async fn publish(&self, id: SessionId, s: Arc<LongPollSession>, ndjson: bool, body: Bytes) -> Answer {
         let lines: Vec<Bytes> = if ndjson {
             body.split(|&b| b == b'\n')
                 .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
@@ -363,7 +529,7 @@ impl LongPollService {
             }
             if let Err(reason) = session.handle_frame(line_frame(line)).await {
                 drop(guard);
-                self.registry.remove(&id);
+                self.remove(&id);
                 // A session that had already ended is gone (410); one this POST broke is a bad request.
                 if reason == fawkes_channel::CloseReason::TransportClosed {
                     return envelope(410, None, &[]);
@@ -373,6 +539,37 @@ impl LongPollService {
             }
         }
         envelope(200, None, &[])
+    }
+
+    /// Sends a request to the node that owns its session and returns that node's answer; `None`
+    /// when the session is gone there or the node did not answer (it may be dead). A poll may
+    /// wait there for `waits` before answering.
+    async fn forward(&self, node: NodeId, instance: u32, request: Bytes, waits: Duration) -> Option<Answer> {
+        let pubsub = self.endpoint.pubsub();
+        let timeout = waits + Duration::from_secs(5);
+        match pubsub.request(node, &service_name(instance), request, timeout).await {
+            Ok(raw) => {
+                let answer = decode_answer(&raw);
+                if answer.is_none() {
+                    tracing::debug!(%node, "long-poll session not found on its node");
+                }
+                answer
+            }
+            Err(e) => {
+                tracing::info!(%node, error = %e, "long-poll request could not be forwarded; the session is gone");
+                None
+            }
+        }
+    }
+
+    /// Answers a request another node forwarded here; `None` when its session is not here.
+    async fn forwarded(&self, from: NodeId, request: Bytes) -> Option<Answer> {
+        let Some((post, ndjson, token, body)) = decode_forward(&request) else {
+            tracing::warn!(%from, "unreadable forwarded long-poll request");
+            return None;
+        };
+        let Lookup::Here(id, session) = self.lookup(Some(&token)) else { return None };
+        Some(if post { self.publish(id, session, ndjson, body).await } else { self.poll(id, token, session).await })
     }
 }
 
@@ -431,7 +628,7 @@ fn token_param(query: Option<&str>) -> Option<String> {
     fawkes_channel::parse_query(query?).find(|(k, _)| k == "token").map(|(_, v)| v)
 }
 
-fn envelope(status: u16, token: Option<&str>, messages: &[&[u8]]) -> Response<Full<Bytes>> {
+fn envelope(status: u16, token: Option<&str>, messages: &[&[u8]]) -> Answer {
     let mut out = Vec::with_capacity(48 + messages.iter().map(|m| m.len() + 8).sum::<usize>());
     out.extend_from_slice(format!(r#"{{"status":{status},"token":"#).as_bytes());
     let _ = serde_json::to_writer(&mut out, &token);
@@ -446,11 +643,8 @@ fn envelope(status: u16, token: Option<&str>, messages: &[&[u8]]) -> Response<Fu
     json(StatusCode::OK, out.into())
 }
 
-fn json(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(body));
-    *res.status_mut() = status;
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    res
+fn json(status: StatusCode, body: Bytes) -> Answer {
+    Answer { status, body }
 }
 
 fn preflight<B>(req: &Request<B>) -> Response<Full<Bytes>> {

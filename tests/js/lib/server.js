@@ -98,7 +98,7 @@ class Server {
 }
 
 function spawnOnce(opts) {
-  const bin = assertBinary();
+  const bin = opts.binary || assertBinary();
   const args = [];
   if (opts.bind) args.push("--bind", opts.bind);
   if (opts.heartbeatTimeoutMs != null) args.push("--heartbeat-timeout-ms", String(opts.heartbeatTimeoutMs));
@@ -154,7 +154,7 @@ function spawnOnce(opts) {
     };
 
     lineReader(child.stdout, "stdout", (line) => {
-      const m = READY_RE.exec(line);
+      const m = (opts.readyRe || READY_RE).exec(line);
       if (!m) return;
       readyLines += 1;
       if (readyLines > 1) {
@@ -182,7 +182,8 @@ function spawnOnce(opts) {
 
 /**
  * Starts a server and resolves once it printed its ready line.
- * opts: {bind, heartbeatTimeoutMs, args, env}. Resolves a Server: {url, port, httpUrl, stop(), kill(), restart()}.
+ * opts: {bind, heartbeatTimeoutMs, args, env, binary, readyRe} (`binary` runs another program,
+ * e.g. the `fawkes` server, whose ready line `readyRe` matches with host and port as groups). Resolves a Server: {url, port, httpUrl, stop(), kill(), restart()}.
  * When a fixed `bind` is given (restart on the same port), a server that exits before it is ready
  * (the port still held by the dying previous process) is tried again a few times.
  */

@@ -1,0 +1,236 @@
+//! A Fawkes [`Adapter`] over Redis pub/sub, so several Fawkes nodes share broadcasts, Presence
+//! and long-poll sessions through a Redis server they all reach.
+//!
+//! Every node subscribes to the cluster's channel (`{cluster}`) and to its own
+//! (`{cluster}:{node id}`); broadcasts go to the first, requests to one node to the second. Two
+//! tasks do the work: a subscriber that hands what arrives to the PubSub, and a publisher that
+//! sends what the PubSub queued, many messages per round trip (a pipeline). Both reconnect with
+//! backoff (100 ms doubling to 5 s) and the PubSub logs and counts the backend going away and
+//! coming back ([`PubSub::stats`](fawkes_channel::PubSub::stats)).
+//!
+//! Delivery: in steady state every node gets every broadcast once. Redis pub/sub keeps nothing
+//! for a subscriber that is disconnected, so what is published while a node's subscription is
+//! down is lost for that node; Presence repairs itself from heartbeats afterwards. Messages
+//! queued while the publisher is disconnected (up to [`RedisOptions::queue`]) are sent once it
+//! is back; past that they are dropped and counted.
+//!
+//! ```no_run
+//! use fawkes_channel::PubSub;
+//! use fawkes_pubsub_redis::RedisAdapter;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let pubsub = PubSub::with_adapter(RedisAdapter::new("redis://127.0.0.1:6379")?);
+//! pubsub.broadcast("room:lobby", "new_msg", serde_json::json!({"body": "hi from every node"}));
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fawkes_channel::{Adapter, NodeId, RemoteInbound};
+use futures_util::StreamExt as _;
+use tokio::sync::mpsc;
+
+/// Most messages sent in one pipeline.
+const BATCH: usize = 256;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Settings of a [`RedisAdapter`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RedisOptions {
+    /// The cluster's name: nodes with the same name (on the same Redis server) form one cluster.
+    /// It prefixes every Redis channel used.
+    pub cluster: String,
+    /// Messages kept while Redis is unreachable; more are dropped (and counted).
+    pub queue: usize,
+}
+
+impl Default for RedisOptions {
+    fn default() -> RedisOptions {
+        RedisOptions { cluster: "fawkes".into(), queue: 65_536 }
+    }
+}
+
+impl RedisOptions {
+    /// Sets [`RedisOptions::cluster`].
+    pub fn cluster(mut self, name: impl Into<String>) -> Self {
+        self.cluster = name.into();
+        self
+    }
+    /// Sets [`RedisOptions::queue`].
+    pub fn queue(mut self, messages: usize) -> Self {
+        self.queue = messages.max(1);
+        self
+    }
+}
+
+/// Why a [`RedisAdapter`] could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisAdapterError {
+    /// The URL is not a Redis URL.
+    #[error("invalid Redis URL: {0}")]
+    Url(#[from] redis::RedisError),
+}
+
+enum Out {
+    All(Bytes),
+    To(NodeId, Bytes),
+}
+
+/// Carries a PubSub's messages through Redis. Create it, give it to
+/// [`PubSub::with_adapter`](fawkes_channel::PubSub::with_adapter) inside a tokio runtime; it
+/// connects in the background.
+pub struct RedisAdapter {
+    client: redis::Client,
+    options: RedisOptions,
+    tx: mpsc::Sender<Out>,
+    rx: parking_lot::Mutex<Option<mpsc::Receiver<Out>>>,
+    inbound: OnceLock<RemoteInbound>,
+}
+
+impl fmt::Debug for RedisAdapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisAdapter").field("cluster", &self.options.cluster).finish_non_exhaustive()
+    }
+}
+
+impl RedisAdapter {
+    /// An adapter for the Redis server at `url` (`redis://host:port`), cluster `"fawkes"`.
+    pub fn new(url: &str) -> Result<RedisAdapter, RedisAdapterError> {
+        RedisAdapter::with_options(url, RedisOptions::default())
+    }
+
+    /// An adapter with its own cluster name and queue size.
+    pub fn with_options(url: &str, options: RedisOptions) -> Result<RedisAdapter, RedisAdapterError> {
+        let client = redis::Client::open(url)?;
+        let (tx, rx) = mpsc::channel(options.queue);
+        Ok(RedisAdapter { client, options, tx, rx: parking_lot::Mutex::new(Some(rx)), inbound: OnceLock::new() })
+    }
+
+    fn enqueue(&self, out: Out) {
+        if self.tx.try_send(out).is_err()
+            && let Some(inbound) = self.inbound.get()
+        {
+            inbound.dropped(1);
+            tracing::warn!(cluster = %self.options.cluster, "redis publish queue full; message dropped");
+        }
+    }
+}
+
+impl Adapter for RedisAdapter {
+    fn start(&self, inbound: RemoteInbound) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::error!("RedisAdapter started outside a tokio runtime: it stays disconnected");
+            return;
+        };
+        let _ = self.inbound.set(inbound.clone());
+        let broadcast = self.options.cluster.clone();
+        let direct = format!("{}:{}", self.options.cluster, inbound.node());
+        rt.spawn(subscriber(self.client.clone(), vec![broadcast.clone(), direct], inbound.clone()));
+        if let Some(rx) = self.rx.lock().take() {
+            rt.spawn(publisher(self.client.clone(), broadcast, rx, inbound));
+        }
+    }
+
+    fn broadcast(&self, message: Bytes) {
+        self.enqueue(Out::All(message));
+    }
+
+    fn send(&self, node: NodeId, message: Bytes) {
+        self.enqueue(Out::To(node, message));
+    }
+}
+
+/// Subscribes and hands every message to the PubSub, reconnecting until the PubSub is gone.
+async fn subscriber(client: redis::Client, channels: Vec<String>, inbound: RemoteInbound) {
+    let mut backoff = BACKOFF_MIN;
+    let mut failures = 0u32;
+    while !inbound.is_closed() {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            for channel in &channels {
+                pubsub.subscribe(channel).await?;
+            }
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match subscribed.await {
+            Ok(pubsub) => {
+                inbound.connected(true);
+                backoff = BACKOFF_MIN;
+                failures = 0;
+                let mut messages = pubsub.into_on_message();
+                let mut check = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        msg = messages.next() => match msg {
+                            Some(msg) => inbound.deliver(Bytes::copy_from_slice(msg.get_payload_bytes())),
+                            None => break,
+                        },
+                        _ = check.tick() => if inbound.is_closed() { return },
+                    }
+                }
+                inbound.connected(false);
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!(error = %e, "redis subscription failed; retrying with backoff");
+                } else {
+                    tracing::debug!(error = %e, failures, "redis subscription failed again");
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Sends queued messages in pipelines. Messages wait in the queue while Redis is away; a
+/// pipeline that fails midway is not retried (some of it may have been published, and a retry
+/// would deliver that part twice).
+async fn publisher(client: redis::Client, broadcast: String, mut rx: mpsc::Receiver<Out>, inbound: RemoteInbound) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let mut conn = match client.get_multiplexed_async_connection().await {
+            Ok(conn) => {
+                backoff = BACKOFF_MIN;
+                conn
+            }
+            Err(e) => {
+                if inbound.is_closed() {
+                    return;
+                }
+                tracing::debug!(error = %e, "redis publisher cannot connect; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        loop {
+            if rx.recv_many(&mut batch, BATCH).await == 0 {
+                return;
+            }
+            let mut pipe = redis::pipe();
+            for out in &batch {
+                match out {
+                    Out::All(bytes) => pipe.publish(&broadcast, bytes.as_ref()).ignore(),
+                    Out::To(node, bytes) => pipe.publish(format!("{broadcast}:{node}"), bytes.as_ref()).ignore(),
+                };
+            }
+            let sent = batch.len() as u64;
+            batch.clear();
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                inbound.dropped(sent);
+                tracing::warn!(error = %e, dropped = sent, "redis publish failed; reconnecting");
+                break;
+            }
+        }
+    }
+}
