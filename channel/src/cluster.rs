@@ -312,7 +312,11 @@ mod tests {
     fn envelopes_round_trip_and_garbage_is_an_error() {
         let node = NodeId(7);
         let bodies = [
-            Body::Broadcast(Broadcast { topic: "room:1".into(), event: "msg".into(), payload: json!({"a": [1]}).into() }),
+            Body::Broadcast(Broadcast {
+                topic: "room:1".into(),
+                event: "msg".into(),
+                payload: json!({"a": [1]}).into(),
+            }),
             Body::Broadcast(Broadcast {
                 topic: "t".into(),
                 event: "bin".into(),

@@ -99,10 +99,21 @@ impl Presence {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 enum Msg {
-    Heartbeat { clock: u64 },
-    Delta { from: u64, to: u64, ops: Vec<Op> },
+    Heartbeat {
+        clock: u64,
+    },
+    Delta {
+        from: u64,
+        to: u64,
+        ops: Vec<Op>,
+    },
     StateRequest,
-    State { clock: u64, entries: Vec<Op> },
+    State {
+        clock: u64,
+        entries: Vec<Op>,
+    },
+    /// The sender is leaving the cluster: drop its entries now.
+    Goodbye,
 }
 
 /// A join or leave of one entry; `meta` carries its `phx_ref`.
@@ -132,11 +143,14 @@ struct Local {
     phx_ref: Arc<str>,
 }
 
+/// A topic and a key.
+type Place = (Arc<str>, String);
+
 struct Replica {
     clock: u64,
     last_seen: Instant,
-    /// phx_ref → (topic, key)
-    entries: HashMap<Arc<str>, (Arc<str>, String)>,
+    /// phx_ref → where the entry is
+    entries: HashMap<Arc<str>, Place>,
     asked: Option<Instant>,
 }
 
@@ -231,7 +245,10 @@ impl Owner {
             if let Some(old_meta) = state.remove_entry(topic, key, &old) {
                 state.local_op(tracker.node, Op { join: false, topic: topic.clone(), key: key.into(), meta: old_meta });
             }
-            state.local_op(tracker.node, Op { join: true, topic: topic.clone(), key: key.into(), meta: Value::Object(meta) });
+            state.local_op(
+                tracker.node,
+                Op { join: true, topic: topic.clone(), key: key.into(), meta: Value::Object(meta) },
+            );
         }
         tracker.wake.notify_one();
         Ok(phx_ref.to_string())
@@ -351,7 +368,10 @@ impl State {
 
 /// `presence_diff` payloads by topic, in the order the changes happened.
 #[derive(Default)]
-struct Diffs(HashMap<Arc<str>, (Map<String, Value>, Map<String, Value>)>);
+struct Diffs(HashMap<Arc<str>, (Joins, Leaves)>);
+
+type Joins = Map<String, Value>;
+type Leaves = Map<String, Value>;
 
 impl Diffs {
     fn add(&mut self, op: Op) {
@@ -367,7 +387,11 @@ impl Diffs {
         for (topic, (joins, leaves)) in self.0 {
             let payload = json!({ "joins": joins, "leaves": leaves });
             inner.dispatch(
-                &Arc::new(Broadcast { topic: topic.to_string(), event: "presence_diff".into(), payload: payload.into() }),
+                &Arc::new(Broadcast {
+                    topic: topic.to_string(),
+                    event: "presence_diff".into(),
+                    payload: payload.into(),
+                }),
                 None,
             );
         }
@@ -453,6 +477,21 @@ fn send(inner: &Inner, target: Option<NodeId>, msg: &Msg) {
     }
 }
 
+/// Sends what is left of local changes, then tells the other nodes this one is leaving.
+pub(crate) async fn goodbye(inner: &Arc<Inner>) {
+    let tracker = &inner.presence;
+    // Wait for the flusher to take the last local changes (the ends of the channels that just
+    // closed), so they go out before the goodbye.
+    for _ in 0..100 {
+        if tracker.state.lock().pending.is_empty() {
+            break;
+        }
+        tracker.wake.notify_one();
+        tokio::task::yield_now().await;
+    }
+    send(inner, None, &Msg::Goodbye);
+}
+
 /// Handles a presence message from `origin`.
 pub(crate) fn receive(inner: &Arc<Inner>, origin: NodeId, json: &[u8]) {
     let msg: Msg = match serde_json::from_slice(json) {
@@ -468,6 +507,12 @@ pub(crate) fn receive(inner: &Arc<Inner>, origin: NodeId, json: &[u8]) {
     let ask_every = inner.options.heartbeat_interval * 2;
     let mut diffs = Diffs::default();
     let mut reply = None;
+    if let Msg::Goodbye = msg {
+        let n = tracker.state.lock().drop_replica(origin, &mut diffs);
+        tracing::info!(node = %inner.node, peer = %origin, presences = n, "node left");
+        diffs.publish(inner);
+        return;
+    }
     {
         let mut guard = tracker.state.lock();
         let state = &mut *guard;
@@ -490,6 +535,7 @@ pub(crate) fn receive(inner: &Arc<Inner>, origin: NodeId, json: &[u8]) {
                     behind = true;
                 }
             }
+            Msg::Goodbye => {}
             Msg::StateRequest => {
                 reply = Some(Msg::State { clock: state.clock, entries: state.local_entries(tracker.node) });
             }
@@ -503,7 +549,7 @@ pub(crate) fn receive(inner: &Arc<Inner>, origin: NodeId, json: &[u8]) {
                             keep.insert(r, op);
                         }
                     }
-                    let old: Vec<(Arc<str>, (Arc<str>, String))> =
+                    let old: Vec<(Arc<str>, Place)> =
                         replica.entries.iter().map(|(r, tk)| (r.clone(), tk.clone())).collect();
                     replica.clock = clock;
                     replica.asked = None;
@@ -519,11 +565,12 @@ pub(crate) fn receive(inner: &Arc<Inner>, origin: NodeId, json: &[u8]) {
                 }
             }
         }
-        if behind && let Some(replica) = state.replicas.get_mut(&origin) {
-            if replica.asked.is_none_or(|t| t.elapsed() > ask_every) {
-                replica.asked = Some(now);
-                reply = Some(Msg::StateRequest);
-            }
+        if behind
+            && let Some(replica) = state.replicas.get_mut(&origin)
+            && replica.asked.is_none_or(|t| t.elapsed() > ask_every)
+        {
+            replica.asked = Some(now);
+            reply = Some(Msg::StateRequest);
         }
     }
     diffs.publish(inner);
@@ -634,10 +681,7 @@ mod tests {
         let topic: Arc<str> = "room:1".into();
         let owner = Owner::new(&pubsub);
         let phx_ref = owner.track(&topic, "alice".into(), json!({"device": "web"})).expect("tracked");
-        assert_eq!(
-            owner.track(&topic, "alice".into(), json!({})),
-            Err(PresenceError::AlreadyTracked("alice".into()))
-        );
+        assert_eq!(owner.track(&topic, "alice".into(), json!({})), Err(PresenceError::AlreadyTracked("alice".into())));
         assert_eq!(owner.track(&topic, "bob".into(), json!(1)), Err(PresenceError::MetaNotObject));
         let diff = sub.recv().await.expect("diff");
         assert_eq!(diff.event, "presence_diff");

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -81,6 +81,12 @@ pub trait Adapter: Send + Sync + 'static {
     fn send(&self, node: NodeId, message: Bytes) {
         let _ = node;
         self.broadcast(message);
+    }
+    /// Completes once everything handed to the adapter so far has been sent (or given up on). A
+    /// node leaving the cluster waits for it, so its last words reach the others. By default
+    /// there is nothing to wait for.
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
     }
 }
 
@@ -311,6 +317,18 @@ impl PubSub {
         ServiceGuard { pubsub: Arc::downgrade(&self.0), service: service.to_owned() }
     }
 
+    /// Leaves the cluster cleanly: tells the other nodes this node is gone (they drop its
+    /// presences at once instead of after [`ClusterOptions::node_timeout`]) and waits, up to
+    /// `timeout`, until the adapter has sent everything queued. Call it when shutting down, after
+    /// the sockets have closed.
+    pub async fn leave(&self, timeout: Duration) {
+        let Some(adapter) = &self.0.adapter else { return };
+        presence::goodbye(&self.0).await;
+        if tokio::time::timeout(timeout, adapter.flush()).await.is_err() {
+            tracing::warn!(node = %self.0.node, "pubsub backend did not take the last messages in time");
+        }
+    }
+
     /// Asks `service` on `node` and waits up to `timeout` for its answer.
     pub async fn request(
         &self,
@@ -434,9 +452,7 @@ impl Inner {
     }
 
     fn shard(&self, topic: &str) -> &RwLock<Topics> {
-        let mut h = self.hasher.build_hasher();
-        topic.hash(&mut h);
-        &self.shards[h.finish() as usize & (self.shards.len() - 1)]
+        &self.shards[self.hasher.hash_one(topic) as usize & (self.shards.len() - 1)]
     }
 
     pub(crate) fn is_clustered(&self) -> bool {

@@ -41,9 +41,8 @@ impl Channel for Room {
 
     async fn after_join(&mut self, socket: &mut SocketRef) {
         if self.tracked {
-            let online_at = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let online_at =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             if let Err(e) = socket.track(self.user.clone(), json!({ "online_at": online_at })) {
                 tracing::warn!(error = %e, "presence not tracked");
             }

@@ -45,5 +45,7 @@ pub use fawkes_transport_longpoll as longpoll;
 pub use fawkes_pubsub_postgres as pubsub_postgres;
 #[cfg(feature = "redis")]
 pub use fawkes_pubsub_redis as pubsub_redis;
+#[cfg(feature = "sse")]
+pub use fawkes_transport_sse as sse;
 #[cfg(feature = "ws")]
 pub use fawkes_transport_ws as ws;

@@ -38,10 +38,14 @@ pub fn app_with(endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
         .merge(socket_routes)
 }
 
-/// Mounts the transports for `endpoint` under `path`: `{path}/websocket` and `{path}/longpoll`.
+/// Mounts the transports for `endpoint` under `path`: `{path}/websocket`, `{path}/longpoll` and
+/// (feature `sse`) `{path}/sse`.
 pub fn sockets(path: &str, endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
     let path = path.trim_end_matches('/');
-    axum::Router::new()
+    let router = axum::Router::new();
+    #[cfg(feature = "sse")]
+    let router = router.route_service(&format!("{path}/sse"), crate::sse::SseService::new(endpoint.clone()));
+    router
         .route_service(&format!("{path}/websocket"), WebSocketService::new(endpoint.clone()))
         .route_service(&format!("{path}/longpoll"), LongPollService::with_options(endpoint, longpoll))
         .layer(axum::middleware::map_request(peer_addr))
@@ -78,7 +82,7 @@ async fn peer_addr(mut req: Request) -> Request {
 }
 
 /// Serves [`app`] on `listener` until `shutdown` completes, then closes every socket (telling
-/// each client) and waits up to five seconds for them to finish.
+/// each client), waits up to five seconds for them to finish, and leaves the cluster (if any).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     endpoint: Endpoint,
@@ -106,6 +110,8 @@ pub async fn serve_app(
     if tokio::time::timeout(Duration::from_secs(5), endpoint.drained()).await.is_err() {
         tracing::warn!(open = endpoint.connected(), "sockets still open after the shutdown grace period");
     }
+    // The other nodes of a cluster drop this node's presences now rather than after a timeout.
+    endpoint.pubsub().leave(Duration::from_secs(2)).await;
     Ok(())
 }
 

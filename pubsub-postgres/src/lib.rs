@@ -33,6 +33,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use fawkes_channel::{Adapter, NodeId, RemoteInbound};
+use futures_util::future::BoxFuture;
 use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::mpsc;
@@ -89,6 +90,8 @@ pub enum PostgresAdapterError {
 enum Out {
     All(Bytes),
     To(NodeId, Bytes),
+    /// Answered once everything queued before it has been sent.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Carries a PubSub's messages through PostgreSQL. Create it, give it to
@@ -117,10 +120,7 @@ impl PostgresAdapter {
 
     /// An adapter with its own cluster name and queue size.
     pub fn with_options(url: &str, options: PostgresOptions) -> Result<PostgresAdapter, PostgresAdapterError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(2))
-            .connect_lazy(url)?;
+        let pool = PgPoolOptions::new().max_connections(2).acquire_timeout(Duration::from_secs(2)).connect_lazy(url)?;
         let cluster: String =
             options.cluster.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(24).collect();
         let (tx, rx) = mpsc::channel(options.queue);
@@ -164,6 +164,16 @@ impl Adapter for PostgresAdapter {
 
     fn send(&self, node: NodeId, message: Bytes) {
         self.enqueue(Out::To(node, message));
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = self.tx.try_send(Out::Flush(tx)).is_ok();
+        Box::pin(async move {
+            if queued {
+                let _ = rx.await;
+            }
+        })
     }
 }
 
@@ -265,10 +275,15 @@ async fn publisher(pool: PgPool, channel: String, mut rx: mpsc::Receiver<Out>, i
         let mut channels = Vec::with_capacity(batch.len());
         let mut payloads = Vec::with_capacity(batch.len());
         let mut spilled = 0;
+        let mut flushes = Vec::new();
         for out in batch.drain(..) {
             let (to, bytes) = match out {
                 Out::All(bytes) => (channel.clone(), bytes),
                 Out::To(node, bytes) => (format!("{channel}_{node}"), bytes),
+                Out::Flush(done) => {
+                    flushes.push(done);
+                    continue;
+                }
             };
             let text = STANDARD.encode(&bytes);
             if text.len() <= MAX_NOTIFY {
@@ -294,12 +309,16 @@ async fn publisher(pool: PgPool, channel: String, mut rx: mpsc::Receiver<Out>, i
             }
         }
         healthy &= send(&pool, &mut channels, &mut payloads, &inbound).await;
+        for done in flushes {
+            let _ = done.send(());
+        }
         if spilled > 0 && last_prune.elapsed() > Duration::from_secs(60) {
             last_prune = tokio::time::Instant::now();
-            let prune = sqlx::query("DELETE FROM fawkes_pubsub_spill WHERE created_at < now() - make_interval(secs => $1)")
-                .bind(SPILL_KEEP_SECS as f64)
-                .execute(&pool)
-                .await;
+            let prune =
+                sqlx::query("DELETE FROM fawkes_pubsub_spill WHERE created_at < now() - make_interval(secs => $1)")
+                    .bind(SPILL_KEEP_SECS as f64)
+                    .execute(&pool)
+                    .await;
             if let Err(e) = prune {
                 tracing::debug!(error = %e, "postgres spill prune failed");
             }
@@ -312,13 +331,11 @@ async fn send(pool: &PgPool, channels: &mut Vec<String>, payloads: &mut Vec<Stri
     if payloads.is_empty() {
         return true;
     }
-    let sent = sqlx::query(
-        "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS m(c, p)",
-    )
-    .bind(&*channels)
-    .bind(&*payloads)
-    .execute(pool)
-    .await;
+    let sent = sqlx::query("SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS m(c, p)")
+        .bind(&*channels)
+        .bind(&*payloads)
+        .execute(pool)
+        .await;
     let ok = match sent {
         Ok(_) => true,
         Err(e) => {

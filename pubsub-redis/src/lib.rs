@@ -32,6 +32,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fawkes_channel::{Adapter, NodeId, RemoteInbound};
 use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 /// Most messages sent in one pipeline.
@@ -81,6 +82,8 @@ pub enum RedisAdapterError {
 enum Out {
     All(Bytes),
     To(NodeId, Bytes),
+    /// Answered once everything queued before it has been sent.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Carries a PubSub's messages through Redis. Create it, give it to
@@ -144,6 +147,16 @@ impl Adapter for RedisAdapter {
 
     fn send(&self, node: NodeId, message: Bytes) {
         self.enqueue(Out::To(node, message));
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = self.tx.try_send(Out::Flush(tx)).is_ok();
+        Box::pin(async move {
+            if queued {
+                let _ = rx.await;
+            }
+        })
     }
 }
 
@@ -218,15 +231,24 @@ async fn publisher(client: redis::Client, broadcast: String, mut rx: mpsc::Recei
                 return;
             }
             let mut pipe = redis::pipe();
-            for out in &batch {
+            let mut flushes = Vec::new();
+            let mut sent = 0;
+            for out in batch.drain(..) {
                 match out {
                     Out::All(bytes) => pipe.publish(&broadcast, bytes.as_ref()).ignore(),
                     Out::To(node, bytes) => pipe.publish(format!("{broadcast}:{node}"), bytes.as_ref()).ignore(),
+                    Out::Flush(done) => {
+                        flushes.push(done);
+                        continue;
+                    }
                 };
+                sent += 1;
             }
-            let sent = batch.len() as u64;
-            batch.clear();
-            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            let result = if sent > 0 { pipe.query_async::<()>(&mut conn).await } else { Ok(()) };
+            for done in flushes {
+                let _ = done.send(());
+            }
+            if let Err(e) = result {
                 inbound.dropped(sent);
                 tracing::warn!(error = %e, dropped = sent, "redis publish failed; reconnecting");
                 break;

@@ -14,108 +14,23 @@
 //!   replies ok, then another task pushes `deferred` with the payload; anything else
 //!   replies error `{"reason": "unknown event"}`.
 //! - connect is refused when the params contain `reject=true`.
+//!
+//! (The channel and the connect callback are `fawkes_testkit`'s.)
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fawkes::{
-    Accept, Channel, Config, ConnectError, ConnectInfo, Endpoint, HandleIn, Payload, Router, SocketRef, StopReason,
-    reason,
-};
+use fawkes::{Config, Endpoint, Payload, Router};
 use fawkes_serializer::{Frame, Message, Ref, Serializer, ServerMessage};
 use futures_util::{SinkExt as _, StreamExt as _};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// Bytes of the `binary` event.
-pub const BINARY: [u8; 4] = [1, 2, 3, 255];
-
-#[derive(Clone)]
-struct AuthToken(Option<String>);
-
-#[derive(Clone)]
-struct ConnectParams(HashMap<String, String>);
-
-/// The `test:*` channel.
-#[derive(Debug, Default)]
-pub struct TestChannel {
-    welcome: bool,
-}
-
-fn field<'a>(payload: &'a Payload, key: &str) -> Option<&'a Value> {
-    payload.as_json().and_then(|p| p.get(key))
-}
-
-impl Channel for TestChannel {
-    async fn join(&mut self, params: Payload, socket: &mut SocketRef) -> Result<Value, Value> {
-        if let Some(why) = field(&params, "refuse") {
-            return Err(json!({ "reason": why }));
-        }
-        if field(&params, "crash") == Some(&Value::Bool(true)) {
-            panic!("join crash requested");
-        }
-        self.welcome = field(&params, "welcome") == Some(&Value::Bool(true));
-        let token = socket.assign::<AuthToken>().and_then(|t| t.0.clone());
-        let params = socket.assign::<ConnectParams>().map(|p| json!(p.0)).unwrap_or(Value::Null);
-        Ok(json!({ "topic": socket.topic(), "token": token, "params": params }))
-    }
-
-    async fn after_join(&mut self, socket: &mut SocketRef) {
-        if self.welcome {
-            socket.push("welcome", json!({ "topic": socket.topic() }));
-        }
-    }
-
-    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> HandleIn {
-        let target = || {
-            let event = field(&payload, "event").and_then(Value::as_str).unwrap_or("event").to_owned();
-            (event, field(&payload, "payload").cloned().unwrap_or(json!({})))
-        };
-        match event {
-            "crash" => panic!("crash requested"),
-            "stop" => {
-                HandleIn::Stop { reason: StopReason::Normal, reply: Some((fawkes::ReplyStatus::Ok, Payload::empty())) }
-            }
-            "push" => {
-                let (event, body) = target();
-                socket.push(&event, body);
-                HandleIn::ok(json!({}))
-            }
-            "broadcast" => {
-                let (event, body) = target();
-                socket.broadcast(&event, body);
-                HandleIn::ok(json!({}))
-            }
-            "broadcast_from" => {
-                let (event, body) = target();
-                socket.broadcast_from(&event, body);
-                HandleIn::ok(json!({}))
-            }
-            "binary_push" => {
-                socket.push("binary", Bytes::from_static(&BINARY));
-                HandleIn::ok(json!({}))
-            }
-            "binary_broadcast" => {
-                socket.broadcast("binary", Bytes::from_static(&BINARY));
-                HandleIn::ok(json!({}))
-            }
-            "deferred_push" => {
-                // Pushes from another task, after this reply.
-                let pusher = socket.pusher();
-                tokio::spawn(async move { pusher.push("deferred", payload) });
-                HandleIn::ok(json!({}))
-            }
-            "noreply" => HandleIn::NoReply,
-            "error_reply" => HandleIn::error(reason("requested")),
-            "echo" => HandleIn::ok(payload),
-            _ => HandleIn::error(reason("unknown event")),
-        }
-    }
-}
+/// The `test:*` channel, its `binary` bytes and its connect callback live in the conformance kit.
+pub use fawkes_testkit::{BINARY, TestChannel};
 
 /// The demo routes plus `test:*`.
 pub fn router() -> Router {
@@ -132,12 +47,7 @@ pub fn endpoint_with(router: Router, config: Config) -> Endpoint {
     Endpoint::builder()
         .router(router)
         .config(config)
-        .on_connect(|info: &ConnectInfo| {
-            if info.params.get("reject").map(String::as_str) == Some("true") {
-                return Err(ConnectError::refused("reject=true"));
-            }
-            Ok(Accept::new().assign(AuthToken(info.auth_token.clone())).assign(ConnectParams(info.params.clone())))
-        })
+        .on_connect(fawkes_testkit::connect)
         .build()
 }
 

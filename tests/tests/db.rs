@@ -121,6 +121,18 @@ impl Client {
         Serializer::V2.decode_server(&frame).expect("decodes")
     }
 
+    /// The next message that is not Presence (`presence_state`, `presence_diff`), which the demo
+    /// sends to joins that name a user, in an order of its own.
+    async fn next_chat(&mut self) -> ServerMessage {
+        loop {
+            match self.next().await {
+                ServerMessage::Push(p) if p.event.starts_with("presence_") => continue,
+                ServerMessage::Broadcast(b) if b.event.starts_with("presence_") => continue,
+                other => return other,
+            }
+        }
+    }
+
     /// The next stream message: (event, id, data).
     async fn event(&mut self) -> (String, i64, Value) {
         match self.next().await {
@@ -319,7 +331,7 @@ async fn a_db_client_chats_with_a_socket_client(t: TestDb) {
     let inbox = |frame: &str| format!("INSERT INTO fawkes_inbox (client_id, frame) VALUES ('db-7', '{frame}')");
     exec(&t.db, &inbox(r#"["1","1","room:lobby","phx_join",{"user":"sql"}]"#)).await;
     exec(&t.db, &inbox(r#"["1","2","room:lobby","new_msg",{"body":"hello from a row"}]"#)).await;
-    match ws.next().await {
+    match ws.next_chat().await {
         ServerMessage::Broadcast(b) => {
             assert_eq!(b.payload.as_json(), Some(&json!({"body": "hello from a row", "user": "sql"})))
         }
@@ -327,8 +339,8 @@ async fn a_db_client_chats_with_a_socket_client(t: TestDb) {
     }
     // And back: the socket client's message becomes an outbox row of the DB client.
     ws.session.handle_frame(Frame::text(r#"["1","9","room:lobby","new_msg",{"body":"hi row"}]"#)).await.expect("push");
-    assert!(matches!(ws.next().await, ServerMessage::Broadcast(_)), "its own broadcast");
-    assert!(matches!(ws.next().await, ServerMessage::Reply(_)), "its reply");
+    assert!(matches!(ws.next_chat().await, ServerMessage::Broadcast(_)), "its own broadcast");
+    assert!(matches!(ws.next_chat().await, ServerMessage::Reply(_)), "its reply");
     let want = r#"[null,null,"room:lobby","new_msg",{"body":"hi row","user":"web"}]"#;
     let sql = "SELECT COUNT(*) FROM fawkes_outbox WHERE client_id = 'db-7' AND frame = $1";
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -349,7 +361,7 @@ async fn a_db_client_chats_with_a_socket_client(t: TestDb) {
     exec(&t.db, &inbox("[not json")).await;
     exec(&t.db, &inbox(r#"["1","1","room:lobby","phx_join",{"user":"sql"}]"#)).await;
     exec(&t.db, &inbox(r#"["1","3","room:lobby","new_msg",{"body":"back"}]"#)).await;
-    match ws.next().await {
+    match ws.next_chat().await {
         ServerMessage::Broadcast(b) => assert_eq!(b.payload.as_json(), Some(&json!({"body": "back", "user": "sql"}))),
         other => panic!("expected the DB client's message, got {other:?}"),
     }
@@ -449,4 +461,121 @@ async fn postgres_going_away_and_coming_back_loses_nothing() {
     let after = insert_event(&t.db, "room:outage", "e", "{}").await;
     let seen = [c.event().await.1, c.event().await.1, c.event().await.1];
     assert_eq!(seen, [during[0], during[1], after], "nothing lost, nothing repeated, in order");
+}
+
+/// The database transport's client side for the conformance kit: a client id, inbox rows in,
+/// outbox rows out.
+mod kit {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use fawkes::db::{Db, DbClients, DbClientsOptions};
+    use fawkes::{Endpoint, Frame};
+    use fawkes_testkit::{Capabilities, Connection, Received, Refused, Transport};
+
+    static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
+
+    pub struct DbTransport {
+        db: Db,
+        _clients: DbClients,
+    }
+
+    pub struct DbConn {
+        db: Db,
+        client: String,
+        seen: i64,
+        received: VecDeque<Received>,
+    }
+
+    pub async fn serve(db: Db, endpoint: Endpoint) -> DbTransport {
+        let options = DbClientsOptions::default().poll_interval(Duration::from_millis(10));
+        let clients = DbClients::start(db.clone(), endpoint, options).await.expect("db clients");
+        DbTransport { db, _clients: clients }
+    }
+
+    impl Transport for DbTransport {
+        type Connection = DbConn;
+
+        async fn connect(&self, _params: &[(&str, &str)]) -> Result<DbConn, Refused> {
+            let client = format!("kit-{}", NEXT_CLIENT.fetch_add(1, Ordering::Relaxed));
+            Ok(DbConn { db: self.db.clone(), client, seen: 0, received: VecDeque::new() })
+        }
+    }
+
+    type Row = (i64, Option<String>, Option<String>);
+
+    impl Connection for DbConn {
+        async fn send(&mut self, frames: Vec<Frame>) {
+            let sql = "INSERT INTO fawkes_inbox (client_id, frame) VALUES ($1, $2)";
+            macro_rules! insert {
+                ($pool:expr) => {{
+                    let mut tx = $pool.begin().await.expect("begin");
+                    for frame in &frames {
+                        let text = String::from_utf8_lossy(frame.as_bytes()).into_owned();
+                        sqlx::query(sql).bind(&self.client).bind(text).execute(&mut *tx).await.expect("insert");
+                    }
+                    tx.commit().await.expect("commit");
+                }};
+            }
+            match &self.db {
+                Db::Sqlite(p) => insert!(p),
+                Db::Postgres(p) => insert!(p),
+            }
+        }
+
+        async fn recv(&mut self) -> Received {
+            let sql = "SELECT id, frame, closed FROM fawkes_outbox WHERE client_id = $1 AND id > $2 ORDER BY id";
+            loop {
+                if let Some(received) = self.received.pop_front() {
+                    return received;
+                }
+                let rows: Vec<Row> = match &self.db {
+                    Db::Sqlite(p) => sqlx::query_as(sql).bind(&self.client).bind(self.seen).fetch_all(p).await,
+                    Db::Postgres(p) => sqlx::query_as(sql).bind(&self.client).bind(self.seen).fetch_all(p).await,
+                }
+                .expect("read the outbox");
+                if rows.is_empty() {
+                    // The outbox is a table: reading it is polling.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                for (id, frame, closed) in rows {
+                    self.seen = id;
+                    self.received.push_back(match (frame, closed) {
+                        (_, Some(why)) => Received::Closed(why),
+                        (Some(frame), None) => Received::Frame(Frame::text(frame)),
+                        (None, None) => panic!("outbox row {id} has neither frame nor closed"),
+                    });
+                }
+            }
+        }
+
+        async fn close(&mut self) {}
+    }
+
+    pub fn capabilities() -> Capabilities {
+        Capabilities::all().without_binary_frames().without_connect_params().wait(Duration::from_secs(10))
+    }
+
+    pub fn check(report: &fawkes_testkit::Report) {
+        eprintln!("{report}");
+        let skipped: Vec<&str> = report.skipped.iter().map(|(name, _)| *name).collect();
+        assert_eq!(skipped, ["refused_connect", "binary"], "rows carry a client id and text frames only");
+    }
+}
+
+#[tokio::test]
+async fn sqlite_passes_the_conformance_kit() {
+    let t = sqlite().await;
+    let report = fawkes_testkit::run("db-sqlite", kit::capabilities(), |endpoint| kit::serve(t.db.clone(), endpoint)).await;
+    kit::check(&report);
+}
+
+#[tokio::test]
+async fn postgres_passes_the_conformance_kit() {
+    if let Some(t) = postgres().await {
+        let report =
+            fawkes_testkit::run("db-postgres", kit::capabilities(), |endpoint| kit::serve(t.db.clone(), endpoint)).await;
+        kit::check(&report);
+    }
 }

@@ -36,6 +36,29 @@ impl Client {
         let frame = tokio::time::timeout(Duration::from_secs(5), self.out.recv()).await.expect("frame").expect("open");
         String::from_utf8(frame.as_bytes().to_vec()).expect("text frame")
     }
+    /// The next frame that is not Presence (`presence_state`, `presence_diff`), which the demo
+    /// sends to joins that name a user, in an order of its own.
+    async fn next_chat_text(&mut self) -> String {
+        loop {
+            let text = self.next_text().await;
+            if !text.contains(r#""presence_state""#) && !text.contains(r#""presence_diff""#) {
+                return text;
+            }
+        }
+    }
+    /// The next Presence event's (event, payload), skipping anything else.
+    async fn next_presence(&mut self) -> (String, serde_json::Value) {
+        loop {
+            let (event, payload) = match self.next().await {
+                ServerMessage::Push(p) => (p.event, p.payload),
+                ServerMessage::Broadcast(b) => (b.event, b.payload),
+                ServerMessage::Reply(_) => continue,
+            };
+            if event.starts_with("presence_") {
+                return (event, payload.as_json().cloned().unwrap_or_default());
+            }
+        }
+    }
     async fn closed(&mut self) -> CloseReason {
         loop {
             match tokio::time::timeout(Duration::from_secs(5), self.out.recv()).await.expect("closes within 5 s") {
@@ -65,8 +88,8 @@ async fn join_push_reply_and_broadcast_in_order() {
     assert_eq!(c.next_text().await, r#"["1","1","room:lobby","phx_reply",{"response":{},"status":"ok"}]"#);
     c.send(r#"["1","2","room:lobby","new_msg",{"body":"hi"}]"#).await;
     // The broadcast is queued by the channel before its reply.
-    assert_eq!(c.next_text().await, r#"[null,null,"room:lobby","new_msg",{"body":"hi","user":"ann"}]"#);
-    assert_eq!(c.next_text().await, r#"["1","2","room:lobby","phx_reply",{"response":{},"status":"ok"}]"#);
+    assert_eq!(c.next_chat_text().await, r#"[null,null,"room:lobby","new_msg",{"body":"hi","user":"ann"}]"#);
+    assert_eq!(c.next_chat_text().await, r#"["1","2","room:lobby","phx_reply",{"response":{},"status":"ok"}]"#);
     c.send(r#"["1","3","room:lobby","dance",{}]"#).await;
     let r = reply(c.next().await);
     assert_eq!((r.status, r.response), (ReplyStatus::Error, Payload::Json(json!({"reason": "unknown event"}))));
@@ -207,13 +230,49 @@ async fn v1_and_v2_sockets_share_a_broadcast_each_in_its_own_form() {
         r#"{"event":"phx_reply","payload":{"response":{},"status":"ok"},"ref":"1","topic":"room:mix"}"#
     );
     v2.send(r#"["1","1","room:mix","phx_join",{}]"#).await;
-    reply(v2.next().await);
+    assert!(v2.next_chat_text().await.contains("phx_reply"));
     v1.send(r#"{"topic":"room:mix","event":"new_msg","payload":{"body":"yo"},"ref":"2"}"#).await;
     assert_eq!(
-        v1.next_text().await,
+        v1.next_chat_text().await,
         r#"{"event":"new_msg","payload":{"body":"yo","user":"old"},"ref":null,"topic":"room:mix"}"#
     );
-    assert_eq!(v2.next_text().await, r#"[null,null,"room:mix","new_msg",{"body":"yo","user":"old"}]"#);
+    assert_eq!(v2.next_chat_text().await, r#"[null,null,"room:mix","new_msg",{"body":"yo","user":"old"}]"#);
+}
+
+#[tokio::test]
+async fn presence_state_on_join_then_diffs_as_users_come_and_go() {
+    let ep = endpoint();
+    let mut a = connect(&ep, "2.0.0").await;
+    a.send(r#"["1","1","room:here","phx_join",{"user":"ann"}]"#).await;
+    // presence_state lists ann; the diff of her own join may come before or after it.
+    let state = loop {
+        let (event, payload) = a.next_presence().await;
+        if event == "presence_state" {
+            break payload;
+        }
+    };
+    let metas = state["ann"]["metas"].as_array().expect("ann is listed");
+    assert_eq!(metas.len(), 1, "{state}");
+    assert!(metas[0]["phx_ref"].is_string() && metas[0]["online_at"].is_u64(), "{state}");
+
+    let mut b = connect(&ep, "2.0.0").await;
+    b.send(r#"["2","1","room:here","phx_join",{"user":"bob"}]"#).await;
+    let bob_ref = loop {
+        let (event, diff) = a.next_presence().await;
+        if event == "presence_diff" && diff["joins"].get("bob").is_some() {
+            assert_eq!(diff["leaves"], json!({}), "{diff}");
+            break diff["joins"]["bob"]["metas"][0]["phx_ref"].clone();
+        }
+    };
+    b.send(r#"["2","2","room:here","phx_leave",{}]"#).await;
+    loop {
+        let (event, diff) = a.next_presence().await;
+        if event == "presence_diff" && diff["leaves"].get("bob").is_some() {
+            assert_eq!(diff["leaves"]["bob"]["metas"][0]["phx_ref"], bob_ref, "{diff}");
+            break;
+        }
+    }
+    assert_eq!(ep.pubsub().presence().list("room:here").as_object().map(|o| o.len()), Some(1));
 }
 
 #[tokio::test]

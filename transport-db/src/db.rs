@@ -76,8 +76,8 @@ impl Db {
         let sql = "INSERT INTO fawkes_cursors (name, position) VALUES ($1, $2) \
                    ON CONFLICT (name) DO UPDATE SET position = excluded.position";
         match self {
-            Db::Sqlite(p) => drop(sqlx::query(sql).bind(name).bind(position).execute(p).await?),
-            Db::Postgres(p) => drop(sqlx::query(sql).bind(name).bind(position).execute(p).await?),
+            Db::Sqlite(p) => sqlx::query(sql).bind(name).bind(position).execute(p).await.map(|_| ())?,
+            Db::Postgres(p) => sqlx::query(sql).bind(name).bind(position).execute(p).await.map(|_| ())?,
         }
         Ok(())
     }

@@ -12,6 +12,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::db::{Db, quote_ident};
 use crate::feed::{Feed, FeedRow};
+
+/// A replayed row: id, topic, event, payload.
+type ReplayRow = (i64, Option<String>, Option<String>, Option<String>);
 use crate::{Error, backoff, idle_wait};
 
 /// Which table (or query) to stream, and how a row maps to topic, event and payload.
@@ -244,7 +247,7 @@ impl Reader {
             let limit = self.options.batch_size;
             let mut failures = 0u32;
             while after < position {
-                let rows: Result<Vec<(i64, Option<String>, Option<String>, Option<String>)>, _> = match &self.db {
+                let rows: Result<Vec<ReplayRow>, _> = match &self.db {
                     Db::Sqlite(p) => {
                         sqlx::query_as(&sql).bind(&topic).bind(after).bind(position).bind(limit).fetch_all(p).await
                     }

@@ -13,7 +13,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use fawkes_channel::{
-    ConnectError, ConnectInfo, Endpoint, Frame, NodeId, Outbound, ServiceGuard, Session, SessionSigner, random_session_id,
+    ConnectError, ConnectInfo, Endpoint, Frame, NodeId, Outbound, ServiceGuard, Session, SessionSigner,
+    random_session_id,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
@@ -157,12 +158,14 @@ struct Registry {
     /// This node, and this service among the node's long-poll services.
     node: NodeId,
     instance: u32,
-    sessions: Box<[Mutex<HashMap<SessionId, Arc<LongPollSession>>>]>,
+    sessions: Box<[Shard]>,
     epoch: Instant,
     reaper: OnceLock<()>,
     /// Answers requests other nodes forward here (set when the endpoint's PubSub is clustered).
     service: OnceLock<ServiceGuard>,
 }
+
+type Shard = Mutex<HashMap<SessionId, Arc<LongPollSession>>>;
 
 /// Where a token's session lives.
 enum Lookup {
@@ -179,7 +182,7 @@ fn service_name(instance: u32) -> String {
 }
 
 impl Registry {
-    fn shard(&self, id: &SessionId) -> &Mutex<HashMap<SessionId, Arc<LongPollSession>>> {
+    fn shard(&self, id: &SessionId) -> &Shard {
         &self.sessions[id[0] as usize % SHARDS]
     }
 
@@ -375,8 +378,8 @@ impl LongPollService {
             Method::POST => self.post(req).await.into_response(),
             Method::OPTIONS => preflight(&req),
             _ => {
-                let mut res = json(StatusCode::METHOD_NOT_ALLOWED, r#"{"error":"method not allowed"}"#.into())
-                    .into_response();
+                let mut res =
+                    json(StatusCode::METHOD_NOT_ALLOWED, r#"{"error":"method not allowed"}"#.into()).into_response();
                 res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST, OPTIONS"));
                 res
             }

@@ -62,9 +62,20 @@ function transportClass(transport, serializer) {
       return WebSocket;
     case "longpoll":
       return serializer.name === "V1" ? LongPollV1 : LongPoll;
+    case "sse":
+      return sseTransport();
     default:
       throw new Error(`unknown transport ${transport}`);
   }
+}
+
+/** clients/js/sse-transport.js, with the `eventsource` package as its EventSource (Node 20 has none). */
+function sseTransport() {
+  const SSETransport = require("../../../clients/js/sse-transport.js");
+  if (!SSETransport.EventSource && typeof EventSource === "undefined") {
+    SSETransport.EventSource = require("eventsource").EventSource;
+  }
+  return SSETransport;
 }
 
 /** Runs `fn(transport)` inside a describe block once per transport in FAWKES_TRANSPORTS. */
@@ -457,6 +468,7 @@ class RawSocket {
 }
 
 module.exports = {
+  sseTransport,
   DEFAULT_TIMEOUT_MS,
   SERIALIZERS,
   LongPollV1,

@@ -49,6 +49,11 @@ test("the demo page falls back to long-poll and chats", { skip: !haveChromium },
     await page.waitForFunction(() => document.querySelector("#status")?.textContent.toLowerCase().includes("joined"),
       null, { timeout: 15000 });
 
+    // Presence: the page lists both users.
+    await page.waitForFunction(() => document.querySelector("#online")?.textContent === "online: alice, bob", null, {
+      timeout: 10000,
+    });
+
     const bobHears = c.waitForEvent(channel, "new_msg", { predicate: (p) => p.user === "alice", timeout: 10000 });
     await page.fill("#body", "hi from the browser");
     await page.click("#send");

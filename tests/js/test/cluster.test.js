@@ -134,6 +134,26 @@ for (const backend of BACKENDS) {
       await chatReachesEveryoneOnce(bob, [alice, bob]);
       void dave;
     });
+
+    test("a node shut down with SIGTERM takes its users off the other nodes' lists at once", async (t) => {
+      if (!available) return t.skip(`${backend.name} unreachable`);
+      // A presence timeout far longer than the wait below: only the node's own goodbye can do it.
+      const byeCluster = uniqueName("bye");
+      const pair = await Promise.all(
+        [0, 1].map(() => startNode({ pubsub: backend.url, cluster: byeCluster, presenceTimeout: 120 }))
+      );
+      try {
+        const topic = `room:${uniqueName("bye")}`;
+        const alice = await user(pair[0], topic, "alice");
+        const bob = await user(pair[1], topic, "bob");
+        await allSee([alice, bob], ["alice", "bob"]);
+        const stopped = await pair[1].stop();
+        assert.equal(stopped.code, 0, "a clean exit");
+        await alice.presence.waitFor(["alice"], 10000, "alice's list after bob's node left");
+      } finally {
+        await Promise.all(pair.map((n) => n.stop()));
+      }
+    });
   });
 }
 
@@ -167,6 +187,14 @@ describe("a backend restart", () => {
       await allSee([alice, bob, frank], ["alice", "bob", "frank"], 20000);
       await chatReachesEveryoneOnce(bob, [alice, bob, frank]);
       await chatReachesEveryoneOnce(frank, [alice, bob, frank]);
+      // Each node says what happened at /metrics.
+      for (const node of nodes) {
+        const text = await (await fetch(`${node.httpUrl}/metrics`)).text();
+        const metric = (name) => Number((new RegExp(`^${name} (\\d+)$`, "m").exec(text) || [])[1]);
+        assert.equal(metric("fawkes_pubsub_connected"), 1, text);
+        assert.ok(metric("fawkes_pubsub_disconnects_total") >= 1, text);
+        assert.ok(metric("fawkes_pubsub_received_total") > 0, text);
+      }
     });
     await disconnectAll();
     await Promise.all(nodes.map((n) => n.stop()));

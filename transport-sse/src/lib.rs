@@ -1,0 +1,97 @@
+//! Server-Sent Events down, POST up: a Phoenix Channels transport for Fawkes.
+//!
+//! [`SseService`] is a tower `Service` for `{path}/sse`. It is built only on the public transport
+//! contract of [`fawkes_channel`] (see its "Writing a transport" section), and its browser client
+//! is `clients/js/sse-transport.js`, given to phoenix.js's `Socket` as its `transport`.
+//!
+//! ```no_run
+//! use fawkes_channel::{Endpoint, Router};
+//! use fawkes_transport_sse::SseService;
+//!
+//! let endpoint = Endpoint::new(Router::new());
+//! let sse = SseService::new(endpoint);
+//! // Mount `sse` at `/socket/sse` in any tower-compatible router, e.g.
+//! // `axum::Router::new().route_service("/socket/sse", sse)`.
+//! # drop(sse);
+//! ```
+//!
+//! The protocol:
+//! - `GET {path}/sse?vsn=2.0.0&params…` opens a session (the connect callback runs; HTTP `403` if
+//!   it refuses or the origin check fails, `503` while shutting down) and answers a
+//!   `text/event-stream`. The first event is `event: phx_session` whose data is the session's
+//!   signed token. Then every outbound frame is one event, `id: N` and `data: <V2 JSON>`.
+//!   A comment (`: keep-alive`) goes out after [`SseOptions::keep_alive`] of silence. When the
+//!   socket closes (shutdown, heartbeat timeout, slow consumer, a malformed push), a last event
+//!   `event: phx_socket_close` carries the reason and the stream ends.
+//! - `GET …&token=T` with `Last-Event-ID: N` (or `&last_event_id=N`, for clients that cannot
+//!   set headers) resumes the session: events after `N` still in the replay window
+//!   ([`SseOptions::replay_window`] events) are sent again, then live ones. A newer `GET` of the
+//!   same session ends the older stream. A token that is forged, expired, or whose events after
+//!   `N` are no longer all in the window opens a fresh session instead (its `phx_session` token
+//!   differs, so the client knows to rejoin): never `403` for a token.
+//! - `POST {path}/sse?token=T` carries pushes as long-poll does: `application/x-ndjson`, one
+//!   message per line (any number), or one message; lines that are not JSON are base64 binary
+//!   pushes. It is answered as long-poll answers: HTTP `200` with the JSON envelope
+//!   `{"status": N, "token": null, "messages": []}`, where `N` is `200` once all are handled,
+//!   `410` for a forged or ended session, `400` (and the session ends) for a malformed message;
+//!   a body over [`SseOptions::max_body_size`] gets HTTP `413` and `{"status": 413}`.
+//! - A session with no stream attached for [`SseOptions::session_idle`] ends. A stream's reader
+//!   that stops reading stops the session's outbound queue from draining, so the endpoint's
+//!   `outbound_queue_limit` closes it as a slow consumer: memory stays bounded.
+//! - Binary payloads reach SSE clients as `{"binary": "<base64>"}`, as over long-poll.
+//! - Every answer carries `access-control-allow-origin: *`; `OPTIONS` preflights are answered.
+
+mod service;
+
+use std::time::Duration;
+
+pub use service::{SseBody, SseService};
+
+/// SSE settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SseOptions {
+    /// A session with no stream attached for this long ends, and its channels leave.
+    pub session_idle: Duration,
+    /// How long a stream stays silent before a `: keep-alive` comment (proxies close silent streams).
+    pub keep_alive: Duration,
+    /// Events a session keeps to resend after a reconnect with `Last-Event-ID`.
+    pub replay_window: usize,
+    /// Largest `POST` body, in bytes.
+    pub max_body_size: usize,
+    /// The key tokens are signed with (by default a random one per process).
+    pub secret: Option<Vec<u8>>,
+}
+
+impl Default for SseOptions {
+    fn default() -> SseOptions {
+        SseOptions {
+            session_idle: Duration::from_secs(20),
+            keep_alive: Duration::from_secs(15),
+            replay_window: 256,
+            max_body_size: 8 * 1024 * 1024,
+            secret: None,
+        }
+    }
+}
+
+/// Builder-style setters, `SseOptions::default().replay_window(16)`.
+macro_rules! setters {
+    ($($field:ident: $ty:ty),*) => {$(
+        #[doc = concat!("Sets [`SseOptions::", stringify!($field), "`].")]
+        pub fn $field(mut self, $field: $ty) -> Self {
+            self.$field = $field;
+            self
+        }
+    )*};
+}
+
+impl SseOptions {
+    setters!(session_idle: Duration, keep_alive: Duration, replay_window: usize, max_body_size: usize);
+
+    /// Sets [`SseOptions::secret`].
+    pub fn secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.secret = Some(secret.into());
+        self
+    }
+}
