@@ -18,7 +18,8 @@
 // event id, so nothing is lost within the server's replay window; when that fails, or the server
 // answers with a new session token, or a POST's status is not 200, it closes, and phoenix.js
 // reconnects and rejoins as it does for any transport. EventSource cannot send headers, so the
-// socket's `authToken` option is not supported here: pass credentials in `params`.
+// socket's `authToken` option travels as the `auth_token` query parameter of the opening GET:
+// keep such URLs out of access logs, or prefer short-lived tokens.
 (function (root, factory) {
   if (typeof module === "object" && module.exports) {
     module.exports = factory();
@@ -42,7 +43,13 @@
   }
 
   class SSETransport {
-    constructor(endPoint) {
+    constructor(endPoint, protocols) {
+      // phoenix.js hands the authToken over as a WebSocket subprotocol, as it does to LongPoll.
+      const bearer = "base64url.bearer.phx.";
+      this.authToken =
+        protocols && protocols.length === 2 && protocols[1].startsWith(bearer)
+          ? atob(protocols[1].slice(bearer.length))
+          : null;
       this.url = endPoint
         .replace("ws://", "http://")
         .replace("wss://", "https://")
@@ -63,8 +70,10 @@
     }
 
     streamURL() {
-      if (this.token === null) return this.url;
       const sep = this.url.includes("?") ? "&" : "?";
+      if (this.token === null) {
+        return this.authToken === null ? this.url : `${this.url}${sep}auth_token=${encodeURIComponent(this.authToken)}`;
+      }
       let url = `${this.url}${sep}token=${encodeURIComponent(this.token)}`;
       if (this.lastEventId !== null) url += `&last_event_id=${encodeURIComponent(this.lastEventId)}`;
       return url;

@@ -22,7 +22,8 @@
 //!   signed token. Then every outbound frame is one event, `id: N` and `data: <V2 JSON>`.
 //!   A comment (`: keep-alive`) goes out after [`SseOptions::keep_alive`] of silence. When the
 //!   socket closes (shutdown, heartbeat timeout, slow consumer, a malformed push), a last event
-//!   `event: phx_socket_close` carries the reason and the stream ends.
+//!   `event: phx_socket_close` carries the reason and the stream ends. The connect callback's
+//!   `auth_token` is the `auth_token` query parameter (EventSource cannot send headers).
 //! - `GET …&token=T` with `Last-Event-ID: N` (or `&last_event_id=N`, for clients that cannot
 //!   set headers) resumes the session: events after `N` still in the replay window
 //!   ([`SseOptions::replay_window`] events) are sent again, then live ones. A newer `GET` of the

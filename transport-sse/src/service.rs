@@ -149,8 +149,9 @@ impl SseService {
             self.0.remove(&id); // events after `last` left the window: a new session starts
         }
         let mut info = ConnectInfo::new("sse", false).with_query(Some(&query));
+        // EventSource cannot send headers: the client's bearer token may come as `auth_token`.
+        info.auth_token = info.params.remove("auth_token");
         info.params.retain(|k, _| k != "token" && k != "last_event_id");
-        info.auth_token = req.headers().get("x-phoenix-authtoken").and_then(|v| v.to_str().ok()).map(str::to_owned);
         info.headers = std::mem::take(req.headers_mut());
         let session = match self.0.endpoint.connect(info).await {
             Ok(session) => session,

@@ -1,7 +1,7 @@
 "use strict";
 // Helpers around the official phoenix client (and raw `ws` sockets for wire-level checks).
 //
-// Transports: FAWKES_TRANSPORTS (comma-separated, default "websocket"; "longpoll" is the other
+// Transports: FAWKES_TRANSPORTS (comma-separated, default "websocket"; "longpoll" and "sse" are the others
 // one) selects which transports the per-transport scenario files run under. Serializers: V2
 // (`vsn=2.0.0`, phoenix's default) and V1 (`vsn=1.0.0` plus an object-form encode/decode pair,
 // since phoenix 1.8 only ships the V2 serializer).
@@ -18,7 +18,7 @@ const DEFAULT_TIMEOUT_MS = Number(process.env.FAWKES_TEST_TIMEOUT_MS || 5000);
 // ---------------------------------------------------------------------------------------------
 // Transports and serializers
 
-const KNOWN_TRANSPORTS = ["websocket", "longpoll"];
+const KNOWN_TRANSPORTS = ["websocket", "longpoll", "sse"];
 
 function transports() {
   const list = (process.env.FAWKES_TRANSPORTS || "websocket")
