@@ -1,8 +1,8 @@
 "use strict";
 // Helpers around the official phoenix client (and raw `ws` sockets for wire-level checks).
 //
-// Transports: FAWKES_TRANSPORTS (comma-separated, default "websocket"; "longpoll" and "sse" are the others
-// one) selects which transports the per-transport scenario files run under. Serializers: V2
+// Transports: FAWKES_TRANSPORTS (comma-separated, default "websocket"; "longpoll" and "sse" are
+// the others) selects which transports the per-transport scenario files run under. Serializers: V2
 // (`vsn=2.0.0`, phoenix's default) and V1 (`vsn=1.0.0` plus an object-form encode/decode pair,
 // since phoenix 1.8 only ships the V2 serializer).
 //
