@@ -2,7 +2,7 @@
 //! first failure, and the wire helpers both transports use.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,8 +20,14 @@ pub type Res<T> = Result<T, String>;
 pub const TOPIC: &str = "room:bench";
 /// How long a client waits for any reply (phoenix.js's push timeout).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Clients connecting and joining at once; the rest queue, so the listen backlog never overflows.
-const CONNECTING_AT_ONCE: usize = 128;
+/// Clients connecting and joining at once by default; the rest queue, so the listen backlog never
+/// overflows. The `storm` mode lets them all go at once.
+pub const CONNECTING_AT_ONCE: usize = 128;
+/// Broadcasts whose delivery to every subscriber is tracked one by one (for the time until the
+/// last subscriber has each); later ones are still counted and checked.
+const TRACKED_BROADCASTS: usize = 1 << 20;
+/// Padding in each broadcast body, so a broadcast frame is about 100 bytes on the wire.
+const BROADCAST_PAD: &str = "0123456789abcdef01234567";
 
 /// Where the run is. Clients connect and join in `Ramp`, push or publish only in `Measure`,
 /// finish what is in flight in `Drain`; `Stop` ends the run (normally or on the first failure).
@@ -53,24 +59,47 @@ pub struct Ctx {
     pub published: AtomicU64,
     /// Echo replies counted per client, to show how evenly the server serves them.
     per_client: Box<[AtomicU64]>,
+    /// Per broadcast `seq`: subscribers that have it, and the latest latency among them (µs).
+    seq_count: Box<[AtomicU32]>,
+    seq_last_us: Box<[AtomicU64]>,
+    /// When the first broadcast was stamped and the last delivery arrived (µs since the start).
+    first_publish_us: AtomicU64,
+    last_delivery_us: AtomicU64,
+    /// Clients whose connect or join failed while failures are only counted (`storm`).
+    pub failed: AtomicUsize,
+    /// Count connect and join failures instead of failing the run.
+    pub count_failures: bool,
     latency: Mutex<Histogram<u64>>,
     failure: Mutex<Option<String>>,
 }
 
 impl Ctx {
-    pub fn new(target: Target, clients: usize) -> Ctx {
+    pub fn new(
+        target: Target,
+        clients: usize,
+        broadcasts: usize,
+        connecting_at_once: usize,
+        count_failures: bool,
+    ) -> Ctx {
+        let tracked = broadcasts.min(TRACKED_BROADCASTS);
         let histogram = Histogram::new_with_bounds(1, 120_000_000, 3).expect("1 µs to 120 s at 3 significant figures");
         Ctx {
             target,
             epoch: Instant::now(),
             phase: watch::Sender::new(Phase::Ramp),
-            gate: Semaphore::new(CONNECTING_AT_ONCE),
+            gate: Semaphore::new(connecting_at_once.clamp(1, Semaphore::MAX_PERMITS)),
             joined: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             counted: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             published: AtomicU64::new(0),
             per_client: (0..clients).map(|_| AtomicU64::new(0)).collect(),
+            seq_count: (0..tracked).map(|_| AtomicU32::new(0)).collect(),
+            seq_last_us: (0..tracked).map(|_| AtomicU64::new(0)).collect(),
+            first_publish_us: AtomicU64::new(u64::MAX),
+            last_delivery_us: AtomicU64::new(0),
+            failed: AtomicUsize::new(0),
+            count_failures,
             latency: Mutex::new(histogram),
             failure: Mutex::new(None),
         }
@@ -94,8 +123,15 @@ impl Ctx {
     }
 
     /// Records the first failure and stops the run. Failures after a normal stop (sockets torn
-    /// down on the way out) are not failures of the server.
+    /// down on the way out) are not failures of the server. While `count_failures` is set, a
+    /// client failing during the ramp is only counted.
     pub fn fail(&self, what: String) {
+        if self.count_failures && self.phase() == Phase::Ramp {
+            if self.failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                eprintln!("fawkes-bench: first failed client (counted, the run goes on): {what}");
+            }
+            return;
+        }
         let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         if self.phase() == Phase::Stop {
             return;
@@ -139,6 +175,48 @@ impl Ctx {
         counts.sort_unstable();
         let at = |q: f64| counts.get(((counts.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0);
         (at(0.0), at(0.5), at(1.0))
+    }
+
+    /// A subscriber received broadcast `seq`, stamped `t` (µs since the start).
+    fn delivered_seq(&self, seq: u64, t: u64) {
+        let now = self.micros();
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        self.last_delivery_us.fetch_max(now, Ordering::Relaxed);
+        self.first_publish_us.fetch_min(t, Ordering::Relaxed);
+        let phase = self.phase();
+        if phase == Phase::Measure {
+            self.counted.fetch_add(1, Ordering::Relaxed);
+        }
+        let latency = now.saturating_sub(t);
+        if matches!(phase, Phase::Measure | Phase::Drain) {
+            self.record_latency(Duration::from_micros(latency));
+        }
+        if let (Some(count), Some(last)) = (self.seq_count.get(seq as usize), self.seq_last_us.get(seq as usize)) {
+            count.fetch_add(1, Ordering::Relaxed);
+            last.fetch_max(latency, Ordering::Relaxed);
+        }
+    }
+
+    /// Deliveries per second from the first broadcast's stamp to the last delivery.
+    pub fn fanout_rate(&self) -> Option<f64> {
+        let first = self.first_publish_us.load(Ordering::Relaxed);
+        let last = self.last_delivery_us.load(Ordering::Relaxed);
+        (first < last).then(|| self.delivered.load(Ordering::Relaxed) as f64 / ((last - first) as f64 / 1e6))
+    }
+
+    /// For the broadcasts every one of `subscribers` received: the time until the last of them
+    /// had it, in µs (p50, p99, max, broadcasts).
+    pub fn last_subscriber(&self, subscribers: usize) -> (u64, u64, u64, usize) {
+        let mut lasts: Vec<u64> = self
+            .seq_count
+            .iter()
+            .zip(self.seq_last_us.iter())
+            .filter(|(count, _)| count.load(Ordering::Relaxed) as usize >= subscribers)
+            .map(|(_, last)| last.load(Ordering::Relaxed))
+            .collect();
+        lasts.sort_unstable();
+        let at = |q: f64| lasts.get(((lasts.len() as f64 - 1.0) * q).ceil() as usize).copied().unwrap_or(0);
+        (at(0.5), at(0.99), lasts.last().copied().unwrap_or(0), lasts.len())
     }
 
     /// Latency percentiles in µs: (p50, p99, max, samples).
@@ -202,7 +280,12 @@ pub fn expect_echo(reply: &Reply, msg_ref: &str, t: u64) -> Res<()> {
 
 /// The payload of the `n`th published message, stamped now.
 pub fn publish_payload(ctx: &Ctx, seq: u64) -> Value {
-    json!({ "body": { "t": ctx.micros(), "seq": seq } })
+    json!({ "body": broadcast_body(ctx, seq) })
+}
+
+/// The body every broadcast carries: its send time, its sequence number and padding.
+pub fn broadcast_body(ctx: &Ctx, seq: u64) -> Value {
+    json!({ "t": ctx.micros(), "seq": seq, "pad": BROADCAST_PAD })
 }
 
 /// One subscriber's view of the broadcast stream: every `new_msg` must arrive, once, in order.
@@ -216,12 +299,42 @@ impl Deliveries {
         let ServerMessage::Broadcast(b) = message else {
             return Err(format!("expected a new_msg broadcast, got {message:?}"));
         };
-        let body = b.payload.as_json().and_then(|p| p.get("body"));
+        if b.event != "new_msg" {
+            return Err(format!("expected a new_msg broadcast, got {message:?}"));
+        }
+        self.deliver_payload(ctx, b.payload.as_json())
+    }
+
+    /// Checks and counts one `new_msg` frame given as text that starts with `prefix` (e.g.
+    /// `[null,null,"room:bench","new_msg",`), reading only its `"seq"` and `"t"` numbers: at
+    /// hundreds of thousands of deliveries a second, parsing every frame in full would make the
+    /// load generator, not the server, the bound. Every server's frames are read the same way.
+    pub fn deliver_text(&mut self, ctx: &Ctx, text: &str, prefix: &str) -> Res<()> {
+        let number = |key: &str| {
+            let at = text.find(key)? + key.len();
+            let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
+            text[at..at + digits].parse::<u64>().ok()
+        };
+        let (true, Some(t), Some(seq)) = (text.starts_with(prefix), number("\"t\":"), number("\"seq\":")) else {
+            return Err(format!(
+                "expected a new_msg broadcast {prefix}..{{\"body\":{{\"t\":..,\"seq\":..}}}}, got {text:?}"
+            ));
+        };
+        self.deliver_numbers(ctx, t, seq)
+    }
+
+    /// Checks and counts one `new_msg` payload `{"body": {"t": .., "seq": ..}, ..}`.
+    pub fn deliver_payload(&mut self, ctx: &Ctx, payload: Option<&Value>) -> Res<()> {
+        let body = payload.and_then(|p| p.get("body"));
         let t = body.and_then(|b| b.get("t")).and_then(Value::as_u64);
         let seq = body.and_then(|b| b.get("seq")).and_then(Value::as_u64);
-        let (Some(t), Some(seq), "new_msg") = (t, seq, b.event.as_str()) else {
-            return Err(format!("expected new_msg {{\"body\":{{\"t\":..,\"seq\":..}},\"user\":..}}, got {message:?}"));
+        let (Some(t), Some(seq)) = (t, seq) else {
+            return Err(format!("expected new_msg {{\"body\":{{\"t\":..,\"seq\":..}},\"user\":..}}, got {payload:?}"));
         };
+        self.deliver_numbers(ctx, t, seq)
+    }
+
+    fn deliver_numbers(&mut self, ctx: &Ctx, t: u64, seq: u64) -> Res<()> {
         if seq != self.next_seq {
             return Err(format!(
                 "expected new_msg seq {} (every message once, in order), got seq {seq}",
@@ -229,14 +342,7 @@ impl Deliveries {
             ));
         }
         self.next_seq += 1;
-        ctx.delivered.fetch_add(1, Ordering::Relaxed);
-        let phase = ctx.phase();
-        if phase == Phase::Measure {
-            ctx.counted.fetch_add(1, Ordering::Relaxed);
-        }
-        if matches!(phase, Phase::Measure | Phase::Drain) {
-            ctx.record_latency(Duration::from_micros(ctx.micros().saturating_sub(t)));
-        }
+        ctx.delivered_seq(seq, t);
         Ok(())
     }
 }

@@ -154,11 +154,10 @@ impl Session {
     async fn await_join_reply(&mut self) -> Res<()> {
         let waiting = async {
             loop {
-                for message in self.poll().await? {
-                    match message {
-                        ServerMessage::Reply(reply) => return expect_ok(&reply, "1", "phx_join"),
-                        other => return Err(format!("expected the reply to phx_join, got {other:?}")),
-                    }
+                match self.poll().await?.into_iter().next() {
+                    Some(ServerMessage::Reply(reply)) => return expect_ok(&reply, "1", "phx_join"),
+                    Some(other) => return Err(format!("expected the reply to phx_join, got {other:?}")),
+                    None => {}
                 }
             }
         };
@@ -264,7 +263,7 @@ pub async fn subscriber_session(ctx: Arc<Ctx>, id: usize) -> Res<()> {
 
 /// The broadcast publisher: `rate` `new_msg` per second while measuring, batched per POST as
 /// phoenix.js batches pushes made while a POST is outstanding.
-pub async fn publisher_session(ctx: Arc<Ctx>, id: usize, rate: u32) -> Res<()> {
+pub async fn publisher_session(ctx: Arc<Ctx>, id: usize, rate: u32, count: Option<u64>) -> Res<()> {
     let source = ctx.target.source_addr(id);
     let session = Session::open(&ctx, source).await?;
     let post_uri = session.post_uri.clone();
@@ -282,7 +281,7 @@ pub async fn publisher_session(ctx: Arc<Ctx>, id: usize, rate: u32) -> Res<()> {
     let mut answered = 0u64;
     while ctx.phase() == Phase::Measure {
         tick.tick().await;
-        let due = due(start, rate).saturating_sub(sent);
+        let due = due(start, rate).min(count.unwrap_or(u64::MAX)).saturating_sub(sent);
         if due == 0 {
             continue;
         }

@@ -8,6 +8,8 @@
 mod ctx;
 mod longpoll;
 mod net;
+mod sio;
+mod sse;
 mod ws;
 
 use std::future::Future;
@@ -23,7 +25,7 @@ use crate::ctx::{Ctx, Phase, Res};
 use crate::net::Target;
 
 /// Most clients one run may open (this machine allows 20,000 open files per process).
-const MAX_CLIENTS: usize = 19_000;
+const MAX_CLIENTS: usize = 19_900;
 /// File descriptors the process needs besides client and server sockets.
 const SPARE_FILES: u64 = 64;
 /// How long in-flight pushes (echo) or undelivered broadcasts may take after the window ends.
@@ -43,6 +45,18 @@ struct Cli {
     /// Seconds allowed for every client to connect and join before the run fails.
     #[arg(long, global = true, default_value_t = 60)]
     ramp_seconds: u64,
+    /// The protocol the WebSocket clients speak: Phoenix V2 JSON, or Socket.IO (Engine.IO v4) to
+    /// measure a Socket.IO server doing the same job (see bench/peers/).
+    #[arg(long, global = true, value_enum, default_value_t = Protocol::Phoenix)]
+    protocol: Protocol,
+    /// The server's process id: its resident memory (VmRSS) is read before the clients connect
+    /// and once all have joined, and the growth per client is reported.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Clients connecting and joining at once (the rest wait their turn). `--mode storm` sends
+    /// them all at once.
+    #[arg(long, global = true, default_value_t = ctx::CONNECTING_AT_ONCE)]
+    connect_at_once: usize,
     #[command(subcommand)]
     workload: Workload,
 }
@@ -65,6 +79,14 @@ enum Workload {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Server-Sent Events clients (`/socket/sse`: a stream down, ndjson POSTs up).
+    Sse {
+        /// SSE clients.
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        #[command(flatten)]
+        run: RunArgs,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -79,18 +101,37 @@ struct RunArgs {
     /// Messages per second the broadcast publisher sends.
     #[arg(long, default_value_t = 200)]
     rate: u32,
+    /// broadcast: the publisher stops after this many messages, and the window ends once every
+    /// subscriber has them all (or --seconds pass).
+    #[arg(long)]
+    count: Option<u64>,
+    /// echo: each client pings once per this many milliseconds instead of again as soon as the
+    /// reply comes.
+    #[arg(long)]
+    ping_every_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
     Echo,
     Broadcast,
+    /// Clients join and stay quiet (heartbeats only) for the window: memory per connection.
+    Idle,
+    /// Every client connects and joins at once; failures are counted, not fatal: time to all joined.
+    Storm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Protocol {
+    Phoenix,
+    Socketio,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transport {
     LongPoll,
     WebSocket,
+    Sse,
 }
 
 impl Transport {
@@ -98,13 +139,14 @@ impl Transport {
         match self {
             Transport::LongPoll => "longpoll",
             Transport::WebSocket => "ws",
+            Transport::Sse => "sse",
         }
     }
 
     fn clients_word(self) -> &'static str {
         match self {
             Transport::LongPoll => "sessions",
-            Transport::WebSocket => "clients",
+            Transport::WebSocket | Transport::Sse => "clients",
         }
     }
 
@@ -113,9 +155,10 @@ impl Transport {
         let n = n as u64;
         match (self, mode) {
             (Transport::LongPoll, Mode::Echo) => 2 * n,
-            (Transport::LongPoll, Mode::Broadcast) => n + 2,
-            (Transport::WebSocket, Mode::Echo) => n,
+            (Transport::LongPoll, _) => n + 2,
             (Transport::WebSocket, Mode::Broadcast) => n + 1,
+            (Transport::WebSocket, _) => n,
+            (Transport::Sse, _) => 2 * n + 1,
         }
     }
 }
@@ -142,6 +185,18 @@ struct Report {
     /// CPU used while measuring, as a share of one core: server (in-process only), load generator.
     server_cpu: Option<f64>,
     client_cpu: Option<f64>,
+    protocol: Protocol,
+    /// The server process's VmRSS in KiB before the clients connected and once all had joined.
+    server_rss_kib: Option<(u64, u64)>,
+    /// CPU the server process (`--server-pid`) used from the start of the window to the end of
+    /// the drain, and how long that was.
+    server_process_cpu: Option<(Duration, Duration)>,
+    /// Clients whose connect or join failed (storm).
+    failed: usize,
+    /// Broadcast: deliveries per second from the first broadcast to the last delivery, and the
+    /// time until the last subscriber had each broadcast (p50, p99, max µs, broadcasts).
+    fanout_rate: Option<f64>,
+    last_subscriber: (u64, u64, u64, usize),
 }
 
 impl Report {
@@ -151,10 +206,16 @@ impl Report {
         let mode = match self.mode {
             Mode::Echo => "echo",
             Mode::Broadcast => "broadcast",
+            Mode::Idle => "idle",
+            Mode::Storm => "storm",
+        };
+        let transport = match (self.transport, self.protocol) {
+            (Transport::WebSocket, Protocol::Socketio) => "socketio",
+            (t, _) => t.name(),
         };
         let mut line = format!(
             "{:<8}  mode={mode:<9}  {}={}  seconds={}",
-            self.transport.name(),
+            transport,
             self.transport.clients_word(),
             self.clients,
             self.window.as_secs_f64().round(),
@@ -162,13 +223,17 @@ impl Report {
         if self.mode == Mode::Broadcast {
             line += &format!("  rate={}/s", self.rate);
         }
-        line += &format!(
-            "  msgs/s={per_sec:.0}  p50={}  p99={}  max={}",
-            ms(self.p50_us),
-            ms(self.p99_us),
-            ms(self.max_us)
-        );
+        if matches!(self.mode, Mode::Echo | Mode::Broadcast) {
+            line += &format!(
+                "  msgs/s={per_sec:.0}  p50={}  p99={}  max={}",
+                ms(self.p50_us),
+                ms(self.p99_us),
+                ms(self.max_us)
+            );
+        }
         match self.mode {
+            Mode::Idle => {}
+            Mode::Storm => line += &format!("  joined={}  failed={}", self.clients - self.failed, self.failed),
             Mode::Echo => {
                 let (fewest, median, most) = self.spread;
                 line += &format!("  answered={}  per-client=min:{fewest}/median:{median}/max:{most}", self.counted);
@@ -182,10 +247,22 @@ impl Report {
                     self.delivered,
                     expected.saturating_sub(self.delivered)
                 );
+                if let Some(rate) = self.fanout_rate {
+                    line += &format!("  fanout={rate:.0}/s");
+                }
+                let (p50, p99, max, n) = self.last_subscriber;
+                line +=
+                    &format!("  last_subscriber=p50:{}/p99:{}/max:{}(over {n} broadcasts)", ms(p50), ms(p99), ms(max));
             }
         }
         if let Some(cpu) = self.server_cpu {
             line += &format!("  server_cpu={:.0}%", cpu * 100.0);
+        }
+        if let Some((cpu, wall)) = self.server_process_cpu {
+            line += &format!("  server_cpu={:.0}%", cpu.as_secs_f64() / wall.as_secs_f64().max(1e-3) * 100.0);
+            if self.mode == Mode::Broadcast && cpu > Duration::ZERO {
+                line += &format!("  fanout/server_cpu_s={:.0}", self.delivered as f64 / cpu.as_secs_f64());
+            }
         }
         if let Some(cpu) = self.client_cpu {
             line += &format!("  client_cpu={:.0}%", cpu * 100.0);
@@ -194,6 +271,15 @@ impl Report {
         if let Some(kib) = self.rss_per_client_kib {
             let whose = if self.in_process { "client+server" } else { "client" };
             line += &format!("  rss/client={kib:.1}KiB({whose})");
+        }
+        if let Some((before, after)) = self.server_rss_kib {
+            let joined = self.clients.saturating_sub(self.failed).max(1);
+            line += &format!(
+                "  server_rss={:.1}->{:.1}MiB  server_rss/client={:.2}KiB",
+                before as f64 / 1024.0,
+                after as f64 / 1024.0,
+                after.saturating_sub(before) as f64 / joined as f64
+            );
         }
         line
     }
@@ -204,6 +290,7 @@ fn main() -> ExitCode {
     let (transport, clients, run) = match &cli.workload {
         Workload::Longpoll { sessions, run } => (Transport::LongPoll, *sessions, run.clone()),
         Workload::Ws { clients, run } => (Transport::WebSocket, *clients, run.clone()),
+        Workload::Sse { clients, run } => (Transport::Sse, *clients, run.clone()),
     };
     match check_args(&cli, transport, clients, &run) {
         Ok(()) => {}
@@ -255,9 +342,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let ctx = Arc::new(Ctx::new(target, clients));
+    let broadcasts = match run.count {
+        Some(count) => count as usize,
+        None => (u64::from(run.rate) * (run.seconds + 1)) as usize,
+    };
+    let storm = run.mode == Mode::Storm;
+    let at_once = if storm { clients } else { cli.connect_at_once };
+    let ctx = Arc::new(Ctx::new(target, clients, broadcasts, at_once, storm));
     let in_process = matches!(server, Server::InProcess(_));
-    let result = runtime.block_on(run_workload(ctx, transport, clients, run, cli.ramp_seconds, in_process));
+    let how = How { ramp_seconds: cli.ramp_seconds, in_process, protocol: cli.protocol, server_pid: cli.server_pid };
+    let result = runtime.block_on(run_workload(ctx, transport, clients, run, how));
     // Cancels every client task and closes its sockets before the server goes.
     runtime.shutdown_timeout(Duration::from_secs(2));
     if let Server::InProcess(s) = server {
@@ -288,6 +382,18 @@ fn check_args(cli: &Cli, transport: Transport, clients: usize, run: &RunArgs) ->
     if run.mode == Mode::Broadcast && !(1..=100_000).contains(&run.rate) {
         return Err(format!("expected --rate from 1 to 100000, got {}", run.rate));
     }
+    if run.count == Some(0) {
+        return Err("expected --count of at least 1".to_owned());
+    }
+    if run.ping_every_ms == Some(0) {
+        return Err("expected --ping-every-ms of at least 1".to_owned());
+    }
+    if cli.protocol == Protocol::Socketio && (transport != Transport::WebSocket || cli.url.is_none()) {
+        return Err("--protocol socketio needs the ws workload and --url of a Socket.IO server".to_owned());
+    }
+    if transport != Transport::WebSocket && matches!(run.mode, Mode::Idle | Mode::Storm) {
+        return Err("the idle and storm modes are for the ws workload".to_owned());
+    }
     let client_sockets = transport.client_sockets(clients, run.mode);
     let in_process = cli.url.is_none();
     // In-process, every client socket has a server socket in this process too.
@@ -307,36 +413,50 @@ fn check_args(cli: &Cli, transport: Transport, clients: usize, run: &RunArgs) ->
     Ok(())
 }
 
-async fn run_workload(
-    ctx: Arc<Ctx>,
-    transport: Transport,
-    clients: usize,
-    run: RunArgs,
+/// How a run is made, besides its workload.
+#[derive(Debug, Clone, Copy)]
+struct How {
     ramp_seconds: u64,
     in_process: bool,
-) -> Res<Report> {
+    protocol: Protocol,
+    server_pid: Option<u32>,
+}
+
+async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: RunArgs, how: How) -> Res<Report> {
+    let How { ramp_seconds, in_process, protocol, server_pid } = how;
+    let server_rss_before = server_pid.and_then(net::process_rss_kib);
     let rss_before = net::rss_kib();
     let ramp_start = Instant::now();
     let label = match transport {
         Transport::LongPoll => "long-poll session",
         Transport::WebSocket => "WebSocket client",
+        Transport::Sse => "SSE client",
+    };
+    let role = match run.mode {
+        Mode::Echo => ws::Role::Echo { every: run.ping_every_ms.map(Duration::from_millis) },
+        Mode::Broadcast => ws::Role::Subscriber,
+        Mode::Idle | Mode::Storm => ws::Role::Idle,
     };
     for id in 0..clients {
         let c = ctx.clone();
-        match (transport, run.mode) {
-            (Transport::LongPoll, Mode::Echo) => spawn_client(&ctx, label, id, longpoll::echo_session(c, id)),
-            (Transport::LongPoll, Mode::Broadcast) => {
+        match (transport, run.mode, protocol) {
+            (Transport::LongPoll, Mode::Broadcast, _) => {
                 spawn_client(&ctx, label, id, longpoll::subscriber_session(c, id))
             }
-            (Transport::WebSocket, Mode::Echo) => spawn_client(&ctx, label, id, ws::client(c, id, ws::Role::Echo)),
-            (Transport::WebSocket, Mode::Broadcast) => {
-                spawn_client(&ctx, label, id, ws::client(c, id, ws::Role::Subscriber))
+            (Transport::LongPoll, _, _) => spawn_client(&ctx, label, id, longpoll::echo_session(c, id)),
+            (Transport::WebSocket, _, Protocol::Phoenix) => {
+                spawn_client(&ctx, label, id, ws::client(c, id, clients, role))
             }
+            (Transport::WebSocket, _, Protocol::Socketio) => {
+                spawn_client(&ctx, label, id, sio::client(c, id, clients, role))
+            }
+            (Transport::Sse, Mode::Broadcast, _) => spawn_client(&ctx, label, id, sse::subscriber_client(c, id)),
+            (Transport::Sse, _, _) => spawn_client(&ctx, label, id, sse::echo_client(c, id)),
         }
     }
     let expected_joins = match run.mode {
-        Mode::Echo => clients,
         Mode::Broadcast => clients + 1,
+        _ => clients,
     };
 
     // Ramp: every client connected and joined (the publisher last, so it joins a full room).
@@ -350,14 +470,32 @@ async fn run_workload(
         if joined == clients && run.mode == Mode::Broadcast && !publisher_spawned {
             publisher_spawned = true;
             let (c, id, rate) = (ctx.clone(), clients, run.rate);
-            match transport {
-                Transport::LongPoll => spawn_client(&ctx, "publisher", id, longpoll::publisher_session(c, id, rate)),
-                Transport::WebSocket => {
-                    spawn_client(&ctx, "publisher", id, ws::client(c, id, ws::Role::Publisher { rate }))
+            let publisher = ws::Role::Publisher { rate, count: run.count };
+            match (transport, protocol) {
+                (Transport::LongPoll, _) => {
+                    spawn_client(&ctx, "publisher", id, longpoll::publisher_session(c, id, rate, run.count))
+                }
+                (Transport::WebSocket, Protocol::Phoenix) => {
+                    spawn_client(&ctx, "publisher", id, ws::client(c, id, clients, publisher))
+                }
+                (Transport::WebSocket, Protocol::Socketio) => {
+                    spawn_client(&ctx, "publisher", id, sio::client(c, id, clients, publisher))
+                }
+                (Transport::Sse, _) => {
+                    spawn_client(&ctx, "publisher", id, sse::publisher_client(c, id, rate, run.count))
                 }
             }
         }
         if joined >= expected_joins {
+            break;
+        }
+        let failed = ctx.failed.load(Ordering::Relaxed);
+        if ctx.count_failures && joined + failed >= expected_joins {
+            break;
+        }
+        if ctx.count_failures && Instant::now() >= ramp_deadline {
+            // Clients still trying when the storm's time is up count as failed.
+            ctx.failed.fetch_add(expected_joins - joined - failed, Ordering::Relaxed);
             break;
         }
         if Instant::now() >= ramp_deadline {
@@ -371,14 +509,18 @@ async fn run_workload(
     }
     let connect = ramp_start.elapsed();
     let rss_after = net::rss_kib();
+    let server_rss_after = server_pid.and_then(net::process_rss_kib);
     eprintln!("fawkes-bench: {expected_joins} joined in {:.2} s; measuring", connect.as_secs_f64());
 
     // Measure.
     let cpu_before = (net::thread_cpu("bench-server"), net::thread_cpu("bench-client"));
+    let server_cpu_before = server_pid.and_then(net::process_cpu);
     ctx.set_phase(Phase::Measure);
     let window_start = Instant::now();
     let window_end = window_start + Duration::from_secs(run.seconds);
-    while Instant::now() < window_end && ctx.phase() == Phase::Measure {
+    let all_delivered =
+        |ctx: &Ctx| run.count.is_some_and(|count| ctx.delivered.load(Ordering::Relaxed) >= count * clients as u64);
+    while Instant::now() < window_end && ctx.phase() == Phase::Measure && !all_delivered(&ctx) {
         tokio::time::sleep(Duration::from_millis(20).min(window_end.saturating_duration_since(Instant::now()))).await;
     }
     let window = window_start.elapsed();
@@ -402,12 +544,17 @@ async fn run_workload(
                 let expected = ctx.published.load(Ordering::Relaxed) * clients as u64;
                 ctx.delivered.load(Ordering::Relaxed) >= expected || drain_start.elapsed() >= BROADCAST_DRAIN
             }
+            Mode::Idle | Mode::Storm => true,
         };
         if drained {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let server_cpu_after = server_pid.and_then(net::process_cpu);
+    let server_process_cpu = server_cpu_before
+        .zip(server_cpu_after)
+        .map(|(before, after)| (after.saturating_sub(before), window_start.elapsed()));
     if let Some(failure) = ctx.finish() {
         return Err(failure);
     }
@@ -435,6 +582,12 @@ async fn run_workload(
         spread: ctx.per_client_spread(),
         server_cpu,
         client_cpu,
+        protocol,
+        server_rss_kib: server_rss_before.zip(server_rss_after),
+        server_process_cpu,
+        failed: ctx.failed.load(Ordering::Relaxed),
+        fanout_rate: if run.mode == Mode::Broadcast { ctx.fanout_rate() } else { None },
+        last_subscriber: ctx.last_subscriber(clients),
     })
 }
 

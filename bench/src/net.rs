@@ -96,6 +96,24 @@ pub fn rss_kib() -> Option<u64> {
     line["VmRSS:".len()..].split_whitespace().next()?.parse().ok()
 }
 
+/// Resident memory of process `pid` in KiB, from `/proc/PID/status`.
+pub fn process_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line["VmRSS:".len()..].split_whitespace().next()?.parse().ok()
+}
+
+/// CPU time process `pid` has used so far (all its threads, user and system), from
+/// `/proc/PID/stat` (in USER_HZ ticks, 100 per second on Linux).
+pub fn process_cpu(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which may itself hold spaces and parentheses.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(std::time::Duration::from_millis((utime + stime) * 10))
+}
+
 /// Percent-encodes a query value (tokens are URL-safe in practice; this keeps them so).
 pub fn query_escape(value: &str) -> String {
     let mut out = String::with_capacity(value.len());

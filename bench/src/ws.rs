@@ -25,12 +25,22 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(25);
 /// What a client does once joined.
 #[derive(Debug, Clone, Copy)]
 pub enum Role {
-    /// `ping` with `{"t": ..}`, one outstanding at a time.
-    Echo,
+    /// `ping` with `{"t": ..}`, one outstanding at a time: again as soon as the reply comes, or
+    /// once every `every` (starting at a point in the first period that depends on the client).
+    Echo { every: Option<Duration> },
     /// Receives `new_msg` broadcasts.
     Subscriber,
-    /// Sends `rate` `new_msg` per second while measuring.
-    Publisher { rate: u32 },
+    /// Sends `rate` `new_msg` per second while measuring, `count` in all if given.
+    Publisher { rate: u32, count: Option<u64> },
+    /// Joined and otherwise quiet (heartbeats only).
+    Idle,
+}
+
+impl Role {
+    /// When client `id` of `clients` sends its first paced ping after `start`.
+    pub fn first_ping(every: Duration, id: usize, clients: usize) -> Duration {
+        every.mul_f64((id % clients.max(1)) as f64 / clients.max(1) as f64)
+    }
 }
 
 type Ws = WebSocketStream<TcpStream>;
@@ -58,7 +68,35 @@ async fn recv(ws: &mut Ws) -> Res<ServerMessage> {
     }
 }
 
-pub async fn client(ctx: Arc<Ctx>, id: usize, role: Role) -> Res<()> {
+/// How every `new_msg` broadcast on the bench topic begins.
+const BROADCAST_PREFIX: &str = "[null,null,\"room:bench\",\"new_msg\",";
+
+enum Incoming {
+    Message(ServerMessage),
+    /// A `new_msg` broadcast, left as text for [`Deliveries::deliver_text`].
+    Broadcast(tokio_tungstenite::tungstenite::Utf8Bytes),
+}
+
+/// Like [`recv`], but a subscriber's broadcasts come back undecoded.
+async fn recv_or_broadcast(ws: &mut Ws, subscriber: bool) -> Res<Incoming> {
+    if !subscriber {
+        return recv(ws).await.map(Incoming::Message);
+    }
+    loop {
+        match ws.next().await {
+            Some(Ok(WsMessage::Text(text))) if text.starts_with(BROADCAST_PREFIX) => {
+                return Ok(Incoming::Broadcast(text));
+            }
+            Some(Ok(WsMessage::Text(text))) => return decode(Bytes::from(text)).map(Incoming::Message),
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
+            Some(Ok(other)) => return Err(format!("expected text frames, got {other:?}")),
+            Some(Err(e)) => return Err(format!("expected messages, but the socket broke: {e}")),
+            None => return Err("expected messages, but the socket closed without a close frame".to_owned()),
+        }
+    }
+}
+
+pub async fn client(ctx: Arc<Ctx>, id: usize, clients: usize, role: Role) -> Res<()> {
     let permit = ctx.gate.acquire().await.map_err(|e| e.to_string())?;
     let stream = ctx.target.connect(ctx.target.source_addr(id)).await?;
     let url = format!("ws://{}{}/websocket?vsn=2.0.0", ctx.target.authority, ctx.target.path);
@@ -91,6 +129,8 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, role: Role) -> Res<()> {
     let mut publishing_since: Option<Instant> = None;
     let mut published = 0u64;
     let mut publish_answered = 0u64;
+    // Paced echo: when the next ping is due.
+    let mut next_ping: Option<tokio::time::Instant> = None;
 
     loop {
         let now_phase = *phase.borrow_and_update();
@@ -98,7 +138,20 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, role: Role) -> Res<()> {
             return Ok(());
         }
         let measuring = now_phase == Phase::Measure;
-        if let (Role::Echo, true, None) = (role, measuring, &pending) {
+        if let (Role::Echo { every: Some(every) }, true, None) = (role, measuring, next_ping) {
+            next_ping = Some(tokio::time::Instant::now() + Role::first_ping(every, id, clients));
+        }
+        let ping_due = next_ping.is_none_or(|at| at <= tokio::time::Instant::now());
+        if let (Role::Echo { every }, true, None, true) = (role, measuring, &pending, ping_due) {
+            if let (Some(every), Some(at)) = (every, next_ping) {
+                // A late reply skips the pings it missed rather than bunching them up.
+                let now = tokio::time::Instant::now();
+                let mut next = at + every;
+                while next <= now {
+                    next += every;
+                }
+                next_ping = Some(next);
+            }
             next_ref += 1;
             let msg_ref = next_ref.to_string();
             let t = ctx.micros();
@@ -112,6 +165,7 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, role: Role) -> Res<()> {
         }
         let publishing = matches!(role, Role::Publisher { .. }) && measuring;
         let reply_deadline = pending.as_ref().map(|(_, _, sent)| *sent + REPLY_TIMEOUT);
+        let ping_wake = if measuring && pending.is_none() { next_ping.map(Instant::from) } else { None };
 
         tokio::select! {
             changed = phase.changed() => {
@@ -123,9 +177,10 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, role: Role) -> Res<()> {
                 heartbeats += 1;
                 send(&mut ws, encode(None, &format!("hb{heartbeats}"), "phoenix", "heartbeat", json!({}))).await?;
             }
+            () = sleep_until_opt(ping_wake) => {}
             _ = publish_tick.tick(), if publishing => {
-                if let (Role::Publisher { rate }, Some(since)) = (role, publishing_since) {
-                    let due = due(since, rate).saturating_sub(published);
+                if let (Role::Publisher { rate, count }, Some(since)) = (role, publishing_since) {
+                    let due = due(since, rate).min(count.unwrap_or(u64::MAX)).saturating_sub(published);
                     for seq in published..published + due {
                         let frame = encode(Some("1"), &(seq + 2).to_string(), TOPIC, "new_msg", publish_payload(&ctx, seq));
                         ws.feed(WsMessage::text(frame)).await.map_err(|e| format!("cannot send a frame: {e}"))?;
@@ -141,14 +196,20 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, role: Role) -> Res<()> {
                 let what = pending.as_ref().map(|(r, _, _)| r.clone()).unwrap_or_default();
                 return Err(format!("expected the reply to ping (ref {what:?}) within {REPLY_TIMEOUT:?}"));
             }
-            message = recv(&mut ws) => {
-                let message = message?;
+            message = recv_or_broadcast(&mut ws, matches!(role, Role::Subscriber)) => {
+                let message = match message? {
+                    Incoming::Broadcast(text) => {
+                        deliveries.deliver_text(&ctx, &text, BROADCAST_PREFIX)?;
+                        continue;
+                    }
+                    Incoming::Message(message) => message,
+                };
                 match (&message, role) {
                     (ServerMessage::Reply(reply), _) if reply.msg_ref.as_ref().is_some_and(|r| r.as_str().starts_with("hb")) => {
                         let hb = reply.msg_ref.as_ref().map(Ref::as_str).unwrap_or_default().to_owned();
                         expect_ok(reply, &hb, "heartbeat")?;
                     }
-                    (ServerMessage::Reply(reply), Role::Echo) => {
+                    (ServerMessage::Reply(reply), Role::Echo { .. }) => {
                         let Some((msg_ref, t, sent)) = pending.take() else {
                             return Err(format!("expected no reply (no ping outstanding), got {reply:?}"));
                         };

@@ -57,6 +57,10 @@ pub struct Config {
     pub max_topic_len: usize,
     /// Which browser origins may connect.
     pub check_origin: OriginCheck,
+    /// Sockets one peer IP address may hold at once (`None`: no limit). Counted where the
+    /// transport knows the peer's address ([`ConnectInfo::peer_addr`](crate::ConnectInfo)); a
+    /// connect past the limit is refused with [`ConnectError::TooManyConnections`](crate::ConnectError).
+    pub max_connections_per_ip: Option<usize>,
 }
 
 impl Default for Config {
@@ -71,6 +75,7 @@ impl Default for Config {
             channel_mailbox: 64,
             max_topic_len: 255,
             check_origin: OriginCheck::SameHost,
+            max_connections_per_ip: None,
         }
     }
 }
@@ -109,6 +114,11 @@ impl Config {
     /// Sets [`Config::check_origin`].
     pub fn check_origin(mut self, check: OriginCheck) -> Self {
         self.check_origin = check;
+        self
+    }
+    /// Sets [`Config::max_connections_per_ip`].
+    pub fn max_connections_per_ip(mut self, limit: Option<usize>) -> Self {
+        self.max_connections_per_ip = limit;
         self
     }
     /// Sets [`Config::channel_mailbox`] (at least 1).

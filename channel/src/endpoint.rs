@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
@@ -19,6 +20,8 @@ const REGISTRY_SHARDS: usize = 32;
 struct Live {
     outbox: Outbox,
     info: Arc<SocketInfo>,
+    /// The peer address this socket counts against, when `max_connections_per_ip` is set.
+    ip: Option<IpAddr>,
 }
 
 pub(crate) struct Inner {
@@ -31,6 +34,8 @@ pub(crate) struct Inner {
     shutting_down: AtomicBool,
     live_count: AtomicUsize,
     drained: Notify,
+    /// Sockets per peer address, kept only when `max_connections_per_ip` is set.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// Everything a transport needs to turn a connection into a [`Session`]. Cheap to clone.
@@ -117,6 +122,7 @@ impl EndpointBuilder {
             shutting_down: AtomicBool::new(false),
             live_count: AtomicUsize::new(0),
             drained: Notify::new(),
+            per_ip: Mutex::new(HashMap::new()),
         }))
     }
 }
@@ -151,6 +157,8 @@ impl Endpoint {
         if !info.binary_frames {
             serializer = serializer.text_only();
         }
+        // Counted before the connect callback runs, so a peer past its limit costs no callback.
+        let slot = IpSlot::take(self, info.peer_addr.map(|a| a.ip()))?;
         let accept = self.0.handler.connect(&info).await?;
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
         let config = &self.0.config;
@@ -158,7 +166,8 @@ impl Endpoint {
         outbox.touch();
         let socket =
             Arc::new(SocketInfo { serializer, transport: info.transport, assigns: accept.assigns, id: accept.id });
-        self.shard(id).lock().insert(id, Live { outbox: outbox.clone(), info: socket.clone() });
+        let ip = slot.keep();
+        self.shard(id).lock().insert(id, Live { outbox: outbox.clone(), info: socket.clone(), ip });
         self.0.live_count.fetch_add(1, Ordering::AcqRel);
         tracing::debug!(socket = id, transport = info.transport, serializer = serializer.name(), "socket connected");
         Ok(Session::new(self.clone(), outbox, socket))
@@ -224,8 +233,108 @@ impl Endpoint {
     }
 
     pub(crate) fn forget(&self, id: u64) {
-        if self.shard(id).lock().remove(&id).is_some() && self.0.live_count.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let Some(live) = self.shard(id).lock().remove(&id) else { return };
+        if let Some(ip) = live.ip {
+            self.release_ip(ip);
+        }
+        if self.0.live_count.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.drained.notify_waiters();
         }
+    }
+
+    fn release_ip(&self, ip: IpAddr) {
+        let mut per_ip = self.0.per_ip.lock();
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// A place among the sockets of one peer address, given back unless the socket connects.
+struct IpSlot<'a> {
+    endpoint: &'a Endpoint,
+    ip: Option<IpAddr>,
+}
+
+impl<'a> IpSlot<'a> {
+    /// Takes a place for `ip` if `max_connections_per_ip` is set and the address is known.
+    fn take(endpoint: &'a Endpoint, ip: Option<IpAddr>) -> Result<IpSlot<'a>, ConnectError> {
+        let (Some(limit), Some(ip)) = (endpoint.0.config.max_connections_per_ip, ip) else {
+            return Ok(IpSlot { endpoint, ip: None });
+        };
+        let mut per_ip = endpoint.0.per_ip.lock();
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= limit {
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+            tracing::info!(%ip, limit, "connection refused: too many connections from this address");
+            return Err(ConnectError::TooManyConnections(ip));
+        }
+        *n += 1;
+        Ok(IpSlot { endpoint, ip: Some(ip) })
+    }
+
+    /// The socket connected: its place is now given back when it is forgotten.
+    fn keep(mut self) -> Option<IpAddr> {
+        self.ip.take()
+    }
+}
+
+impl Drop for IpSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            self.endpoint.release_ip(ip);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn from(addr: &str) -> ConnectInfo {
+        let mut info = ConnectInfo::new("websocket", true).with_query(Some("vsn=2.0.0"));
+        info.peer_addr = Some(addr.parse::<SocketAddr>().expect("address"));
+        info
+    }
+
+    #[tokio::test]
+    async fn connections_per_ip_are_limited_and_given_back() {
+        let endpoint = Endpoint::builder().config(Config::default().max_connections_per_ip(Some(2))).build();
+        let a = endpoint.connect(from("10.0.0.1:1000")).await.expect("first");
+        let _b = endpoint.connect(from("10.0.0.1:1001")).await.expect("second");
+        let refused = endpoint.connect(from("10.0.0.1:1002")).await.err();
+        assert!(
+            matches!(refused, Some(ConnectError::TooManyConnections(ip)) if ip.to_string() == "10.0.0.1"),
+            "{refused:?}"
+        );
+        let _other = endpoint.connect(from("10.0.0.2:1000")).await.expect("another address");
+        let mut unknown = ConnectInfo::new("db", false);
+        unknown.vsn = Some("2.0.0".into());
+        let _unknown = endpoint.connect(unknown).await.expect("no address, no count");
+        drop(a);
+        let _c = endpoint.connect(from("10.0.0.1:1003")).await.expect("a closed socket gives its place back");
+        assert_eq!(endpoint.connected(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_callback_gives_the_place_back() {
+        let endpoint = Endpoint::builder()
+            .config(Config::default().max_connections_per_ip(Some(1)))
+            .on_connect(|info: &ConnectInfo| match info.params.get("ok") {
+                Some(_) => Ok(Accept::new()),
+                None => Err(ConnectError::refused("no")),
+            })
+            .build();
+        assert!(matches!(endpoint.connect(from("10.0.0.1:1")).await, Err(ConnectError::Refused(_))));
+        let mut ok = from("10.0.0.1:2");
+        ok.params.insert("ok".into(), "1".into());
+        endpoint.connect(ok).await.expect("the refused connect did not keep its place");
     }
 }

@@ -1,6 +1,5 @@
 //! The socket state machine every transport drives.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -26,6 +25,49 @@ impl Joined {
     }
 }
 
+/// The channels a socket has joined, by topic. A short list rather than a hash map: a socket
+/// joins few topics (at most `max_channels_per_socket`), and an idle socket's memory is what
+/// a server with many of them runs out of first.
+#[derive(Default)]
+struct Channels(Vec<(Arc<str>, Joined)>);
+
+impl Channels {
+    fn position(&self, topic: &str) -> Option<usize> {
+        self.0.iter().position(|(t, _)| &**t == topic)
+    }
+
+    fn get(&self, topic: &str) -> Option<&Joined> {
+        self.position(topic).map(|i| &self.0[i].1)
+    }
+
+    fn remove(&mut self, topic: &str) -> Option<Joined> {
+        self.position(topic).map(|i| self.0.swap_remove(i).1)
+    }
+
+    fn insert(&mut self, topic: Arc<str>, joined: Joined) {
+        if let Some(i) = self.position(&topic) {
+            self.0[i].1 = joined;
+            return;
+        }
+        if self.0.len() == self.0.capacity() {
+            self.0.reserve_exact((self.0.len() / 2).max(1));
+        }
+        self.0.push((topic, joined));
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn retain_alive(&mut self) {
+        self.0.retain(|(_, joined)| joined.is_alive());
+    }
+
+    fn topics(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(t, _)| &**t)
+    }
+}
+
 /// One connected socket: its serializer, joined topics and join refs, heartbeat deadline and
 /// outbound queue. It does no I/O: a transport feeds it frames with [`Session::handle_frame`]
 /// and sends what [`Session::outbound`] yields.
@@ -35,7 +77,7 @@ pub struct Session {
     endpoint: Endpoint,
     outbox: Outbox,
     info: Arc<SocketInfo>,
-    channels: HashMap<Arc<str>, Joined>,
+    channels: Channels,
     join_tokens: f64,
     join_tokens_at: Instant,
 }
@@ -45,7 +87,7 @@ impl fmt::Debug for Session {
         f.debug_struct("Session")
             .field("id", &self.id())
             .field("serializer", &self.info.serializer)
-            .field("topics", &self.channels.keys().collect::<Vec<_>>())
+            .field("topics", &self.channels.topics().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -53,7 +95,14 @@ impl fmt::Debug for Session {
 impl Session {
     pub(crate) fn new(endpoint: Endpoint, outbox: Outbox, info: Arc<SocketInfo>) -> Session {
         let burst = endpoint.0.config.join_rate.burst as f64;
-        Session { endpoint, outbox, info, channels: HashMap::new(), join_tokens: burst, join_tokens_at: Instant::now() }
+        Session {
+            endpoint,
+            outbox,
+            info,
+            channels: Channels::default(),
+            join_tokens: burst,
+            join_tokens_at: Instant::now(),
+        }
     }
 
     /// The socket's id within this endpoint (for logs).
@@ -150,7 +199,7 @@ impl Session {
             _ => None,
         };
         if self.channels.len() >= config.max_channels_per_socket {
-            self.channels.retain(|_, joined| joined.is_alive());
+            self.channels.retain_alive();
             if self.channels.len() >= config.max_channels_per_socket {
                 return refuse(self, join_ref, "too many channels");
             }

@@ -127,6 +127,9 @@ pub enum ConnectError {
     /// The endpoint is shutting down.
     #[error("endpoint is shutting down")]
     ShuttingDown,
+    /// The peer's IP address already holds [`Config::max_connections_per_ip`](crate::Config) sockets.
+    #[error("too many connections from {0}")]
+    TooManyConnections(std::net::IpAddr),
 }
 
 impl ConnectError {

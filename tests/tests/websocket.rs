@@ -139,3 +139,91 @@ async fn shutdown_tells_every_client_with_1001() {
     assert_eq!(b.closed().await, Some(1001));
     tokio::time::timeout(fawkes_tests::WAIT, shutdown).await.expect("shutdown finishes").expect("no panic");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_with_1008_while_the_storm_goes_on() {
+    const LIMIT: usize = 16;
+    const BROADCASTS: u64 = 1_000;
+    const BATCH: u64 = 4;
+    let server = TestServer::start(Config::default().outbound_queue_limit(LIMIT)).await;
+    // A small receive buffer, so the socket holds little of what the server sends.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let stream = socket.connect(server.addr).await.expect("tcp connect");
+    let (mut slow, _) = tokio_tungstenite::client_async(server.url("vsn=2.0.0"), stream).await.expect("upgrade");
+    slow.send(Message::text(r#"["1","1","room:slow","phx_join",{}]"#)).await.expect("send");
+    let Some(Ok(Message::Text(reply))) = slow.next().await else { panic!("no join reply") };
+    assert!(reply.contains(r#""status":"ok""#), "{reply}");
+    // From here on, `slow` reads nothing until the storm is over.
+
+    // 1,000 broadcasts of 32 KiB: far more than the socket buffers between the server and `slow`
+    // hold, so the server must either queue them without bound or apply its policy.
+    let mut storm = RawClient::connect(&server).await;
+    let (join_ref, _) = storm.join("room:slow", json!({})).await;
+    let pad = "x".repeat(32 * 1024);
+    for batch in 0..BROADCASTS / BATCH {
+        let mut refs = Vec::new();
+        for i in 0..BATCH {
+            let body = json!({"seq": batch * BATCH + i, "pad": pad});
+            refs.push(storm.push(Some(join_ref.as_str()), "room:slow", "new_msg", json!({ "body": body })).await);
+        }
+        for r in &refs {
+            assert_eq!(storm.reply_to(r).await.status, ReplyStatus::Ok, "the storming client is served throughout");
+        }
+    }
+
+    // `slow` now gets what was in flight when the server gave up on it, in order with no gap,
+    // then the close: far fewer than were broadcast, so the server did not queue the rest.
+    let mut received = 0u64;
+    loop {
+        let next = tokio::time::timeout(fawkes_tests::WAIT, slow.next()).await.expect("a frame or the close");
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                let frame: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+                assert_eq!(frame[3], "new_msg", "{}", &text[..text.len().min(200)]);
+                assert_eq!(frame[4]["body"]["seq"].as_u64(), Some(received), "in order, none skipped");
+                received += 1;
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let code = frame.map(|f| u16::from(f.code));
+                assert_eq!(code, Some(1008), "closed as a slow consumer (policy violation)");
+                break;
+            }
+            other => panic!("expected broadcasts then a close, got {other:?}"),
+        }
+    }
+    assert!(
+        received < BROADCASTS / 2,
+        "the slow client got {received} of {BROADCASTS}: the server queued without bound"
+    );
+    healthy(&server).await;
+}
+
+/// A WebSocket client connecting from `ip` (a loopback address).
+async fn connect_from(
+    server: &TestServer,
+    ip: [u8; 4],
+) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, tungstenite::Error> {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind((std::net::Ipv4Addr::from(ip), 0).into()).expect("bind a loopback source address");
+    let stream = socket.connect(server.addr).await.expect("tcp connect");
+    tokio_tungstenite::client_async(server.url("vsn=2.0.0"), stream).await.map(|(ws, _)| ws)
+}
+
+#[tokio::test]
+async fn connections_past_the_per_ip_limit_get_403() {
+    let server = TestServer::start(Config::default().max_connections_per_ip(Some(2))).await;
+    let mut first = connect_from(&server, [127, 0, 0, 1]).await.expect("first from 127.0.0.1");
+    let second = connect_from(&server, [127, 0, 0, 1]).await.expect("second from 127.0.0.1");
+    let refused = connect_from(&server, [127, 0, 0, 1]).await.err().expect("third from 127.0.0.1 refused");
+    assert_eq!(status_of(refused), 403);
+    let other = connect_from(&server, [127, 0, 0, 2]).await.expect("another address has its own count");
+    assert_eq!(server.endpoint.connected(), 3);
+
+    // A socket that closes gives its place back.
+    first.close(None).await.expect("close");
+    while let Some(Ok(_)) = first.next().await {}
+    drop((second, other));
+    tokio::time::timeout(fawkes_tests::WAIT, server.endpoint.drained()).await.expect("every socket ends");
+    connect_from(&server, [127, 0, 0, 1]).await.expect("room again after the others left");
+}

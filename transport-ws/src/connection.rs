@@ -1,6 +1,5 @@
 //! One WebSocket connection: frames in to the session, the session's outbound frames out.
 
-use std::pin::pin;
 use std::time::Duration;
 
 use fawkes_channel::{CloseReason, Frame, Session};
@@ -17,13 +16,24 @@ const BATCH: usize = 256;
 /// How long to wait for the peer's close frame after sending ours.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+type Sink<S> = futures_util::stream::SplitSink<WebSocketStream<S>, Message>;
+type Stream<S> = futures_util::stream::SplitStream<WebSocketStream<S>>;
+
 /// Drives one connection to its end. Generic over the I/O, so it runs on hyper's upgraded
 /// connection, a TLS stream or an in-memory duplex alike.
-pub(crate) async fn run<S>(ws: WebSocketStream<S>, mut session: Session)
+pub(crate) fn run<S>(ws: WebSocketStream<S>, session: Session) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut sink, mut stream) = ws.split();
+    // Split before the future is made, so the stream is not also kept in the future's state.
+    let (sink, stream) = ws.split();
+    drive(sink, stream, session)
+}
+
+async fn drive<S>(mut sink: Sink<S>, mut stream: Stream<S>, mut session: Session)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut outbound = session.outbound();
     let mut batch = Vec::new();
 
@@ -54,7 +64,8 @@ where
             },
         };
         // While the session waits (a channel's mailbox is full), keep the peer's frames flowing out.
-        let mut handled = pin!(session.handle_frame(frame));
+        // Boxed: held inline, this future would double what every idle connection's task costs.
+        let mut handled = Box::pin(session.handle_frame(frame));
         loop {
             tokio::select! {
                 result = &mut handled => {
@@ -79,21 +90,25 @@ where
     if let Some(reason) = reason {
         tracing::debug!(socket = session.id(), %reason, "closing websocket");
         if let Some(code) = close_code(&reason) {
-            let frame = CloseFrame { code, reason: Utf8Bytes::from(short_reason(&reason)) };
-            if sink.send(Message::Close(Some(frame))).await.is_ok() {
-                // Wait briefly for the peer's close so the TCP connection ends cleanly.
-                let _ =
-                    tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
-            }
+            // Boxed for the same reason as above: only a closing connection pays for the timer.
+            Box::pin(close(&mut sink, &mut stream, code, &reason)).await;
         }
     }
     drop(session);
 }
 
-async fn write<S>(
-    sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-    batch: &mut Vec<Frame>,
-) -> Result<(), WsError>
+/// Sends the close frame and waits briefly for the peer's, so the TCP connection ends cleanly.
+async fn close<S>(sink: &mut Sink<S>, stream: &mut Stream<S>, code: CloseCode, reason: &CloseReason)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = CloseFrame { code, reason: Utf8Bytes::from(short_reason(reason)) };
+    if sink.send(Message::Close(Some(frame))).await.is_ok() {
+        let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
+    }
+}
+
+async fn write<S>(sink: &mut Sink<S>, batch: &mut Vec<Frame>) -> Result<(), WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

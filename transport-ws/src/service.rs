@@ -32,7 +32,9 @@ pub struct PeerAddr(pub SocketAddr);
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct WsOptions {
-    /// Initial read buffer per connection, in bytes. Small keeps idle sockets cheap.
+    /// Read buffer per connection, in bytes: also the most read from the socket at once. Every
+    /// connection holds it for its whole life, so small keeps idle sockets cheap; a larger frame
+    /// grows it as needed.
     pub read_buffer_size: usize,
     /// Bytes buffered before a write goes to the socket (frames of one batch are written
     /// together and flushed once).
@@ -43,7 +45,7 @@ pub struct WsOptions {
 
 impl Default for WsOptions {
     fn default() -> WsOptions {
-        WsOptions { read_buffer_size: 4096, write_buffer_size: 16 * 1024, max_write_buffer_size: 4 * 1024 * 1024 }
+        WsOptions { read_buffer_size: 1024, write_buffer_size: 16 * 1024, max_write_buffer_size: 4 * 1024 * 1024 }
     }
 }
 
@@ -115,7 +117,9 @@ impl WebSocketService {
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-                    connection::run(ws, session).await;
+                    // A task of its own: what this one held while upgrading is freed, and a
+                    // connection's task holds only what the connection needs.
+                    tokio::spawn(connection::run(ws, session));
                 }
                 Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
             }
