@@ -14,7 +14,7 @@
 //!
 //! | item | the transport's side of the contract |
 //! | --- | --- |
-//! | [`ConnectInfo`] | What is known about the connecting peer: `ConnectInfo::new(name, binary_frames)` then [`with_query`](ConnectInfo::with_query) (fills `vsn` and the connect params), plus `auth_token`, `headers`, `peer_addr` where the transport has them. Remove the transport's own query params (e.g. a session token) from `params`. A transport that cannot carry binary frames says so: binary payloads then reach it as text (`{"binary": "<base64>"}`). |
+//! | [`ConnectInfo`] | What is known about the connecting peer: `ConnectInfo::new(name, binary_frames)` then [`with_query`](ConnectInfo::with_query) (fills `vsn` and the connect params), plus `auth_token`, `headers`, `peer_addr` where the transport has them (HTTP transports read [`PeerAddr`] from the request's extensions). Remove the transport's own query params (e.g. a session token) from `params`. A transport that cannot carry binary frames says so: binary payloads then reach it as text (`{"binary": "<base64>"}`). |
 //! | [`Endpoint::connect`] | Runs the origin check and the application's connect callback. [`ConnectError`] is a refusal: answer it as one (HTTP 403), except [`ConnectError::ShuttingDown`] (503, or a close). Never connect before the peer is known to be there. |
 //! | [`Session::handle_frame`] | Every inbound frame, in order, one at a time (it takes `&mut self`). It waits while the target channel's mailbox is full: that is backpressure, so read nothing more from the peer meanwhile. `Err(reason)` means the socket is closed (malformed or oversized frame, or closed already): stop reading, deliver what [`Outbound`] still yields, then close. |
 //! | [`Session::outbound`] → [`Outbound`] | Call once. [`recv`](Outbound::recv) / [`recv_many`](Outbound::recv_many) yield frames in order, then `Err(CloseReason)` once the socket is closed and everything queued before was taken. Cancel-safe. Only take frames you can send: a peer that stops reading must leave frames in the queue, where [`Config::outbound_queue_limit`] and [`SlowConsumerPolicy`] bound them. Never buffer without a bound in the transport. |
@@ -148,7 +148,7 @@ pub use presence::{Presence, PresenceError};
 pub use pubsub::{Adapter, BroadcastFrames, PubSub, RemoteInbound, ServiceGuard, SubscriberId, Subscription};
 pub use router::Router;
 pub use session::Session;
-pub use socket::{Accept, ConnectError, ConnectFn, ConnectInfo, SocketHandler, parse_query};
+pub use socket::{Accept, ConnectError, ConnectFn, ConnectInfo, PeerAddr, SocketHandler, parse_query};
 pub use token::{MAX_TOKEN_PAYLOAD, SessionSigner, random_session_id};
 
 /// 64 random bits from the operating system.

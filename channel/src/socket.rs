@@ -8,6 +8,13 @@ use std::pin::Pin;
 
 use fawkes_serializer::{Serializer, UnsupportedVsn};
 
+/// The peer's address, carried in an HTTP request's extensions: the server that accepts the
+/// connection inserts it (`fawkes serve` and `fawkes_transport_ws::serve` do), and HTTP
+/// transports read it into [`ConnectInfo::peer_addr`], which
+/// [`Config::max_connections_per_ip`](crate::Config) counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
 /// What a transport knows about a connecting client, handed to the connect callback.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]

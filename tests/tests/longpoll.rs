@@ -259,3 +259,20 @@ async fn polling_alone_keeps_a_session_past_the_heartbeat_timeout() {
     lp.endpoint.pubsub().broadcast("room:listen", "still", json!({}));
     assert_eq!(lp.messages(&token, 1).await[0][3], "still");
 }
+
+#[tokio::test]
+async fn sessions_past_the_per_ip_limit_are_refused_with_403() {
+    let endpoint = fawkes_tests::endpoint(Config::default().max_connections_per_ip(Some(2)));
+    let lp = Lp { svc: LongPollService::new(endpoint.clone()), endpoint };
+    let open_from = |ip: [u8; 4]| {
+        let mut req = http::Request::get("/socket/longpoll?vsn=2.0.0").body(Full::default()).expect("request");
+        req.extensions_mut().insert(fawkes::PeerAddr(std::net::SocketAddr::from((ip, 40000))));
+        lp.request(req)
+    };
+    for _ in 0..2 {
+        assert_eq!(open_from([127, 0, 0, 1]).await.2["status"], 410, "a session opens (410 with its token)");
+    }
+    assert_eq!(open_from([127, 0, 0, 1]).await.2["status"], 403, "the third from the same address is refused");
+    assert_eq!(open_from([127, 0, 0, 2]).await.2["status"], 410, "another address has its own count");
+    assert_eq!(lp.endpoint.connected(), 3);
+}

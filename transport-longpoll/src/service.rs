@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -13,7 +14,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use fawkes_channel::{
-    ConnectError, ConnectInfo, Endpoint, Frame, NodeId, Outbound, ServiceGuard, Session, SessionSigner,
+    ConnectError, ConnectInfo, Endpoint, Frame, NodeId, Outbound, PeerAddr, ServiceGuard, Session, SessionSigner,
     random_session_id,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -406,7 +407,8 @@ impl LongPollService {
                 if token.is_some() {
                     tracing::debug!("long-poll GET with an unknown or invalid token: opening a new session");
                 }
-                registry.open(query.as_deref(), std::mem::take(req.headers_mut())).await
+                let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+                registry.open(query.as_deref(), std::mem::take(req.headers_mut()), peer).await
             }
         }
     }
@@ -452,8 +454,9 @@ impl LongPollService {
 }
 
 impl Registry {
-    async fn open(&self, query: Option<&str>, headers: http::HeaderMap) -> Answer {
+    async fn open(&self, query: Option<&str>, headers: http::HeaderMap, peer: Option<SocketAddr>) -> Answer {
         let mut info = ConnectInfo::new("longpoll", false).with_query(query);
+        info.peer_addr = peer;
         info.params.remove("token");
         info.auth_token = headers.get("x-phoenix-authtoken").and_then(|v| v.to_str().ok()).map(str::to_owned);
         info.headers = headers;

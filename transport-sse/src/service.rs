@@ -151,6 +151,7 @@ impl SseService {
         let mut info = ConnectInfo::new("sse", false).with_query(Some(&query));
         // EventSource cannot send headers: the client's bearer token may come as `auth_token`.
         info.auth_token = info.params.remove("auth_token");
+        info.peer_addr = req.extensions().get::<fawkes_channel::PeerAddr>().map(|p| p.0);
         info.params.retain(|k, _| k != "token" && k != "last_event_id");
         info.headers = std::mem::take(req.headers_mut());
         let session = match self.0.endpoint.connect(info).await {

@@ -34,5 +34,6 @@ mod connection;
 mod serve;
 mod service;
 
+pub use fawkes_channel::PeerAddr;
 pub use serve::serve;
-pub use service::{PeerAddr, WebSocketService, WsOptions};
+pub use service::{WebSocketService, WsOptions};

@@ -3,14 +3,13 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use fawkes_channel::{ConnectError, ConnectInfo, Endpoint};
+use fawkes_channel::{ConnectError, ConnectInfo, Endpoint, PeerAddr};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
@@ -21,11 +20,6 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use crate::connection;
 
 const BEARER_PREFIX: &str = "base64url.bearer.phx.";
-
-/// The peer's address, for [`ConnectInfo::peer_addr`]. [`serve`](crate::serve) inserts it into
-/// each request's extensions; other servers may do the same.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
 
 /// WebSocket buffer sizes. Limits on what a peer may send live in the endpoint's
 /// [`Config`](fawkes_channel::Config) (`max_frame_size`).
