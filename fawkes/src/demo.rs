@@ -3,11 +3,13 @@
 //! - `room:{name}`: join params may carry `{"user": string}` (default `"anonymous"`); the join
 //!   replies ok `{}`. A join that names its user is tracked in Presence under that user, with
 //!   meta `{"online_at": <unix ms>}`: the client gets `presence_state` right after the join
-//!   reply, and every subscriber gets `presence_diff` as users come and go, on every node. With a database, rows of `fawkes_events` for the topic arrive as `event`
-//!   with `{"id": <row id>, "data": <payload>}`, and `{"last_event_id": N}` in the join params
-//!   replays every such row with id > N first. `new_msg` `{"body": ...}` broadcasts `new_msg` `{"body": ..., "user": ...}`
-//!   to every subscriber, the sender included, and replies ok `{}`. `ping` replies ok with the
-//!   payload unchanged, JSON or binary. Any other event replies error `{"reason": "unknown event"}`.
+//!   reply, and every subscriber gets `presence_diff` as users come and go, on every node.
+//! - With a database, rows of `fawkes_events` for the topic arrive as `event` with
+//!   `{"id": <row id>, "data": <payload>}`: every row written from the moment of the join on, or,
+//!   with `{"last_event_id": N}` in the join params, every row with id > N first.
+//! - `new_msg` `{"body": ...}` broadcasts `new_msg` `{"body": ..., "user": ...}` to every
+//!   subscriber, the sender included, and replies ok `{}`. `ping` replies ok with the payload
+//!   unchanged, JSON or binary. Any other event replies error `{"reason": "unknown event"}`.
 //! - `admin:{anything}`: every join is refused with `{"reason": "unauthorized"}`.
 //! - any other topic: the join is refused with `{"reason": "unmatched topic"}`.
 
@@ -34,7 +36,10 @@ impl Channel for Room {
         self.tracked = user.is_some();
         #[cfg(feature = "db")]
         {
-            self.last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64);
+            // Without a last_event_id, rows from the moment of the join on: the stream is attached
+            // after the join reply, and a row written in between must not be missed.
+            let joined_at = self.events.as_ref().map(|events| events.position());
+            self.last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64).or(joined_at);
         }
         Ok(json!({}))
     }

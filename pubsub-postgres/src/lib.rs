@@ -26,13 +26,12 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use fawkes_channel::{Adapter, NodeId, RemoteInbound};
+use fawkes_channel::{Adapter, Backoff, NodeId, Outgoing, OutgoingQueue, RemoteInbound};
 use futures_util::future::BoxFuture;
 use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
@@ -42,8 +41,6 @@ use tokio::sync::mpsc;
 const BATCH: usize = 256;
 /// PostgreSQL's limit is 8000 bytes; anything at or above it goes through the spill table.
 const MAX_NOTIFY: usize = 7999;
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long spilled messages are kept for receivers to read.
 const SPILL_KEEP_SECS: i64 = 300;
 
@@ -87,13 +84,6 @@ pub enum PostgresAdapterError {
     Url(#[from] sqlx::Error),
 }
 
-enum Out {
-    All(Bytes),
-    To(NodeId, Bytes),
-    /// Answered once everything queued before it has been sent.
-    Flush(tokio::sync::oneshot::Sender<()>),
-}
-
 /// Carries a PubSub's messages through PostgreSQL. Create it, give it to
 /// [`PubSub::with_adapter`](fawkes_channel::PubSub::with_adapter) inside a tokio runtime; it
 /// connects in the background.
@@ -101,9 +91,7 @@ pub struct PostgresAdapter {
     url: String,
     pool: PgPool,
     channel: String,
-    tx: mpsc::Sender<Out>,
-    rx: parking_lot::Mutex<Option<mpsc::Receiver<Out>>>,
-    inbound: OnceLock<RemoteInbound>,
+    queue: OutgoingQueue,
 }
 
 impl fmt::Debug for PostgresAdapter {
@@ -123,24 +111,12 @@ impl PostgresAdapter {
         let pool = PgPoolOptions::new().max_connections(2).acquire_timeout(Duration::from_secs(2)).connect_lazy(url)?;
         let cluster: String =
             options.cluster.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(24).collect();
-        let (tx, rx) = mpsc::channel(options.queue);
         Ok(PostgresAdapter {
             url: url.to_owned(),
             pool,
             channel: format!("fawkes_{}", cluster.to_ascii_lowercase()),
-            tx,
-            rx: parking_lot::Mutex::new(Some(rx)),
-            inbound: OnceLock::new(),
+            queue: OutgoingQueue::new(options.queue),
         })
-    }
-
-    fn enqueue(&self, out: Out) {
-        if self.tx.try_send(out).is_err()
-            && let Some(inbound) = self.inbound.get()
-        {
-            inbound.dropped(1);
-            tracing::warn!(channel = %self.channel, "postgres publish queue full; message dropped");
-        }
     }
 }
 
@@ -150,36 +126,29 @@ impl Adapter for PostgresAdapter {
             tracing::error!("PostgresAdapter started outside a tokio runtime: it stays disconnected");
             return;
         };
-        let _ = self.inbound.set(inbound.clone());
         let direct = format!("{}_{}", self.channel, inbound.node());
         rt.spawn(listener(self.url.clone(), self.pool.clone(), [self.channel.clone(), direct], inbound.clone()));
-        if let Some(rx) = self.rx.lock().take() {
+        if let Some(rx) = self.queue.start(&inbound) {
             rt.spawn(publisher(self.pool.clone(), self.channel.clone(), rx, inbound));
         }
     }
 
     fn broadcast(&self, message: Bytes) {
-        self.enqueue(Out::All(message));
+        self.queue.push(Outgoing::All(message));
     }
 
     fn send(&self, node: NodeId, message: Bytes) {
-        self.enqueue(Out::To(node, message));
+        self.queue.push(Outgoing::To(node, message));
     }
 
     fn flush(&self) -> BoxFuture<'_, ()> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let queued = self.tx.try_send(Out::Flush(tx)).is_ok();
-        Box::pin(async move {
-            if queued {
-                let _ = rx.await;
-            }
-        })
+        self.queue.flush()
     }
 }
 
 /// Listens and hands every notification to the PubSub, reconnecting until the PubSub is gone.
 async fn listener(url: String, pool: PgPool, channels: [String; 2], inbound: RemoteInbound) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new();
     let mut failures = 0u32;
     while !inbound.is_closed() {
         let listening = async {
@@ -190,7 +159,7 @@ async fn listener(url: String, pool: PgPool, channels: [String; 2], inbound: Rem
         match listening.await {
             Ok(mut listener) => {
                 inbound.connected(true);
-                backoff = BACKOFF_MIN;
+                backoff.reset();
                 failures = 0;
                 let mut check = tokio::time::interval(Duration::from_secs(5));
                 loop {
@@ -220,8 +189,7 @@ async fn listener(url: String, pool: PgPool, channels: [String; 2], inbound: Rem
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff.wait().await;
     }
 }
 
@@ -243,15 +211,14 @@ async fn read(pool: &PgPool, payload: &str) -> Result<Bytes, String> {
 
 /// Sends queued messages, a batch per statement. Messages wait in the queue while PostgreSQL is
 /// away; a statement that fails is not retried (it may have committed before the error came).
-async fn publisher(pool: PgPool, channel: String, mut rx: mpsc::Receiver<Out>, inbound: RemoteInbound) {
-    let mut backoff = BACKOFF_MIN;
+async fn publisher(pool: PgPool, channel: String, mut rx: mpsc::Receiver<Outgoing>, inbound: RemoteInbound) {
+    let mut backoff = Backoff::new();
     while let Err(e) = prepare(&pool).await {
         if inbound.is_closed() {
             return;
         }
         tracing::debug!(error = %e, "postgres publisher cannot prepare its table; retrying");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff.wait().await;
     }
     let mut batch = Vec::with_capacity(BATCH);
     let mut last_prune = tokio::time::Instant::now();
@@ -261,14 +228,13 @@ async fn publisher(pool: PgPool, channel: String, mut rx: mpsc::Receiver<Out>, i
             return;
         }
         // After a failure, wait for the database before sending (what queues meanwhile waits).
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new();
         while !healthy {
             match sqlx::query("SELECT 1").execute(&pool).await {
                 Ok(_) => healthy = true,
                 Err(e) => {
                     tracing::debug!(error = %e, "postgres publisher waiting for the database");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    backoff.wait().await;
                 }
             }
         }
@@ -278,9 +244,9 @@ async fn publisher(pool: PgPool, channel: String, mut rx: mpsc::Receiver<Out>, i
         let mut flushes = Vec::new();
         for out in batch.drain(..) {
             let (to, bytes) = match out {
-                Out::All(bytes) => (channel.clone(), bytes),
-                Out::To(node, bytes) => (format!("{channel}_{node}"), bytes),
-                Out::Flush(done) => {
+                Outgoing::All(bytes) => (channel.clone(), bytes),
+                Outgoing::To(node, bytes) => (format!("{channel}_{node}"), bytes),
+                Outgoing::Flush(done) => {
                     flushes.push(done);
                     continue;
                 }

@@ -26,19 +26,16 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fawkes_channel::{Adapter, NodeId, RemoteInbound};
+use fawkes_channel::{Adapter, Backoff, NodeId, Outgoing, OutgoingQueue, RemoteInbound};
 use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 /// Most messages sent in one pipeline.
 const BATCH: usize = 256;
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Settings of a [`RedisAdapter`].
 #[derive(Debug, Clone)]
@@ -79,22 +76,13 @@ pub enum RedisAdapterError {
     Url(#[from] redis::RedisError),
 }
 
-enum Out {
-    All(Bytes),
-    To(NodeId, Bytes),
-    /// Answered once everything queued before it has been sent.
-    Flush(tokio::sync::oneshot::Sender<()>),
-}
-
 /// Carries a PubSub's messages through Redis. Create it, give it to
 /// [`PubSub::with_adapter`](fawkes_channel::PubSub::with_adapter) inside a tokio runtime; it
 /// connects in the background.
 pub struct RedisAdapter {
     client: redis::Client,
     options: RedisOptions,
-    tx: mpsc::Sender<Out>,
-    rx: parking_lot::Mutex<Option<mpsc::Receiver<Out>>>,
-    inbound: OnceLock<RemoteInbound>,
+    queue: OutgoingQueue,
 }
 
 impl fmt::Debug for RedisAdapter {
@@ -112,17 +100,8 @@ impl RedisAdapter {
     /// An adapter with its own cluster name and queue size.
     pub fn with_options(url: &str, options: RedisOptions) -> Result<RedisAdapter, RedisAdapterError> {
         let client = redis::Client::open(url)?;
-        let (tx, rx) = mpsc::channel(options.queue);
-        Ok(RedisAdapter { client, options, tx, rx: parking_lot::Mutex::new(Some(rx)), inbound: OnceLock::new() })
-    }
-
-    fn enqueue(&self, out: Out) {
-        if self.tx.try_send(out).is_err()
-            && let Some(inbound) = self.inbound.get()
-        {
-            inbound.dropped(1);
-            tracing::warn!(cluster = %self.options.cluster, "redis publish queue full; message dropped");
-        }
+        let queue = OutgoingQueue::new(options.queue);
+        Ok(RedisAdapter { client, options, queue })
     }
 }
 
@@ -132,37 +111,30 @@ impl Adapter for RedisAdapter {
             tracing::error!("RedisAdapter started outside a tokio runtime: it stays disconnected");
             return;
         };
-        let _ = self.inbound.set(inbound.clone());
         let broadcast = self.options.cluster.clone();
         let direct = format!("{}:{}", self.options.cluster, inbound.node());
         rt.spawn(subscriber(self.client.clone(), vec![broadcast.clone(), direct], inbound.clone()));
-        if let Some(rx) = self.rx.lock().take() {
+        if let Some(rx) = self.queue.start(&inbound) {
             rt.spawn(publisher(self.client.clone(), broadcast, rx, inbound));
         }
     }
 
     fn broadcast(&self, message: Bytes) {
-        self.enqueue(Out::All(message));
+        self.queue.push(Outgoing::All(message));
     }
 
     fn send(&self, node: NodeId, message: Bytes) {
-        self.enqueue(Out::To(node, message));
+        self.queue.push(Outgoing::To(node, message));
     }
 
     fn flush(&self) -> BoxFuture<'_, ()> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let queued = self.tx.try_send(Out::Flush(tx)).is_ok();
-        Box::pin(async move {
-            if queued {
-                let _ = rx.await;
-            }
-        })
+        self.queue.flush()
     }
 }
 
 /// Subscribes and hands every message to the PubSub, reconnecting until the PubSub is gone.
 async fn subscriber(client: redis::Client, channels: Vec<String>, inbound: RemoteInbound) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new();
     let mut failures = 0u32;
     while !inbound.is_closed() {
         let subscribed = async {
@@ -175,7 +147,7 @@ async fn subscriber(client: redis::Client, channels: Vec<String>, inbound: Remot
         match subscribed.await {
             Ok(pubsub) => {
                 inbound.connected(true);
-                backoff = BACKOFF_MIN;
+                backoff.reset();
                 failures = 0;
                 let mut messages = pubsub.into_on_message();
                 let mut check = tokio::time::interval(Duration::from_secs(5));
@@ -199,21 +171,20 @@ async fn subscriber(client: redis::Client, channels: Vec<String>, inbound: Remot
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff.wait().await;
     }
 }
 
 /// Sends queued messages in pipelines. Messages wait in the queue while Redis is away; a
 /// pipeline that fails midway is not retried (some of it may have been published, and a retry
 /// would deliver that part twice).
-async fn publisher(client: redis::Client, broadcast: String, mut rx: mpsc::Receiver<Out>, inbound: RemoteInbound) {
+async fn publisher(client: redis::Client, broadcast: String, mut rx: mpsc::Receiver<Outgoing>, inbound: RemoteInbound) {
     let mut batch = Vec::with_capacity(BATCH);
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new();
     loop {
         let mut conn = match client.get_multiplexed_async_connection().await {
             Ok(conn) => {
-                backoff = BACKOFF_MIN;
+                backoff.reset();
                 conn
             }
             Err(e) => {
@@ -221,8 +192,7 @@ async fn publisher(client: redis::Client, broadcast: String, mut rx: mpsc::Recei
                     return;
                 }
                 tracing::debug!(error = %e, "redis publisher cannot connect; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff.wait().await;
                 continue;
             }
         };
@@ -235,9 +205,9 @@ async fn publisher(client: redis::Client, broadcast: String, mut rx: mpsc::Recei
             let mut sent = 0;
             for out in batch.drain(..) {
                 match out {
-                    Out::All(bytes) => pipe.publish(&broadcast, bytes.as_ref()).ignore(),
-                    Out::To(node, bytes) => pipe.publish(format!("{broadcast}:{node}"), bytes.as_ref()).ignore(),
-                    Out::Flush(done) => {
+                    Outgoing::All(bytes) => pipe.publish(&broadcast, bytes.as_ref()).ignore(),
+                    Outgoing::To(node, bytes) => pipe.publish(format!("{broadcast}:{node}"), bytes.as_ref()).ignore(),
+                    Outgoing::Flush(done) => {
                         flushes.push(done);
                         continue;
                     }
