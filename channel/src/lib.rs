@@ -139,13 +139,13 @@ mod task;
 mod token;
 
 pub use channel::{Channel, HandleIn, Pusher, SocketRef, StopReason, Terminate, reason};
+pub use cluster::{ClusterOptions, ClusterStats, EnvelopeError, NodeId, RequestError};
 pub use config::{Config, JoinRate, SlowConsumerPolicy};
 pub use endpoint::{Endpoint, EndpointBuilder};
 pub use fawkes_serializer::{Broadcast, Frame, Payload, Ref, ReplyStatus, Serializer};
 pub use origin::OriginCheck;
 pub use outbox::{CloseReason, Outbound};
 pub use outgoing::{Backoff, Outgoing, OutgoingQueue};
-pub use cluster::{ClusterOptions, ClusterStats, EnvelopeError, NodeId, RequestError};
 pub use presence::{Presence, PresenceError};
 pub use pubsub::{Adapter, BroadcastFrames, PubSub, RemoteInbound, ServiceGuard, SubscriberId, Subscription};
 pub use router::Router;

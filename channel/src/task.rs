@@ -43,7 +43,8 @@ pub(crate) struct JoinRequest {
 pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
     let JoinRequest { topic, join_ref, msg_ref, params, replaces, outbox, info, pubsub, mut mailbox, mailbox_capacity } =
         req;
-    let mut socket = SocketRef { topic, join_ref, outbox, info, pubsub, subscriber: None, alive: Arc::new(()), presence: None };
+    let mut socket =
+        SocketRef { topic, join_ref, outbox, info, pubsub, subscriber: None, alive: Arc::new(()), presence: None };
 
     let joined = AssertUnwindSafe(channel.join(params, &mut socket)).catch_unwind().await;
     let (status, response) = match joined {

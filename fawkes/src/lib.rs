@@ -36,15 +36,15 @@ pub mod demo;
 pub mod server;
 
 pub use fawkes_channel::*;
+#[cfg(feature = "postgres")]
+pub use fawkes_pubsub_postgres as pubsub_postgres;
+#[cfg(feature = "redis")]
+pub use fawkes_pubsub_redis as pubsub_redis;
 pub use fawkes_serializer as serializer;
 #[cfg(feature = "db")]
 pub use fawkes_transport_db as db;
 #[cfg(feature = "longpoll")]
 pub use fawkes_transport_longpoll as longpoll;
-#[cfg(feature = "postgres")]
-pub use fawkes_pubsub_postgres as pubsub_postgres;
-#[cfg(feature = "redis")]
-pub use fawkes_pubsub_redis as pubsub_redis;
 #[cfg(feature = "sse")]
 pub use fawkes_transport_sse as sse;
 #[cfg(feature = "ws")]

@@ -44,11 +44,7 @@ pub fn endpoint(config: Config) -> Endpoint {
 
 /// An endpoint with `router` and the test connect callback.
 pub fn endpoint_with(router: Router, config: Config) -> Endpoint {
-    Endpoint::builder()
-        .router(router)
-        .config(config)
-        .on_connect(fawkes_testkit::connect)
-        .build()
+    Endpoint::builder().router(router).config(config).on_connect(fawkes_testkit::connect).build()
 }
 
 /// A server on an ephemeral loopback port, shut down when dropped.

@@ -567,7 +567,8 @@ mod kit {
 #[tokio::test]
 async fn sqlite_passes_the_conformance_kit() {
     let t = sqlite().await;
-    let report = fawkes_testkit::run("db-sqlite", kit::capabilities(), |endpoint| kit::serve(t.db.clone(), endpoint)).await;
+    let report =
+        fawkes_testkit::run("db-sqlite", kit::capabilities(), |endpoint| kit::serve(t.db.clone(), endpoint)).await;
     kit::check(&report);
 }
 
@@ -575,7 +576,8 @@ async fn sqlite_passes_the_conformance_kit() {
 async fn postgres_passes_the_conformance_kit() {
     if let Some(t) = postgres().await {
         let report =
-            fawkes_testkit::run("db-postgres", kit::capabilities(), |endpoint| kit::serve(t.db.clone(), endpoint)).await;
+            fawkes_testkit::run("db-postgres", kit::capabilities(), |endpoint| kit::serve(t.db.clone(), endpoint))
+                .await;
         kit::check(&report);
     }
 }
