@@ -97,9 +97,12 @@ fn a_sixth_element_is_ignored_and_nulls_are_read_as_empty() {
     assert_eq!((m.topic.as_str(), m.event.as_str(), m.msg_ref), ("", "", None));
 }
 
+/// A frame and what its error must be.
+type Case = (&'static str, fn(&DecodeError) -> bool);
+
 #[test]
 fn malformed_frames_are_typed_errors() {
-    let cases: &[(&str, fn(&DecodeError) -> bool)] = &[
+    let cases: &[Case] = &[
         ("[\"1\", not json", |e| matches!(e, DecodeError::Json(_))),
         ("{not json", |e| matches!(e, DecodeError::Shape(_) | DecodeError::Json(_))),
         ("", |e| matches!(e, DecodeError::Json(_))),

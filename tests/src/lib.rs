@@ -205,10 +205,10 @@ impl RawClient {
     /// Skips messages until the reply to `msg_ref`.
     pub async fn reply_to(&mut self, msg_ref: &Ref) -> fawkes_serializer::Reply {
         loop {
-            if let ServerMessage::Reply(r) = self.message().await {
-                if r.msg_ref.as_ref() == Some(msg_ref) {
-                    return r;
-                }
+            if let ServerMessage::Reply(r) = self.message().await
+                && r.msg_ref.as_ref() == Some(msg_ref)
+            {
+                return r;
             }
         }
     }

@@ -56,22 +56,21 @@ async fn postgres() -> Option<TestDb> {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if let Some((admin_url, name)) = self.cleanup.take() {
-            if let Db::Postgres(_) = &self.db {
-                // FORCE ends the test's own connections (a stream's LISTEN among them). It runs on
-                // a thread with its own runtime, since Drop cannot await.
-                let _ = std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-                    rt.block_on(async {
-                        if let Ok(admin) = sqlx::PgPool::connect(&admin_url).await {
-                            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                                .execute(&admin)
-                                .await;
-                        }
-                    });
-                })
-                .join();
-            }
+        if let Some((admin_url, name)) = self.cleanup.take()
+            && let Db::Postgres(_) = &self.db
+        {
+            // FORCE ends the test's own connections (a stream's LISTEN among them). It runs on
+            // a thread with its own runtime, since Drop cannot await.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                rt.block_on(async {
+                    if let Ok(admin) = sqlx::PgPool::connect(&admin_url).await {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
+                    }
+                });
+            })
+            .join();
         }
     }
 }
@@ -296,7 +295,7 @@ async fn postgres_concurrent_writers_never_lose_or_repeat_a_row() {
                 .expect("insert");
                 let delay = rand::random::<u64>() % 30;
                 tokio::time::sleep(Duration::from_millis(delay)).await;
-                if rand::random::<u8>() % 10 == 0 {
+                if rand::random::<u8>().is_multiple_of(10) {
                     tx.rollback().await.expect("rollback");
                 } else {
                     tx.commit().await.expect("commit");

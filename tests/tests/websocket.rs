@@ -30,7 +30,7 @@ async fn a_foreign_origin_gets_403() {
     let server = TestServer::start(Config::default()).await;
     let mut req = server.url("vsn=2.0.0").into_client_request().expect("request");
     req.headers_mut().insert("origin", HeaderValue::from_static("https://evil.example"));
-    let err = tokio_tungstenite::connect_async(req).await.err().expect("refused");
+    let err = tokio_tungstenite::connect_async(req).await.expect_err("refused");
     assert_eq!(status_of(err), 403, "foreign origin");
     let mut req = server.url("vsn=2.0.0").into_client_request().expect("request");
     let own = format!("http://{}", server.addr);
@@ -215,7 +215,7 @@ async fn connections_past_the_per_ip_limit_get_403() {
     let server = TestServer::start(Config::default().max_connections_per_ip(Some(2))).await;
     let mut first = connect_from(&server, [127, 0, 0, 1]).await.expect("first from 127.0.0.1");
     let second = connect_from(&server, [127, 0, 0, 1]).await.expect("second from 127.0.0.1");
-    let refused = connect_from(&server, [127, 0, 0, 1]).await.err().expect("third from 127.0.0.1 refused");
+    let refused = connect_from(&server, [127, 0, 0, 1]).await.expect_err("third from 127.0.0.1 refused");
     assert_eq!(status_of(refused), 403);
     let other = connect_from(&server, [127, 0, 0, 2]).await.expect("another address has its own count");
     assert_eq!(server.endpoint.connected(), 3);
