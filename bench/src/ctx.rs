@@ -351,3 +351,14 @@ impl Deliveries {
 pub fn due(start: Instant, rate: u32) -> u64 {
     (start.elapsed().as_secs_f64() * f64::from(rate)) as u64
 }
+
+/// When a paced ping due at `at` is followed by the next one: a late reply skips the pings it
+/// missed rather than bunching them up.
+pub fn next_ping(at: tokio::time::Instant, every: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let mut next = at + every;
+    while next <= now {
+        next += every;
+    }
+    next
+}

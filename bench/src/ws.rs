@@ -144,13 +144,7 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, clients: usize, role: Role) -> Res
         let ping_due = next_ping.is_none_or(|at| at <= tokio::time::Instant::now());
         if let (Role::Echo { every }, true, None, true) = (role, measuring, &pending, ping_due) {
             if let (Some(every), Some(at)) = (every, next_ping) {
-                // A late reply skips the pings it missed rather than bunching them up.
-                let now = tokio::time::Instant::now();
-                let mut next = at + every;
-                while next <= now {
-                    next += every;
-                }
-                next_ping = Some(next);
+                next_ping = Some(crate::ctx::next_ping(at, every));
             }
             next_ref += 1;
             let msg_ref = next_ref.to_string();
