@@ -3,6 +3,7 @@
 
 use fawkes_channel::{Config, ConnectInfo, Endpoint, Frame, Payload, Ref, ReplyStatus, StopReason, Terminate};
 use fawkes_serializer::ServerMessage;
+use futures_util::FutureExt as _;
 use serde_json::json;
 
 use crate::support::{BINARY, Ended, connect, connect_with, endpoint, next_end, reason_of};
@@ -234,6 +235,40 @@ async fn stop_closes_the_channel_after_its_reply() {
     assert_eq!(c.reply().await.status, ReplyStatus::Ok);
     assert_eq!(c.next_text().await, r#"["1","1","test:s","phx_close",{}]"#);
     assert_eq!(next_end(&mut ended).await.why, Terminate::Stop(StopReason::Normal));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_channel_stopping_with_an_error_yields_phx_error() {
+    let (ep, mut ended) = endpoint(Config::default());
+    let mut c = connect(&ep, "vsn=2.0.0").await;
+    c.send(r#"["1","1","test:f","phx_join",{}]"#).await;
+    c.reply().await;
+    c.send(r#"["1","2","test:f","fail",{}]"#).await;
+    assert_eq!(c.next_text().await, r#"["1","1","test:f","phx_error",{}]"#);
+    assert_eq!(next_end(&mut ended).await.why, Terminate::Stop(StopReason::Error("requested".into())));
+    c.send(r#"["1","3","test:f","ping",{}]"#).await;
+    assert_eq!(reason_of(&c.reply().await), Some("unmatched topic"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_channel_holds_up_its_socket_once_its_mailbox_is_full() {
+    let (ep, _) = endpoint(Config::default().channel_mailbox(1));
+    let mut c = connect(&ep, "vsn=2.0.0").await;
+    c.send(r#"["1","1","test:busy","phx_join",{}]"#).await;
+    c.reply().await;
+    c.send(r#"["1","2","test:busy","wait",{}]"#).await;
+    assert_eq!(c.next_text().await, r#"["1",null,"test:busy","waiting",{}]"#);
+    // The channel is busy with `wait`; this push fills its one-slot mailbox.
+    c.send(r#"["1","3","test:busy","ping",{"n":3}]"#).await;
+    let mut held = Box::pin(c.session.handle_frame(Frame::text(r#"["1","4","test:busy","ping",{"n":4}]"#)));
+    assert!((&mut held).now_or_never().is_none(), "the frame waits for room in the mailbox");
+    assert!(c.out.recv().now_or_never().is_none(), "nothing answered yet");
+    ep.pubsub().broadcast("gate", "open", json!({}));
+    held.await.expect("taken once the channel catches up");
+    for (msg_ref, response) in [("2", json!({})), ("3", json!({"n": 3})), ("4", json!({"n": 4}))] {
+        let r = c.reply().await;
+        assert_eq!((r.msg_ref, r.response), (Some(Ref::new(msg_ref)), Payload::Json(response)));
+    }
 }
 
 #[tokio::test(start_paused = true)]

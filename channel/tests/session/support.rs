@@ -37,8 +37,9 @@ pub struct Ended {
 ///   `push`/`broadcast`/`broadcast_from` `{"event", "payload"}` do that and reply ok;
 ///   `binary_push`/`binary_broadcast` send event `binary` with [`BINARY`]; `deferred_push` replies
 ///   ok, then another task pushes `deferred` with the payload; `noreply` answers nothing;
-///   `error_reply` replies error `{"reason": "requested"}`; anything else replies error
-///   `{"reason": "unknown event"}`.
+///   `error_reply` replies error `{"reason": "requested"}`; `fail` stops with an error and no
+///   reply; `wait` pushes `waiting`, then replies ok once something is broadcast on topic `gate`
+///   (the channel is busy until then); anything else replies error `{"reason": "unknown event"}`.
 struct Probe {
     user: String,
     track: bool,
@@ -88,6 +89,13 @@ impl Channel for Probe {
             "ping" | "echo" => HandleIn::ok(payload),
             "crash" => panic!("crash requested"),
             "stop" => HandleIn::Stop { reason: StopReason::Normal, reply: Some((ReplyStatus::Ok, Payload::empty())) },
+            "fail" => HandleIn::Stop { reason: StopReason::Error("requested".into()), reply: None },
+            "wait" => {
+                let mut gate = socket.pubsub().subscribe("gate", 1);
+                socket.push("waiting", json!({}));
+                let _ = gate.recv().await;
+                HandleIn::ok(json!({}))
+            }
             "push" => {
                 let (event, body) = target();
                 socket.push(&event, body);
