@@ -1,10 +1,13 @@
 //! Joins, pushes and replies, leaves, duplicate joins, crashes, broadcasts, Presence and binary
 //! payloads, as the peer sees them on the wire.
 
+use std::time::Duration;
+
 use fawkes_channel::{Config, ConnectInfo, Endpoint, Frame, Payload, Ref, ReplyStatus, StopReason, Terminate};
 use fawkes_serializer::ServerMessage;
 use futures_util::FutureExt as _;
 use serde_json::json;
+use tokio::time::timeout;
 
 use crate::support::{BINARY, Ended, connect, connect_with, endpoint, next_end, reason_of};
 
@@ -408,12 +411,32 @@ async fn after_join_pushes_follow_the_join_reply() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_pusher_pushes_from_another_task() {
+async fn a_pusher_pushes_from_another_task_until_its_channel_ends() {
     let ep = default_endpoint();
+    let mut results = ep.pubsub().subscribe("pushed", 4);
+    let mut delivered = async || {
+        let result = timeout(Duration::from_secs(5), results.recv()).await.expect("a result").expect("subscribed");
+        result.payload.as_json().and_then(|p| p["delivered"].as_bool()).expect("delivered")
+    };
     let mut c = connect(&ep, "vsn=2.0.0").await;
     c.send(r#"["1","1","test:p","phx_join",{}]"#).await;
     c.reply().await;
     c.send(r#"["1","2","test:p","deferred_push",{"n":7}]"#).await;
     assert_eq!(c.reply().await.msg_ref, Some(Ref::new("2")));
     assert_eq!(c.next_text().await, r#"["1",null,"test:p","deferred",{"n":7}]"#);
+
+    c.send(r#"["1","3","test:p","push_when_gate_opens",{}]"#).await;
+    c.reply().await;
+    ep.pubsub().broadcast("gate", "open", json!({}));
+    assert!(delivered().await);
+    assert_eq!(c.next_text().await, r#"["1",null,"test:p","late",{}]"#);
+
+    c.send(r#"["1","4","test:p","push_when_gate_opens",{}]"#).await;
+    c.reply().await;
+    c.send(r#"["1","5","test:p","phx_leave",{}]"#).await;
+    c.reply().await;
+    assert_eq!(c.next_text().await, r#"["1","1","test:p","phx_close",{}]"#);
+    ep.pubsub().broadcast("gate", "open", json!({}));
+    assert!(!delivered().await, "the channel has ended");
+    assert!(c.is_quiet());
 }

@@ -36,7 +36,9 @@ pub struct Ended {
 ///   `ping`/`echo` reply ok with the payload; `crash` panics; `stop` replies ok then stops;
 ///   `push`/`broadcast`/`broadcast_from` `{"event", "payload"}` do that and reply ok;
 ///   `binary_push`/`binary_broadcast` send event `binary` with [`BINARY`]; `deferred_push` replies
-///   ok, then another task pushes `deferred` with the payload; `noreply` answers nothing;
+///   ok, then another task pushes `deferred` with the payload; `push_when_gate_opens` replies ok,
+///   and once something is broadcast on topic `gate` another task pushes `late` and broadcasts
+///   `result` `{"delivered": bool}` on topic `pushed`; `noreply` answers nothing;
 ///   `error_reply` replies error `{"reason": "requested"}`; `fail` stops with an error and no
 ///   reply; `wait` pushes `waiting`, then replies ok once something is broadcast on topic `gate`
 ///   (the channel is busy until then); anything else replies error `{"reason": "unknown event"}`.
@@ -122,6 +124,17 @@ impl Channel for Probe {
             "deferred_push" => {
                 let pusher = socket.pusher();
                 tokio::spawn(async move { pusher.push("deferred", payload) });
+                HandleIn::ok(json!({}))
+            }
+            "push_when_gate_opens" => {
+                let pusher = socket.pusher();
+                let pubsub = socket.pubsub().clone();
+                let mut gate = pubsub.subscribe("gate", 1);
+                tokio::spawn(async move {
+                    let _ = gate.recv().await;
+                    let delivered = pusher.push("late", json!({}));
+                    pubsub.broadcast("pushed", "result", json!({ "delivered": delivered }));
+                });
                 HandleIn::ok(json!({}))
             }
             "noreply" => HandleIn::NoReply,
