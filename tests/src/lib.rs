@@ -34,7 +34,7 @@ pub use fawkes_testkit::{BINARY, TestChannel};
 
 /// The demo routes plus `test:*`.
 pub fn router() -> Router {
-    fawkes::demo::router().channel("test:*", TestChannel::default)
+    fawkes_server::demo::router().channel("test:*", TestChannel::default)
 }
 
 /// An endpoint with the test routes and connect callback.
@@ -64,7 +64,8 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(fawkes::server::serve(listener, endpoint.clone(), async {
+        let app = fawkes_server::app(endpoint.clone());
+        let task = tokio::spawn(fawkes_server::serve(listener, app, endpoint.clone(), async {
             let _ = stopped.await;
         }));
         TestServer { addr, endpoint, stop: Some(stop), task: Some(task) }
