@@ -2,22 +2,30 @@
 //!
 //! [`WebSocketService`] is a tower `Service` that answers the WebSocket upgrade of a Phoenix
 //! client (`{path}/websocket?vsn=2.0.0&...`) and then moves frames between the socket and a
-//! [`Session`](fawkes_channel::Session). Mount it in any hyper or axum app, or call [`serve`].
+//! [`Session`](fawkes_channel::Session). Mount it in any hyper or axum app. Graceful shutdown
+//! (close every socket with 1001, wait for them) is `Endpoint::shutdown` and
+//! `Endpoint::drained`; `fawkes_server::serve` does both for the `fawkes` binary.
 //!
 //! ```no_run
+//! use std::net::SocketAddr;
+//!
+//! use axum::extract::{ConnectInfo, Request};
 //! use fawkes_channel::{Endpoint, Router};
-//! use fawkes_transport_ws::{serve, WebSocketService};
+//! use fawkes_transport_ws::{PeerAddr, WebSocketService};
 //!
 //! # async fn run() -> std::io::Result<()> {
 //! let endpoint = Endpoint::new(Router::new());
-//!
-//! // In an axum app:
-//! let app: axum::Router = axum::Router::new()
-//!     .route_service("/socket/websocket", WebSocketService::new(endpoint.clone()));
-//!
-//! // Or on its own, at /socket/websocket, until Ctrl-C:
+//! let app = axum::Router::new()
+//!     .route_service("/socket/websocket", WebSocketService::new(endpoint.clone()))
+//!     // Optional: the peer's address, for `Config::max_connections_per_ip`.
+//!     .layer(axum::middleware::map_request(|mut req: Request| async move {
+//!         if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() {
+//!             req.extensions_mut().insert(PeerAddr(addr));
+//!         }
+//!         req
+//!     }));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:4000").await?;
-//! serve(listener, "/socket", endpoint, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await
 //! # }
 //! ```
 //!
@@ -31,9 +39,7 @@
 #![forbid(unsafe_code)]
 
 mod connection;
-mod serve;
 mod service;
 
 pub use fawkes_channel::PeerAddr;
-pub use serve::serve;
 pub use service::{WebSocketService, WsOptions};
