@@ -35,7 +35,11 @@
 //! - the `phoenix` subprotocol is echoed, and the token in `base64url.bearer.phx.<token>` goes to
 //!   the connect callback as [`ConnectInfo::auth_token`](fawkes_channel::ConnectInfo);
 //! - close codes: 1000 heartbeat timeout or application disconnect, 1001 server shutdown, 1008
-//!   slow consumer, 1009 frame larger than `max_frame_size`, 1011 malformed frame.
+//!   slow consumer, 1009 frame larger than `max_frame_size`, 1011 malformed frame;
+//! - the close handshake (RFC 6455 §5.5.1): a client's close frame is answered with a close
+//!   frame echoing its code, then the server ends the TCP connection. A close the server starts
+//!   is written and flushed first; the server then waits briefly (2 s) for the client's answer
+//!   and ends the connection.
 #![forbid(unsafe_code)]
 
 mod connection;
