@@ -13,8 +13,8 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 /// Frames written per flush.
 const BATCH: usize = 256;
-/// How long a closing connection waits for the peer: to read our close frame (a peer that
-/// stopped reading), then to answer it with its own and end the TCP connection.
+/// How long a closing connection waits for the peer's answer to our close frame, and then for
+/// the peer to end the TCP connection after ours.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How long a close frame may wait to be written to a peer that has stopped reading. Longer
 /// than [`CLOSE_GRACE`]: a slow consumer still reads what was sent before its 1008.
