@@ -9,7 +9,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 pkg="$root/tests/js/node_modules/phoenix"
-dest="$root/fawkes/assets"
+dest="$root/server/assets"
 
 if [[ ! -f "$pkg/package.json" ]]; then
   echo "error: $pkg is missing; run 'npm ci --prefix tests/js' first" >&2

@@ -629,8 +629,9 @@ impl InProcess {
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let endpoint = fawkes::Endpoint::new(fawkes::demo::router());
-        let served = runtime.spawn(fawkes::server::serve(listener, endpoint, async {
+        let endpoint = fawkes::Endpoint::new(fawkes_server::demo::router());
+        let app = fawkes_server::app(endpoint.clone());
+        let served = runtime.spawn(fawkes_server::serve(listener, app, endpoint, async {
             let _ = stopped.await;
         }));
         Ok(InProcess { runtime, addr, stop, served })

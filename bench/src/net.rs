@@ -22,7 +22,7 @@ pub struct Target {
 impl Target {
     /// The in-process server, listening at `addr`.
     pub fn local(addr: SocketAddr) -> Target {
-        Target { addr, authority: addr.to_string(), path: fawkes::server::SOCKET_PATH.to_owned() }
+        Target { addr, authority: addr.to_string(), path: fawkes_server::SOCKET_PATH.to_owned() }
     }
 
     /// Parses `http://HOST:PORT[/socket path]`. Only loopback servers are accepted: this tool
@@ -35,7 +35,7 @@ impl Target {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
         };
-        let path = if path.is_empty() { fawkes::server::SOCKET_PATH } else { path };
+        let path = if path.is_empty() { fawkes_server::SOCKET_PATH } else { path };
         let addrs: Vec<SocketAddr> = authority
             .to_socket_addrs()
             .map_err(|e| format!("--url {url:?}: cannot resolve {authority:?} (expected HOST:PORT): {e}"))?

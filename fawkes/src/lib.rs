@@ -1,9 +1,11 @@
 //! Phoenix Channels for Rust: channels, PubSub and pluggable transports.
 //!
-//! This facade re-exports [`fawkes_channel`] (channels, routing, sessions, PubSub) and the
-//! transports enabled by features (`ws`, `longpoll` and `db`, on by default), the PubSub adapters
-//! that make several nodes one cluster (`redis` and `postgres`, on by default), and holds the demo
-//! app that the `fawkes` binary serves.
+//! This facade only re-exports: [`fawkes_channel`] (channels, routing, sessions, PubSub) at its
+//! root, [`serializer`], and one module per crate behind a feature of the same purpose, all on by
+//! default: the transports `ws`, `longpoll`, `sse` and `db`, and the PubSub adapters that make
+//! several nodes one cluster, `redis` and `postgres`. It pulls in no command-line or logging
+//! setup: the `fawkes` binary, its demo app, metrics and graceful shutdown live in the
+//! `fawkes-server` crate.
 //!
 //! ```no_run
 //! use fawkes::{Channel, Endpoint, HandleIn, Payload, Router, SocketRef};
@@ -30,10 +32,6 @@
 //! # }
 //! ```
 #![forbid(unsafe_code)]
-
-pub mod demo;
-#[cfg(all(feature = "ws", feature = "longpoll"))]
-pub mod server;
 
 pub use fawkes_channel::*;
 #[cfg(feature = "postgres")]

@@ -1,2 +1,24 @@
-//! The `fawkes` server: wiring, metrics and the demo app.
+//! The `fawkes` server: the demo app, its page and metrics, every transport mounted under one
+//! path, and the one graceful shutdown path (stop accepting, close every socket, wait, leave the
+//! cluster).
+//!
+//! The binary `fawkes serve` is built from these pieces; so are the test server and the load
+//! generator's in-process server. A library user who wants only channels and transports depends
+//! on the `fawkes` facade instead.
+//!
+//! ```no_run
+//! use fawkes::Endpoint;
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let endpoint = Endpoint::new(fawkes_server::demo::router());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:4000").await?;
+//! let app = fawkes_server::app(endpoint.clone());
+//! fawkes_server::serve(listener, app, endpoint, fawkes_server::shutdown_signal()).await
+//! # }
+//! ```
 #![forbid(unsafe_code)]
+
+pub mod demo;
+mod server;
+
+pub use server::{SOCKET_PATH, app, app_with, serve, shutdown_signal, sockets};

@@ -149,8 +149,10 @@ async fn demo(db: &Db) -> (Endpoint, TableStream) {
         TableStream::start(db.clone(), StreamOptions::table("fawkes_events").poll_interval(Duration::from_millis(20)))
             .await
             .expect("stream");
-    let endpoint =
-        Endpoint::builder().router(fawkes::demo::router_with_events(events.clone())).config(Config::default()).build();
+    let endpoint = Endpoint::builder()
+        .router(fawkes_server::demo::router_with_events(events.clone()))
+        .config(Config::default())
+        .build();
     (endpoint, events)
 }
 

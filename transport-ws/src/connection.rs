@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use fawkes_channel::{CloseReason, Frame, Session};
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -13,11 +13,25 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 /// Frames written per flush.
 const BATCH: usize = 256;
-/// How long to wait for the peer's close frame after sending ours.
+/// How long a closing connection waits for the peer's answer to our close frame, and then for
+/// the peer to end the TCP connection after ours.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long a close frame may wait to be written to a peer that has stopped reading. Longer
+/// than [`CLOSE_GRACE`]: a slow consumer still reads what was sent before its 1008.
+const CLOSE_WRITE_GRACE: Duration = Duration::from_secs(10);
 
 type Sink<S> = futures_util::stream::SplitSink<WebSocketStream<S>, Message>;
 type Stream<S> = futures_util::stream::SplitStream<WebSocketStream<S>>;
+
+/// How a connection ends.
+enum End {
+    /// The session ended: tell the peer why with a close frame.
+    Server(CloseReason),
+    /// The peer sent a close frame: answer it (tungstenite has queued the echo).
+    Peer,
+    /// The connection is gone or broken: nothing can be said.
+    Gone,
+}
 
 /// Drives one connection to its end. Generic over the I/O, so it runs on hyper's upgraded
 /// connection, a TLS stream or an in-memory duplex alike.
@@ -36,30 +50,35 @@ where
 {
     let mut outbound = session.outbound();
     let mut batch = Vec::new();
+    // False once the peer's input cannot be read any further (a frame over the limit): the
+    // session then ends and its reason is sent.
+    let mut reading = true;
 
-    let reason = 'conn: loop {
+    let end = 'conn: loop {
         let frame = tokio::select! {
             sent = outbound.recv_many(&mut batch, BATCH) => match sent {
                 Ok(_) => {
                     if write(&mut sink, &mut batch).await.is_err() {
-                        break 'conn None;
+                        break 'conn End::Gone;
                     }
                     continue;
                 }
-                Err(reason) => break 'conn Some(reason),
+                Err(reason) => break 'conn End::Server(reason),
             },
-            msg = stream.next() => match msg {
+            msg = stream.next(), if reading => match msg {
                 Some(Ok(Message::Text(t))) => Frame::Text(t.into()),
                 Some(Ok(Message::Binary(b))) => Frame::Binary(b),
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                Some(Ok(Message::Close(_))) | None => break 'conn None,
+                Some(Ok(Message::Close(_))) => break 'conn End::Peer,
+                None => break 'conn End::Gone,
                 Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
                     session.close(CloseReason::FrameTooLarge { len: size, max: max_size });
+                    reading = false;
                     continue;
                 }
                 Some(Err(e)) => {
                     tracing::debug!(socket = session.id(), error = %e, "websocket read failed");
-                    break 'conn None;
+                    break 'conn End::Gone;
                 }
             },
         };
@@ -77,34 +96,103 @@ where
                 sent = outbound.recv_many(&mut batch, BATCH) => match sent {
                     Ok(_) => {
                         if write(&mut sink, &mut batch).await.is_err() {
-                            break 'conn None;
+                            break 'conn End::Gone;
                         }
                     }
-                    Err(reason) => break 'conn Some(reason),
+                    Err(reason) => break 'conn End::Server(reason),
                 },
             }
         }
     };
 
     outbound.close(CloseReason::TransportClosed);
-    if let Some(reason) = reason {
-        tracing::debug!(socket = session.id(), %reason, "closing websocket");
-        if let Some(code) = close_code(&reason) {
-            // Boxed for the same reason as above: only a closing connection pays for the timer.
-            Box::pin(close(&mut sink, &mut stream, code, &reason)).await;
+    // Boxed for the same reason as above: only a closing connection pays for the timers.
+    let handshake_done = match end {
+        End::Server(reason) => {
+            tracing::debug!(socket = session.id(), %reason, "closing websocket");
+            match close_code(&reason) {
+                Some(code) => Box::pin(close(&mut sink, &mut stream, code, &reason)).await,
+                None => false,
+            }
         }
-    }
+        End::Peer => {
+            tracing::debug!(socket = session.id(), "the peer closed the websocket");
+            Box::pin(answer_close(&mut sink)).await
+        }
+        End::Gone => false,
+    };
+    // The close frames are exchanged: the socket is gone for the endpoint (a draining server may
+    // exit now), and only the TCP connection remains to be ended.
     drop(session);
+    if handshake_done {
+        Box::pin(end_tcp(sink, stream)).await;
+    }
 }
 
-/// Sends the close frame and waits briefly for the peer's, so the TCP connection ends cleanly.
-async fn close<S>(sink: &mut Sink<S>, stream: &mut Stream<S>, code: CloseCode, reason: &CloseReason)
+/// Sends our close frame and waits briefly for the peer's answer. True once the peer has
+/// answered (or its input has ended), false if it did not in time.
+async fn close<S>(sink: &mut Sink<S>, stream: &mut Stream<S>, code: CloseCode, reason: &CloseReason) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let frame = CloseFrame { code, reason: Utf8Bytes::from(short_reason(reason)) };
-    if sink.send(Message::Close(Some(frame))).await.is_ok() {
-        let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
+    match tokio::time::timeout(CLOSE_WRITE_GRACE, sink.send(Message::Close(Some(frame)))).await {
+        Ok(Ok(())) => {
+            // The peer's close frame ends the stream; anything it sends before that is dropped.
+            let answered = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} });
+            let answered = answered.await.is_ok();
+            if !answered {
+                tracing::debug!("the peer did not answer the close frame in time");
+            }
+            answered
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "the close frame could not be sent");
+            false
+        }
+        Err(_) => {
+            tracing::debug!("the peer did not read the close frame in time");
+            false
+        }
+    }
+}
+
+/// Sends the answer to the peer's close frame (tungstenite has queued it, echoing the peer's
+/// code). True once it is written.
+async fn answer_close<S>(sink: &mut Sink<S>) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(CLOSE_WRITE_GRACE, sink.flush()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "the close answer could not be sent");
+            false
+        }
+        Err(_) => {
+            tracing::debug!("the peer did not read the close answer in time");
+            false
+        }
+    }
+}
+
+/// Shuts down our side of the connection, then reads (and drops) what the peer still sends until
+/// it closes too, for at most [`CLOSE_GRACE`]. Dropping a socket with unread input would reset
+/// the connection, and a reset can destroy the close frame before the peer reads it.
+async fn end_tcp<S>(sink: Sink<S>, stream: Stream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Ok(mut ws) = stream.reunite(sink) else { return };
+    let io = ws.get_mut();
+    let ended = tokio::time::timeout(CLOSE_GRACE, async {
+        if io.shutdown().await.is_ok() {
+            let mut scratch = [0u8; 512];
+            while matches!(io.read(&mut scratch).await, Ok(n) if n > 0) {}
+        }
+    });
+    if ended.await.is_err() {
+        tracing::debug!("the peer did not end the connection in time");
     }
 }
 

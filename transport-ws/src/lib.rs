@@ -2,22 +2,30 @@
 //!
 //! [`WebSocketService`] is a tower `Service` that answers the WebSocket upgrade of a Phoenix
 //! client (`{path}/websocket?vsn=2.0.0&...`) and then moves frames between the socket and a
-//! [`Session`](fawkes_channel::Session). Mount it in any hyper or axum app, or call [`serve`].
+//! [`Session`](fawkes_channel::Session). Mount it in any hyper or axum app. Graceful shutdown
+//! (close every socket with 1001, wait for them) is `Endpoint::shutdown` and
+//! `Endpoint::drained`; `fawkes_server::serve` does both for the `fawkes` binary.
 //!
 //! ```no_run
+//! use std::net::SocketAddr;
+//!
+//! use axum::extract::{ConnectInfo, Request};
 //! use fawkes_channel::{Endpoint, Router};
-//! use fawkes_transport_ws::{serve, WebSocketService};
+//! use fawkes_transport_ws::{PeerAddr, WebSocketService};
 //!
 //! # async fn run() -> std::io::Result<()> {
 //! let endpoint = Endpoint::new(Router::new());
-//!
-//! // In an axum app:
-//! let app: axum::Router = axum::Router::new()
-//!     .route_service("/socket/websocket", WebSocketService::new(endpoint.clone()));
-//!
-//! // Or on its own, at /socket/websocket, until Ctrl-C:
+//! let app = axum::Router::new()
+//!     .route_service("/socket/websocket", WebSocketService::new(endpoint.clone()))
+//!     // Optional: the peer's address, for `Config::max_connections_per_ip`.
+//!     .layer(axum::middleware::map_request(|mut req: Request| async move {
+//!         if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() {
+//!             req.extensions_mut().insert(PeerAddr(addr));
+//!         }
+//!         req
+//!     }));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:4000").await?;
-//! serve(listener, "/socket", endpoint, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await
 //! # }
 //! ```
 //!
@@ -27,13 +35,15 @@
 //! - the `phoenix` subprotocol is echoed, and the token in `base64url.bearer.phx.<token>` goes to
 //!   the connect callback as [`ConnectInfo::auth_token`](fawkes_channel::ConnectInfo);
 //! - close codes: 1000 heartbeat timeout or application disconnect, 1001 server shutdown, 1008
-//!   slow consumer, 1009 frame larger than `max_frame_size`, 1011 malformed frame.
+//!   slow consumer, 1009 frame larger than `max_frame_size`, 1011 malformed frame;
+//! - the close handshake (RFC 6455 §5.5.1): a client's close frame is answered with a close
+//!   frame echoing its code, then the server ends the TCP connection. A close the server starts
+//!   is written and flushed first; the server then waits briefly (2 s) for the client's answer
+//!   and ends the connection.
 #![forbid(unsafe_code)]
 
 mod connection;
-mod serve;
 mod service;
 
 pub use fawkes_channel::PeerAddr;
-pub use serve::serve;
 pub use service::{WebSocketService, WsOptions};

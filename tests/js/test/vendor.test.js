@@ -10,7 +10,7 @@ const { REPO_ROOT } = require("../lib/server");
 
 // phoenix's "exports" hides package.json from require.resolve; find the package from its main file.
 const PKG = path.resolve(path.dirname(require.resolve("phoenix")), "..", "..");
-const ASSETS = path.join(REPO_ROOT, "fawkes", "assets");
+const ASSETS = path.join(REPO_ROOT, "server", "assets");
 const lock = JSON.parse(fs.readFileSync(path.join(__dirname, "..", "package-lock.json"), "utf8"));
 
 describe("vendored phoenix client", () => {
@@ -23,15 +23,15 @@ describe("vendored phoenix client", () => {
     ["phoenix.min.js", "priv/static/phoenix.min.js"],
     ["phoenix.LICENSE.md", "LICENSE.md"],
   ]) {
-    it(`fawkes/assets/${vendored} is byte-identical to phoenix/${original}`, () => {
+    it(`server/assets/${vendored} is byte-identical to phoenix/${original}`, () => {
       const a = fs.readFileSync(path.join(ASSETS, vendored));
       const b = fs.readFileSync(path.join(PKG, original));
-      assert.ok(a.equals(b), `fawkes/assets/${vendored} differs from the locked package: run scripts/vendor-phoenix.sh`);
+      assert.ok(a.equals(b), `server/assets/${vendored} differs from the locked package: run scripts/vendor-phoenix.sh`);
     });
   }
 });
 
-describe("demo page (fawkes/assets/index.html)", () => {
+describe("demo page (server/assets/index.html)", () => {
   const html = fs.readFileSync(path.join(ASSETS, "index.html"), "utf8");
 
   it("loads the vendored client from the same origin", () => {

@@ -49,7 +49,8 @@ async fn main() -> std::io::Result<()> {
             db.notify_on("fawkes_events").await.map_err(std::io::Error::other)?;
             let options = StreamOptions::table("fawkes_events").poll_interval(Duration::from_millis(20));
             let events = TableStream::start(db.clone(), options).await.map_err(std::io::Error::other)?;
-            let router = fawkes::demo::router_with_events(events).channel("test:*", fawkes_tests::TestChannel::default);
+            let router =
+                fawkes_server::demo::router_with_events(events).channel("test:*", fawkes_tests::TestChannel::default);
             let endpoint = fawkes_tests::endpoint_with(router, config);
             let options = DbClientsOptions::default().poll_interval(Duration::from_millis(20));
             _db_clients = Some(DbClients::start(db, endpoint.clone(), options).await.map_err(std::io::Error::other)?);
@@ -63,11 +64,11 @@ async fn main() -> std::io::Result<()> {
     let longpoll = fawkes::longpoll::LongPollOptions::default()
         .poll_window(Duration::from_millis(args.poll_window_ms))
         .session_idle(Duration::from_millis(args.session_idle_ms));
-    let mut app = fawkes::server::app_with(endpoint.clone(), longpoll);
+    let mut app = fawkes_server::app_with(endpoint.clone(), longpoll);
     if args.no_websocket {
         app = app.layer(axum::middleware::from_fn(block_websocket));
     }
-    fawkes::server::serve_app(listener, app, endpoint, fawkes::server::shutdown_signal()).await
+    fawkes_server::serve(listener, app, endpoint, fawkes_server::shutdown_signal()).await
 }
 
 async fn block_websocket(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {

@@ -1,7 +1,9 @@
 //! The conformance kit over WebSocket, on a real TCP port.
 
-use fawkes::ws::WebSocketService;
-use fawkes::{Endpoint, Frame};
+mod common;
+
+use common::TestServer;
+use fawkes_channel::{Endpoint, Frame};
 use fawkes_testkit::{Capabilities, Connection, Received, Refused, Transport};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::net::TcpStream;
@@ -9,25 +11,10 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// A WebSocket server for one endpoint; stops when dropped.
-struct Ws {
-    addr: std::net::SocketAddr,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Ws {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
+struct Ws(TestServer);
 
 async fn serve(endpoint: Endpoint) -> Ws {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-    let addr = listener.local_addr().expect("local addr");
-    let app = axum::Router::new().route_service("/socket/websocket", WebSocketService::new(endpoint));
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ws { addr, server }
+    Ws(TestServer::serve(endpoint).await)
 }
 
 struct WsConn(WebSocketStream<MaybeTlsStream<TcpStream>>);
@@ -37,7 +24,7 @@ impl Transport for Ws {
 
     async fn connect(&self, params: &[(&str, &str)]) -> Result<WsConn, Refused> {
         let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let url = format!("ws://{}/socket/websocket?{}", self.addr, query.join("&"));
+        let url = self.0.url(&query.join("&"));
         match tokio_tungstenite::connect_async(url).await {
             Ok((ws, _)) => Ok(WsConn(ws)),
             Err(tungstenite::Error::Http(res)) => {

@@ -1,14 +1,19 @@
 //! The WebSocket transport over real TCP: handshake answers, close codes, hostile input. The
-//! channel scenarios every transport shares run in the conformance kit (kit_ws.rs).
+//! channel scenarios every transport shares run in the conformance kit (kit.rs); the close
+//! handshake byte by byte is in close_handshake.rs.
 
-use fawkes::Config;
-use fawkes_serializer::{ReplyStatus, Serializer, ServerMessage};
-use fawkes_tests::{RawClient, Received, TestServer};
+mod common;
+
+use common::{RawClient, Received, TestServer, WAIT};
+use fawkes_channel::Config;
+use fawkes_serializer::{ReplyStatus, ServerMessage};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 fn status_of(err: tungstenite::Error) -> u16 {
@@ -20,13 +25,13 @@ fn status_of(err: tungstenite::Error) -> u16 {
 
 async fn healthy(server: &TestServer) {
     let mut c = RawClient::connect(server).await;
-    let (_, reply) = c.join("room:health", json!({})).await;
+    let (_, reply) = c.join("test:health", json!({})).await;
     assert_eq!(reply.status, ReplyStatus::Ok, "server still serves new sockets");
 }
 
 #[tokio::test]
 async fn a_foreign_origin_gets_403() {
-    // Refusals by the connect callback and for the vsn are in the conformance kit (kit_ws.rs).
+    // Refusals by the connect callback and for the vsn are in the conformance kit (kit.rs).
     let server = TestServer::start(Config::default()).await;
     let mut req = server.url("vsn=2.0.0").into_client_request().expect("request");
     req.headers_mut().insert("origin", HeaderValue::from_static("https://evil.example"));
@@ -66,7 +71,7 @@ async fn the_phoenix_subprotocol_is_echoed_and_the_token_reaches_connect() {
 
 #[tokio::test]
 async fn malformed_frames_close_with_1011() {
-    // That other sockets are spared is the conformance kit's `malformed` scenario (kit_ws.rs).
+    // That other sockets are spared is the conformance kit's `malformed` scenario (kit.rs).
     let server = TestServer::start(Config::default()).await;
     for bad in ["not json", r#"["1","2","room:x"]"#, r#"{"topic":"room:x"}"#] {
         let mut victim = RawClient::connect(&server).await;
@@ -84,7 +89,7 @@ async fn a_100_mb_frame_is_refused_without_being_read() {
     let c = RawClient::connect(&server).await;
     let huge = vec![b'x'; 100 * 1024 * 1024];
     // The server closes after reading the frame header, so the client's write may fail midway.
-    let sent = tokio::time::timeout(fawkes_tests::WAIT, async {
+    let sent = tokio::time::timeout(WAIT, async {
         let mut ws = c;
         let _ = ws.send_raw_checked(Message::Binary(huge.into())).await;
         ws
@@ -107,7 +112,7 @@ async fn a_flood_of_joins_gets_errors_not_a_dead_server() {
     let server = TestServer::start(Config::default()).await;
     let mut c = RawClient::connect(&server).await;
     for i in 0..2000 {
-        c.push(Some(&i.to_string()), &format!("room:{i}"), "phx_join", json!({})).await;
+        c.push(Some(&i.to_string()), &format!("test:{i}"), "phx_join", json!({})).await;
     }
     let (mut ok, mut limited) = (0, 0);
     for _ in 0..2000 {
@@ -123,21 +128,9 @@ async fn a_flood_of_joins_gets_errors_not_a_dead_server() {
     }
     assert_eq!(ok, Config::default().max_channels_per_socket);
     assert_eq!(ok + limited, 2000);
-    let r = c.push(Some("0"), "room:0", "ping", json!({})).await;
+    let r = c.push(Some("0"), "test:0", "echo", json!({})).await;
     assert_eq!(c.reply_to(&r).await.status, ReplyStatus::Ok, "the flooding socket itself still works");
     healthy(&server).await;
-}
-
-#[tokio::test]
-async fn shutdown_tells_every_client_with_1001() {
-    let server = TestServer::start(Config::default()).await;
-    let mut a = RawClient::connect(&server).await;
-    a.join("room:bye", json!({})).await;
-    let mut b = RawClient::connect_url(&server.url("vsn=1.0.0"), Serializer::V1).await.expect("v1");
-    let shutdown = tokio::spawn(server.shutdown());
-    assert_eq!(a.closed().await, Some(1001));
-    assert_eq!(b.closed().await, Some(1001));
-    tokio::time::timeout(fawkes_tests::WAIT, shutdown).await.expect("shutdown finishes").expect("no panic");
 }
 
 #[tokio::test]
@@ -151,7 +144,7 @@ async fn a_client_that_stops_reading_is_closed_with_1008_while_the_storm_goes_on
     socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     let stream = socket.connect(server.addr).await.expect("tcp connect");
     let (mut slow, _) = tokio_tungstenite::client_async(server.url("vsn=2.0.0"), stream).await.expect("upgrade");
-    slow.send(Message::text(r#"["1","1","room:slow","phx_join",{}]"#)).await.expect("send");
+    slow.send(Message::text(r#"["1","1","test:slow","phx_join",{}]"#)).await.expect("send");
     let Some(Ok(Message::Text(reply))) = slow.next().await else { panic!("no join reply") };
     assert!(reply.contains(r#""status":"ok""#), "{reply}");
     // From here on, `slow` reads nothing until the storm is over.
@@ -159,13 +152,14 @@ async fn a_client_that_stops_reading_is_closed_with_1008_while_the_storm_goes_on
     // 1,000 broadcasts of 32 KiB: far more than the socket buffers between the server and `slow`
     // hold, so the server must either queue them without bound or apply its policy.
     let mut storm = RawClient::connect(&server).await;
-    let (join_ref, _) = storm.join("room:slow", json!({})).await;
+    let (join_ref, _) = storm.join("test:slow", json!({})).await;
     let pad = "x".repeat(32 * 1024);
     for batch in 0..BROADCASTS / BATCH {
         let mut refs = Vec::new();
         for i in 0..BATCH {
             let body = json!({"seq": batch * BATCH + i, "pad": pad});
-            refs.push(storm.push(Some(join_ref.as_str()), "room:slow", "new_msg", json!({ "body": body })).await);
+            let broadcast = json!({ "event": "new_msg", "payload": { "body": body } });
+            refs.push(storm.push(Some(join_ref.as_str()), "test:slow", "broadcast", broadcast).await);
         }
         for r in &refs {
             assert_eq!(storm.reply_to(r).await.status, ReplyStatus::Ok, "the storming client is served throughout");
@@ -176,7 +170,7 @@ async fn a_client_that_stops_reading_is_closed_with_1008_while_the_storm_goes_on
     // then the close: far fewer than were broadcast, so the server did not queue the rest.
     let mut received = 0u64;
     loop {
-        let next = tokio::time::timeout(fawkes_tests::WAIT, slow.next()).await.expect("a frame or the close");
+        let next = tokio::time::timeout(WAIT, slow.next()).await.expect("a frame or the close");
         match next {
             Some(Ok(Message::Text(text))) => {
                 let frame: serde_json::Value = serde_json::from_str(&text).expect("JSON");
@@ -224,6 +218,20 @@ async fn connections_past_the_per_ip_limit_get_403() {
     first.close(None).await.expect("close");
     while let Some(Ok(_)) = first.next().await {}
     drop((second, other));
-    tokio::time::timeout(fawkes_tests::WAIT, server.endpoint.drained()).await.expect("every socket ends");
+    tokio::time::timeout(WAIT, server.endpoint.drained()).await.expect("every socket ends");
     connect_from(&server, [127, 0, 0, 1]).await.expect("room again after the others left");
+}
+
+#[tokio::test]
+async fn a_client_close_gets_the_close_handshake_and_a_clean_end() {
+    let server = TestServer::start(Config::default()).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.url("vsn=2.0.0")).await.expect("connect");
+    let bye = CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
+    ws.close(Some(bye.clone())).await.expect("send the close frame");
+    let answer = tokio::time::timeout(WAIT, ws.next()).await.expect("an answer");
+    assert!(matches!(answer, Some(Ok(Message::Close(Some(ref frame)))) if *frame == bye), "{answer:?}");
+    // Then the server ends the TCP connection: the stream ends without an error (not 1006).
+    let end = tokio::time::timeout(WAIT, ws.next()).await.expect("the connection ends");
+    assert!(end.is_none(), "{end:?}");
+    tokio::time::timeout(WAIT, server.endpoint.drained()).await.expect("the socket ends");
 }

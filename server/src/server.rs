@@ -9,9 +9,10 @@ use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 
-use crate::Endpoint;
-use crate::longpoll::{LongPollOptions, LongPollService};
-use crate::ws::{PeerAddr, WebSocketService};
+use fawkes::Endpoint;
+use fawkes::longpoll::{LongPollOptions, LongPollService};
+use fawkes::sse::SseService;
+use fawkes::ws::{PeerAddr, WebSocketService};
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 const PHOENIX_JS: &str = include_str!("../assets/phoenix.min.js");
@@ -39,13 +40,11 @@ pub fn app_with(endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
 }
 
 /// Mounts the transports for `endpoint` under `path`: `{path}/websocket`, `{path}/longpoll` and
-/// (feature `sse`) `{path}/sse`.
+/// `{path}/sse`.
 pub fn sockets(path: &str, endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
     let path = path.trim_end_matches('/');
-    let router = axum::Router::new();
-    #[cfg(feature = "sse")]
-    let router = router.route_service(&format!("{path}/sse"), crate::sse::SseService::new(endpoint.clone()));
-    router
+    axum::Router::new()
+        .route_service(&format!("{path}/sse"), SseService::new(endpoint.clone()))
         .route_service(&format!("{path}/websocket"), WebSocketService::new(endpoint.clone()))
         .route_service(&format!("{path}/longpoll"), LongPollService::with_options(endpoint, longpoll))
         .layer(axum::middleware::map_request(peer_addr))
@@ -81,18 +80,10 @@ async fn peer_addr(mut req: Request) -> Request {
     req
 }
 
-/// Serves [`app`] on `listener` until `shutdown` completes, then closes every socket (telling
-/// each client), waits up to five seconds for them to finish, and leaves the cluster (if any).
+/// Serves `app` (built around `endpoint`, e.g. by [`app`]) on `listener` until `shutdown`
+/// completes, then stops accepting, closes every socket (telling each client: WebSocket 1001),
+/// waits up to five seconds for them to finish, and leaves the cluster (if any).
 pub async fn serve(
-    listener: tokio::net::TcpListener,
-    endpoint: Endpoint,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    serve_app(listener, app(endpoint.clone()), endpoint, shutdown).await
-}
-
-/// Serves any axum `app` built around `endpoint` (e.g. from [`app_with`]) as [`serve`] does.
-pub async fn serve_app(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     endpoint: Endpoint,

@@ -15,16 +15,15 @@
 
 use serde_json::{Value, json};
 
-use crate::{Channel, HandleIn, Payload, Router, SocketRef, reason};
+use fawkes::db::TableStream;
+use fawkes::{Channel, HandleIn, Payload, Router, SocketRef, reason};
 
 /// A chat room.
 #[derive(Debug, Default)]
 pub struct Room {
     user: String,
     tracked: bool,
-    #[cfg(feature = "db")]
-    events: Option<crate::db::TableStream>,
-    #[cfg(feature = "db")]
+    events: Option<TableStream>,
     last_event_id: Option<i64>,
 }
 
@@ -34,13 +33,10 @@ impl Channel for Room {
         let user = params.and_then(|p| p.get("user")).and_then(Value::as_str);
         self.user = user.unwrap_or("anonymous").to_owned();
         self.tracked = user.is_some();
-        #[cfg(feature = "db")]
-        {
-            // Without a last_event_id, rows from the moment of the join on: the stream is attached
-            // after the join reply, and a row written in between must not be missed.
-            let joined_at = self.events.as_ref().map(|events| events.position());
-            self.last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64).or(joined_at);
-        }
+        // Without a last_event_id, rows from the moment of the join on: the stream is attached
+        // after the join reply, and a row written in between must not be missed.
+        let joined_at = self.events.as_ref().map(|events| events.position());
+        self.last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64).or(joined_at);
         Ok(json!({}))
     }
 
@@ -53,7 +49,6 @@ impl Channel for Room {
             }
             socket.push("presence_state", socket.presence_list());
         }
-        #[cfg(feature = "db")]
         if let Some(events) = &self.events {
             events.attach(socket, self.last_event_id).await;
         }
@@ -92,8 +87,7 @@ pub fn router() -> Router {
 }
 
 /// The demo's routes, with rooms fed by the `fawkes_events` table stream.
-#[cfg(feature = "db")]
-pub fn router_with_events(events: crate::db::TableStream) -> Router {
+pub fn router_with_events(events: TableStream) -> Router {
     Router::new()
         .channel("room:*", move || Room { events: Some(events.clone()), ..Room::default() })
         .channel("admin:*", || Admin)

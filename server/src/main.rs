@@ -74,7 +74,7 @@ async fn serve(bind: SocketAddr, database: String, cluster: ClusterArgs) -> Resu
     db.notify_on("fawkes_events").await?;
     let events = TableStream::start(db.clone(), StreamOptions::table("fawkes_events")).await?;
     let endpoint = Endpoint::builder()
-        .router(fawkes::demo::router_with_events(events))
+        .router(fawkes_server::demo::router_with_events(events))
         .config(Config::default())
         .pubsub(pubsub)
         .build();
@@ -92,8 +92,8 @@ async fn serve(bind: SocketAddr, database: String, cluster: ClusterArgs) -> Resu
         node = %endpoint.pubsub().node(),
         "listening on http://{addr}"
     );
-    let app = fawkes::server::app_with(endpoint.clone(), longpoll);
-    fawkes::server::serve_app(listener, app, endpoint, fawkes::server::shutdown_signal()).await?;
+    let app = fawkes_server::app_with(endpoint.clone(), longpoll);
+    fawkes_server::serve(listener, app, endpoint, fawkes_server::shutdown_signal()).await?;
     Ok(())
 }
 
