@@ -129,9 +129,9 @@ mod config;
 mod endpoint;
 mod origin;
 mod outbox;
-mod outgoing;
 mod presence;
 mod pubsub;
+mod registry;
 mod router;
 mod session;
 mod socket;
@@ -139,24 +139,18 @@ mod task;
 mod token;
 
 pub use channel::{Channel, HandleIn, Pusher, SocketRef, StopReason, Terminate, reason};
-pub use cluster::{ClusterOptions, ClusterStats, EnvelopeError, NodeId, RequestError};
 pub use config::{Config, JoinRate, SlowConsumerPolicy};
 pub use endpoint::{Endpoint, EndpointBuilder};
+pub use fawkes_pubsub_core::{
+    Adapter, Backoff, ClusterStats, EnvelopeError, NodeId, Outgoing, OutgoingQueue, RemoteInbound, RequestError,
+    ServiceGuard,
+};
 pub use fawkes_serializer::{Broadcast, Frame, Payload, Ref, ReplyStatus, Serializer};
 pub use origin::OriginCheck;
 pub use outbox::{CloseReason, Outbound};
-pub use outgoing::{Backoff, Outgoing, OutgoingQueue};
-pub use presence::{Presence, PresenceError};
-pub use pubsub::{Adapter, BroadcastFrames, PubSub, RemoteInbound, ServiceGuard, SubscriberId, Subscription};
+pub use presence::{ClusterOptions, Presence, PresenceError};
+pub use pubsub::{BroadcastFrames, PubSub, SubscriberId, Subscription};
 pub use router::Router;
 pub use session::Session;
 pub use socket::{Accept, ConnectError, ConnectFn, ConnectInfo, PeerAddr, SocketHandler, parse_query};
 pub use token::{MAX_TOKEN_PAYLOAD, SessionSigner, random_session_id};
-
-/// 64 random bits from the operating system.
-pub(crate) fn random_u64() -> u64 {
-    let mut raw = [0u8; 8];
-    // Without the OS's randomness there is no safe way to name nodes.
-    getrandom::fill(&mut raw).expect("the operating system's random number generator is unavailable");
-    u64::from_ne_bytes(raw)
-}
