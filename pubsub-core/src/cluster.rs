@@ -292,3 +292,108 @@ impl Inbox for Shared {
         &self.counters
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Nodes in one process; every message reaches every node, the sender too.
+    #[derive(Clone, Default)]
+    struct Wire(Arc<Mutex<Vec<RemoteInbound>>>);
+
+    impl Adapter for Wire {
+        fn start(&self, inbound: RemoteInbound) {
+            inbound.connected(true);
+            self.0.lock().expect("wire").push(inbound);
+        }
+        fn broadcast(&self, message: Bytes) {
+            let nodes = self.0.lock().expect("wire").clone();
+            for node in nodes {
+                node.deliver(message.clone());
+            }
+        }
+    }
+
+    /// A backend that takes everything and delivers nothing.
+    struct Void;
+
+    impl Adapter for Void {
+        fn start(&self, _: RemoteInbound) {}
+        fn broadcast(&self, _: Bytes) {}
+    }
+
+    fn listen(cluster: &Cluster) -> tokio::sync::mpsc::UnboundedReceiver<(NodeId, String)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        cluster.on_broadcast(move |from, b| {
+            let _ = tx.send((from, b.event));
+        });
+        rx
+    }
+
+    fn broadcast(event: &str) -> Body {
+        Body::Broadcast(Broadcast { topic: "t".into(), event: event.into(), payload: serde_json::json!({}).into() })
+    }
+
+    #[tokio::test]
+    async fn a_node_hears_others_once_and_ignores_its_own_and_others_mail() {
+        let wire = Wire::default();
+        let nodes: Vec<Cluster> = (0..3).map(|_| Cluster::with_adapter(wire.clone())).collect();
+        let mut heard: Vec<_> = nodes.iter().map(listen).collect();
+        nodes.iter().for_each(Cluster::start);
+
+        nodes[0].send(None, &broadcast("to all"));
+        nodes[0].send(Some(nodes[2].node()), &broadcast("to node 2"));
+        wire.broadcast(Bytes::from_static(b"garbage"));
+
+        assert!(heard[0].try_recv().is_err(), "a node does not hear itself");
+        assert_eq!(heard[1].try_recv().ok(), Some((nodes[0].node(), "to all".into())));
+        assert!(heard[1].try_recv().is_err(), "node 1 ignores what is addressed to node 2");
+        assert_eq!(heard[2].try_recv().ok(), Some((nodes[0].node(), "to all".into())));
+        assert_eq!(heard[2].try_recv().ok(), Some((nodes[0].node(), "to node 2".into())));
+        let (sender, receiver) = (nodes[0].stats(), nodes[2].stats());
+        assert_eq!((sender.sent, sender.received, sender.malformed), (2, 0, 1));
+        assert_eq!((receiver.received, receiver.malformed, receiver.connected), (2, 1, true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_fail_plainly_without_a_cluster_a_service_or_an_answer() {
+        let single = Cluster::single();
+        let someone = NodeId::random();
+        let body = Bytes::from_static(b"?");
+        let second = Duration::from_secs(1);
+        assert_eq!(single.request(someone, "svc", body.clone(), second).await, Err(RequestError::NotClustered));
+
+        let wire = Wire::default();
+        let (a, b) = (Cluster::with_adapter(wire.clone()), Cluster::with_adapter(wire));
+        a.start();
+        b.start();
+        let served = b.serve("svc", |from, body: Bytes| async move { Bytes::from(format!("{from}:{}", body.len())) });
+        let answer = a.request(b.node(), "svc", body.clone(), second).await;
+        assert_eq!(answer, Ok(Bytes::from(format!("{}:1", a.node()))));
+        drop(served);
+        let none = a.request(b.node(), "svc", body.clone(), second).await;
+        assert_eq!(none, Err(RequestError::NoService { node: b.node(), service: "svc".into() }));
+
+        let lost = Cluster::with_adapter(Void);
+        lost.start();
+        assert_eq!(lost.request(someone, "svc", body, second).await, Err(RequestError::Timeout(someone)));
+    }
+
+    #[test]
+    fn the_adapter_learns_when_the_node_is_gone() {
+        let wire = Wire::default();
+        let cluster = Cluster::with_adapter(wire.clone());
+        cluster.start();
+        let inbound = wire.0.lock().expect("wire")[0].clone();
+        assert_eq!(inbound.node(), cluster.node());
+        inbound.connected(false);
+        inbound.dropped(3);
+        let stats = cluster.stats();
+        assert_eq!((stats.connected, stats.disconnects, stats.dropped), (false, 1, 3));
+        assert!(!inbound.is_closed());
+        drop(cluster);
+        assert!(inbound.is_closed());
+    }
+}
