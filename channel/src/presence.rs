@@ -644,8 +644,8 @@ fn receive(inner: &PubSub, origin: NodeId, json: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Adapter, RemoteInbound};
     use bytes::Bytes;
+    use fawkes_pubsub_core::{Adapter, RemoteInbound};
     use std::time::Duration;
 
     /// Nodes in one process; a partition cuts a node off in both directions.
