@@ -6,6 +6,11 @@
 //! yields a [`CloseReason`]. Serialization, heartbeats, joins, replies, broadcasts and limits all
 //! live here, so a transport is only glue between its I/O and those three calls.
 //!
+//! Inside, the layers depend one way, bottom up: [`PubSub`] (topic subscriptions, encode-once
+//! fan-out) on the node-to-node contract of `fawkes-pubsub-core` (re-exported here: [`NodeId`],
+//! [`Adapter`], [`RemoteInbound`], ...); [`Presence`] on [`PubSub`]; channels, [`Session`] and
+//! [`Endpoint`] on top. An adapter author needs `fawkes-pubsub-core` alone.
+//!
 //! # Writing a transport
 //!
 //! The WebSocket, long-poll, SSE and database transports use nothing but the items below; a new
