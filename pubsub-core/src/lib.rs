@@ -85,3 +85,8 @@ pub use envelope::{Body, Envelope, EnvelopeError};
 pub use node::NodeId;
 pub use outgoing::{Backoff, Outgoing, OutgoingQueue};
 pub use stats::ClusterStats;
+
+/// `docs/writing-an-adapter.md`, whose code is compiled with the doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/writing-an-adapter.md")]
+struct WritingAnAdapter;
