@@ -85,8 +85,7 @@ impl Cluster {
         Cluster::build(Some(Box::new(adapter)))
     }
 
-    /// Like [`Cluster::with_adapter`], for an adapter already boxed (`None`: a single node).
-    pub fn build(adapter: Option<Box<dyn Adapter>>) -> Cluster {
+    fn build(adapter: Option<Box<dyn Adapter>>) -> Cluster {
         let counters = Counters::default();
         counters.connected.store(adapter.is_none(), Ordering::Relaxed);
         Cluster(Arc::new(Shared {
