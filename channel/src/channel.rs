@@ -176,7 +176,7 @@ impl Pusher {
     /// Sends a broadcast to this client, using the frame already encoded for its serializer (see
     /// [`BroadcastFrames`](crate::BroadcastFrames)). Returns false once the channel instance has
     /// ended.
-    pub fn broadcast(&self, frames: &crate::BroadcastFrames<'_>) -> bool {
+    pub fn broadcast(&self, frames: &crate::pubsub::BroadcastFrames<'_>) -> bool {
         if self.is_closed() {
             return false;
         }

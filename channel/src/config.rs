@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::OriginCheck;
+use crate::origin::OriginCheck;
 
 /// What happens when a socket's outbound queue is full because its peer reads too slowly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

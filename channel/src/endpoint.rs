@@ -10,33 +10,13 @@ use fawkes_serializer::Serializer;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::config::Config;
 use crate::outbox::{CloseReason, Outbox};
+use crate::pubsub::PubSub;
+use crate::registry::{Live, REGISTRY_SHARDS, Shared};
+use crate::router::Router;
 use crate::session::Session;
 use crate::socket::{Accept, ConnectError, ConnectFn, ConnectInfo, DynSocketHandler, SocketHandler, SocketInfo};
-use crate::{Config, PubSub, Router};
-
-const REGISTRY_SHARDS: usize = 32;
-
-struct Live {
-    outbox: Outbox,
-    info: Arc<SocketInfo>,
-    /// The peer address this socket counts against, when `max_connections_per_ip` is set.
-    ip: Option<IpAddr>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) router: Router,
-    pub(crate) config: Config,
-    pub(crate) pubsub: PubSub,
-    handler: Box<dyn DynSocketHandler>,
-    live: Box<[Mutex<HashMap<u64, Live>>]>,
-    next_id: AtomicU64,
-    shutting_down: AtomicBool,
-    live_count: AtomicUsize,
-    drained: Notify,
-    /// Sockets per peer address, kept only when `max_connections_per_ip` is set.
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-}
 
 /// Everything a transport needs to turn a connection into a [`Session`]. Cheap to clone.
 ///
@@ -56,7 +36,7 @@ pub(crate) struct Inner {
 /// assert_eq!(endpoint.connected(), 0);
 /// ```
 #[derive(Clone)]
-pub struct Endpoint(pub(crate) Arc<Inner>);
+pub struct Endpoint(pub(crate) Arc<Shared>);
 
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -112,7 +92,7 @@ impl EndpointBuilder {
     }
     /// The endpoint.
     pub fn build(self) -> Endpoint {
-        Endpoint(Arc::new(Inner {
+        Endpoint(Arc::new(Shared {
             router: self.router,
             config: self.config,
             pubsub: self.pubsub.unwrap_or_default(),
@@ -167,10 +147,10 @@ impl Endpoint {
         let socket =
             Arc::new(SocketInfo { serializer, transport: info.transport, assigns: accept.assigns, id: accept.id });
         let ip = slot.keep();
-        self.shard(id).lock().insert(id, Live { outbox: outbox.clone(), info: socket.clone(), ip });
+        self.0.shard(id).lock().insert(id, Live { outbox: outbox.clone(), info: socket.clone(), ip });
         self.0.live_count.fetch_add(1, Ordering::AcqRel);
         tracing::debug!(socket = id, transport = info.transport, serializer = serializer.name(), "socket connected");
-        Ok(Session::new(self.clone(), outbox, socket))
+        Ok(Session::new(self.0.clone(), outbox, socket))
     }
 
     /// The endpoint's PubSub, to broadcast from outside any channel.
@@ -227,30 +207,6 @@ impl Endpoint {
         }
         n
     }
-
-    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Live>> {
-        &self.0.live[id as usize % REGISTRY_SHARDS]
-    }
-
-    pub(crate) fn forget(&self, id: u64) {
-        let Some(live) = self.shard(id).lock().remove(&id) else { return };
-        if let Some(ip) = live.ip {
-            self.release_ip(ip);
-        }
-        if self.0.live_count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.drained.notify_waiters();
-        }
-    }
-
-    fn release_ip(&self, ip: IpAddr) {
-        let mut per_ip = self.0.per_ip.lock();
-        if let Some(n) = per_ip.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&ip);
-            }
-        }
-    }
 }
 
 /// A place among the sockets of one peer address, given back unless the socket connects.
@@ -287,7 +243,7 @@ impl<'a> IpSlot<'a> {
 impl Drop for IpSlot<'_> {
     fn drop(&mut self) {
         if let Some(ip) = self.ip {
-            self.endpoint.release_ip(ip);
+            self.endpoint.0.release_ip(ip);
         }
     }
 }

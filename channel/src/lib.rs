@@ -6,6 +6,11 @@
 //! yields a [`CloseReason`]. Serialization, heartbeats, joins, replies, broadcasts and limits all
 //! live here, so a transport is only glue between its I/O and those three calls.
 //!
+//! Inside, the layers depend one way, bottom up: [`PubSub`] (topic subscriptions, encode-once
+//! fan-out) on the node-to-node contract of `fawkes-pubsub-core` (re-exported here: [`NodeId`],
+//! [`Adapter`], [`RemoteInbound`], ...); [`Presence`] on [`PubSub`]; channels, [`Session`] and
+//! [`Endpoint`] on top. An adapter author needs `fawkes-pubsub-core` alone.
+//!
 //! # Writing a transport
 //!
 //! The WebSocket, long-poll, SSE and database transports use nothing but the items below; a new
@@ -129,9 +134,9 @@ mod config;
 mod endpoint;
 mod origin;
 mod outbox;
-mod outgoing;
 mod presence;
 mod pubsub;
+mod registry;
 mod router;
 mod session;
 mod socket;
@@ -139,24 +144,18 @@ mod task;
 mod token;
 
 pub use channel::{Channel, HandleIn, Pusher, SocketRef, StopReason, Terminate, reason};
-pub use cluster::{ClusterOptions, ClusterStats, EnvelopeError, NodeId, RequestError};
 pub use config::{Config, JoinRate, SlowConsumerPolicy};
 pub use endpoint::{Endpoint, EndpointBuilder};
+pub use fawkes_pubsub_core::{
+    Adapter, Backoff, ClusterStats, EnvelopeError, NodeId, Outgoing, OutgoingQueue, RemoteInbound, RequestError,
+    ServiceGuard,
+};
 pub use fawkes_serializer::{Broadcast, Frame, Payload, Ref, ReplyStatus, Serializer};
 pub use origin::OriginCheck;
 pub use outbox::{CloseReason, Outbound};
-pub use outgoing::{Backoff, Outgoing, OutgoingQueue};
-pub use presence::{Presence, PresenceError};
-pub use pubsub::{Adapter, BroadcastFrames, PubSub, RemoteInbound, ServiceGuard, SubscriberId, Subscription};
+pub use presence::{ClusterOptions, Presence, PresenceError};
+pub use pubsub::{BroadcastFrames, PubSub, SubscriberId, Subscription};
 pub use router::Router;
 pub use session::Session;
 pub use socket::{Accept, ConnectError, ConnectFn, ConnectInfo, PeerAddr, SocketHandler, parse_query};
 pub use token::{MAX_TOKEN_PAYLOAD, SessionSigner, random_session_id};
-
-/// 64 random bits from the operating system.
-pub(crate) fn random_u64() -> u64 {
-    let mut raw = [0u8; 8];
-    // Without the OS's randomness there is no safe way to name nodes.
-    getrandom::fill(&mut raw).expect("the operating system's random number generator is unavailable");
-    u64::from_ne_bytes(raw)
-}

@@ -6,16 +6,18 @@
 //! and merging keeps the newest version of each node's register. There is no central node. A
 //! node sends its changes as deltas (`from` clock `to` clock); a receiver that finds a gap, or
 //! hears from a heartbeat that it is behind, asks that node for its full state. A node not heard
-//! from within [`ClusterOptions::node_timeout`](crate::ClusterOptions) is taken for dead and its
+//! from within [`ClusterOptions::node_timeout`](ClusterOptions) is taken for dead and its
 //! entries are removed; if it was only cut off, its next heartbeat brings them back. Every node
 //! works out `presence_diff` for its own subscribers from what it merges, so diffs never cross
 //! the network twice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::time::Duration;
 
+use fawkes_pubsub_core::{Body, NodeId};
 use fawkes_serializer::Broadcast;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -23,8 +25,38 @@ use serde_json::{Map, Value, json};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::cluster::{Body, NodeId};
-use crate::pubsub::{Inner, PubSub};
+use crate::pubsub::{PubSub, WeakPubSub};
+
+/// Timing of the cluster's own traffic: presence heartbeats and how long a silent node is
+/// trusted.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClusterOptions {
+    /// How often a node tells the others it is alive and how far its presence state has got.
+    pub heartbeat_interval: Duration,
+    /// A node not heard from for this long is taken for dead: its presences are removed from
+    /// this node's lists (and come back if it does). Phoenix's default is 30 s.
+    pub node_timeout: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> ClusterOptions {
+        ClusterOptions { heartbeat_interval: Duration::from_secs(1), node_timeout: Duration::from_secs(30) }
+    }
+}
+
+impl ClusterOptions {
+    /// Sets [`ClusterOptions::heartbeat_interval`].
+    pub fn heartbeat_interval(mut self, d: Duration) -> Self {
+        self.heartbeat_interval = d;
+        self
+    }
+    /// Sets [`ClusterOptions::node_timeout`].
+    pub fn node_timeout(mut self, d: Duration) -> Self {
+        self.node_timeout = d;
+        self
+    }
+}
 
 /// Why a presence could not be tracked or changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,11 +98,18 @@ pub enum PresenceError {
 /// }
 /// ```
 #[derive(Clone)]
-pub struct Presence(pub(crate) PubSub);
+pub struct Presence(Arc<Tracker>);
 
 impl fmt::Debug for Presence {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Presence").field("node", &self.0.node()).finish()
+        f.debug_struct("Presence").field("node", &self.0.node).finish()
+    }
+}
+
+impl PubSub {
+    /// Presence: who is on which topic, across every node.
+    pub fn presence(&self) -> Presence {
+        Presence(tracker(self))
     }
 }
 
@@ -78,7 +117,7 @@ impl Presence {
     /// Everyone on `topic`: `{key: {"metas": [{"phx_ref": ..., ...meta}, ...]}, ...}`, the payload
     /// of `presence_state`.
     pub fn list(&self, topic: &str) -> Value {
-        let state = self.0.0.presence.state.lock();
+        let state = self.0.state.lock();
         let mut out = Map::new();
         if let Some(keys) = state.topics.get(topic) {
             for (key, metas) in keys {
@@ -91,7 +130,7 @@ impl Presence {
 
     /// How many keys are present on `topic`.
     pub fn count(&self, topic: &str) -> usize {
-        self.0.0.presence.state.lock().topics.get(topic).map_or(0, BTreeMap::len)
+        self.0.state.lock().topics.get(topic).map_or(0, BTreeMap::len)
     }
 }
 
@@ -166,8 +205,10 @@ struct State {
     replicas: HashMap<NodeId, Replica>,
 }
 
+/// This node's presence replica, kept in the PubSub as one of its layers.
 pub(crate) struct Tracker {
     node: NodeId,
+    options: ClusterOptions,
     state: Mutex<State>,
     wake: Arc<Notify>,
     started: AtomicBool,
@@ -176,9 +217,10 @@ pub(crate) struct Tracker {
 }
 
 impl Tracker {
-    pub(crate) fn new(node: NodeId) -> Tracker {
+    fn new(node: NodeId, options: ClusterOptions) -> Tracker {
         Tracker {
             node,
+            options,
             state: Mutex::new(State::default()),
             wake: Arc::new(Notify::new()),
             started: AtomicBool::new(false),
@@ -196,21 +238,39 @@ impl Tracker {
     }
 }
 
+/// This node's presence replica; a single node's until [`replicate`] makes it a cluster's.
+fn tracker(pubsub: &PubSub) -> Arc<Tracker> {
+    pubsub.layer(|| Tracker::new(pubsub.node(), ClusterOptions::default()))
+}
+
+/// Replicates presence through the PubSub's cluster, with `options`' timing. Call it before the
+/// cluster starts, so no presence message arrives before it is listened for.
+pub(crate) fn replicate(pubsub: &PubSub, options: ClusterOptions) {
+    let _ = pubsub.layer(|| Tracker::new(pubsub.node(), options));
+    let weak = pubsub.downgrade();
+    pubsub.cluster().on_presence(move |origin, json| {
+        if let Some(pubsub) = weak.upgrade() {
+            receive(&pubsub, origin, &json);
+        }
+    });
+    start(pubsub);
+}
+
 /// The entries one channel instance tracks; untracked when it is dropped with the channel.
 pub(crate) struct Owner {
-    pubsub: Weak<Inner>,
+    pubsub: WeakPubSub,
     id: u64,
 }
 
 impl Owner {
     pub(crate) fn new(pubsub: &PubSub) -> Owner {
-        Owner { pubsub: Arc::downgrade(&pubsub.0), id: pubsub.0.presence.next_owner.fetch_add(1, Ordering::Relaxed) }
+        Owner { pubsub: pubsub.downgrade(), id: tracker(pubsub).next_owner.fetch_add(1, Ordering::Relaxed) }
     }
 
     pub(crate) fn track(&self, topic: &Arc<str>, key: String, meta: Value) -> Result<String, PresenceError> {
         let Value::Object(mut meta) = meta else { return Err(PresenceError::MetaNotObject) };
-        let Some(inner) = self.pubsub.upgrade() else { return Err(PresenceError::NotTracked(key)) };
-        let tracker = &inner.presence;
+        let Some(pubsub) = self.pubsub.upgrade() else { return Err(PresenceError::NotTracked(key)) };
+        let tracker = tracker(&pubsub);
         let phx_ref = tracker.new_ref();
         meta.insert("phx_ref".into(), Value::String(phx_ref.to_string()));
         {
@@ -222,15 +282,15 @@ impl Owner {
             locals.push(Local { topic: topic.clone(), key: key.clone(), phx_ref: phx_ref.clone() });
             state.local_op(tracker.node, Op { join: true, topic: topic.clone(), key, meta: Value::Object(meta) });
         }
-        start(&inner);
+        start(&pubsub);
         tracker.wake.notify_one();
         Ok(phx_ref.to_string())
     }
 
     pub(crate) fn update(&self, topic: &Arc<str>, key: &str, meta: Value) -> Result<String, PresenceError> {
         let Value::Object(mut meta) = meta else { return Err(PresenceError::MetaNotObject) };
-        let Some(inner) = self.pubsub.upgrade() else { return Err(PresenceError::NotTracked(key.into())) };
-        let tracker = &inner.presence;
+        let Some(pubsub) = self.pubsub.upgrade() else { return Err(PresenceError::NotTracked(key.into())) };
+        let tracker = tracker(&pubsub);
         let phx_ref = tracker.new_ref();
         {
             let mut state = tracker.state.lock();
@@ -259,8 +319,8 @@ impl Owner {
     }
 
     fn untrack_where(&self, matches: impl Fn(&Local) -> bool) -> usize {
-        let Some(inner) = self.pubsub.upgrade() else { return 0 };
-        let tracker = &inner.presence;
+        let Some(pubsub) = self.pubsub.upgrade() else { return 0 };
+        let tracker = tracker(&pubsub);
         let removed = {
             let mut state = tracker.state.lock();
             let Some(locals) = state.owners.get_mut(&self.id) else { return 0 };
@@ -383,24 +443,22 @@ impl Diffs {
         }
     }
 
-    fn publish(self, inner: &Inner) {
+    /// Sends each topic's diff to this node's subscribers (every node works out its own).
+    fn publish(self, pubsub: &PubSub) {
         for (topic, (joins, leaves)) in self.0 {
             let payload = json!({ "joins": joins, "leaves": leaves });
-            inner.dispatch(
-                &Arc::new(Broadcast {
-                    topic: topic.to_string(),
-                    event: "presence_diff".into(),
-                    payload: payload.into(),
-                }),
-                None,
-            );
+            pubsub.local_broadcast(Broadcast {
+                topic: topic.to_string(),
+                event: "presence_diff".into(),
+                payload: payload.into(),
+            });
         }
     }
 }
 
 /// Starts the tasks that send this node's deltas and heartbeats and notice silent nodes.
-pub(crate) fn start(inner: &Arc<Inner>) {
-    let tracker = &inner.presence;
+fn start(pubsub: &PubSub) {
+    let tracker = tracker(pubsub);
     if tracker.started.swap(true, Ordering::AcqRel) {
         return;
     }
@@ -408,22 +466,23 @@ pub(crate) fn start(inner: &Arc<Inner>) {
         tracker.started.store(false, Ordering::Release);
         return;
     };
-    rt.spawn(flusher(Arc::downgrade(inner)));
-    if inner.is_clustered() {
-        rt.spawn(ticker(Arc::downgrade(inner)));
+    rt.spawn(flusher(pubsub.downgrade()));
+    if pubsub.is_clustered() {
+        rt.spawn(ticker(pubsub.downgrade()));
     }
 }
 
 /// Sends local changes: `presence_diff` to this node's subscribers and a delta to the others.
 /// Changes made while a round is under way go out together in the next one.
-async fn flusher(inner: Weak<Inner>) {
-    let Some(wake) = inner.upgrade().map(|i| i.presence.wake.clone()) else { return };
+async fn flusher(pubsub: WeakPubSub) {
+    let Some(wake) = pubsub.upgrade().map(|p| tracker(&p).wake.clone()) else { return };
     loop {
         // `notify_one` leaves a permit when nobody waits, so no change is missed between a round
         // and the wait below.
-        let Some(strong) = inner.upgrade() else { return };
+        let Some(strong) = pubsub.upgrade() else { return };
+        let tracker = tracker(&strong);
         let (from, to, ops) = {
-            let mut state = strong.presence.state.lock();
+            let mut state = tracker.state.lock();
             let from = state.flushed;
             state.flushed = state.clock;
             (from, state.clock, std::mem::take(&mut state.pending))
@@ -443,25 +502,28 @@ async fn flusher(inner: Weak<Inner>) {
     }
 }
 
-async fn ticker(inner: Weak<Inner>) {
-    let period = match inner.upgrade() {
-        Some(inner) => inner.options.heartbeat_interval,
+async fn ticker(pubsub: WeakPubSub) {
+    let (period, timeout) = match pubsub.upgrade() {
+        Some(pubsub) => {
+            let options = &tracker(&pubsub).options;
+            (options.heartbeat_interval, options.node_timeout)
+        }
         None => return,
     };
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Some(inner) = inner.upgrade() else { return };
-        let timeout = inner.options.node_timeout;
+        let Some(inner) = pubsub.upgrade() else { return };
         let mut diffs = Diffs::default();
+        let tracker = tracker(&inner);
         let clock = {
-            let mut state = inner.presence.state.lock();
+            let mut state = tracker.state.lock();
             let dead: Vec<NodeId> =
                 state.replicas.iter().filter(|(_, r)| r.last_seen.elapsed() > timeout).map(|(n, _)| *n).collect();
             for node in dead {
                 let n = state.drop_replica(node, &mut diffs);
-                tracing::warn!(node = %inner.node, peer = %node, presences = n, ?timeout, "node silent; its presences removed");
+                tracing::warn!(node = %inner.node(), peer = %node, presences = n, ?timeout, "node silent; its presences removed");
             }
             state.flushed
         };
@@ -470,16 +532,16 @@ async fn ticker(inner: Weak<Inner>) {
     }
 }
 
-fn send(inner: &Inner, target: Option<NodeId>, msg: &Msg) {
+fn send(pubsub: &PubSub, target: Option<NodeId>, msg: &Msg) {
     match serde_json::to_vec(msg) {
-        Ok(json) => inner.send(target, &Body::Presence(json.into())),
+        Ok(json) => pubsub.cluster().send(target, &Body::Presence(json.into())),
         Err(e) => tracing::error!(error = %e, "presence message not encodable"),
     }
 }
 
 /// Sends what is left of local changes, then tells the other nodes this one is leaving.
-pub(crate) async fn goodbye(inner: &Arc<Inner>) {
-    let tracker = &inner.presence;
+pub(crate) async fn goodbye(pubsub: &PubSub) {
+    let tracker = tracker(pubsub);
     // Wait for the flusher to take the last local changes (the ends of the channels that just
     // closed), so they go out before the goodbye.
     for _ in 0..100 {
@@ -489,27 +551,27 @@ pub(crate) async fn goodbye(inner: &Arc<Inner>) {
         tracker.wake.notify_one();
         tokio::task::yield_now().await;
     }
-    send(inner, None, &Msg::Goodbye);
+    send(pubsub, None, &Msg::Goodbye);
 }
 
 /// Handles a presence message from `origin`.
-pub(crate) fn receive(inner: &Arc<Inner>, origin: NodeId, json: &[u8]) {
+fn receive(inner: &PubSub, origin: NodeId, json: &[u8]) {
     let msg: Msg = match serde_json::from_slice(json) {
         Ok(msg) => msg,
         Err(e) => {
-            inner.counters.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            inner.cluster().count_malformed();
             tracing::warn!(peer = %origin, error = %e, "unreadable presence message ignored");
             return;
         }
     };
     start(inner);
-    let tracker = &inner.presence;
-    let ask_every = inner.options.heartbeat_interval * 2;
+    let tracker = tracker(inner);
+    let ask_every = tracker.options.heartbeat_interval * 2;
     let mut diffs = Diffs::default();
     let mut reply = None;
     if let Msg::Goodbye = msg {
         let n = tracker.state.lock().drop_replica(origin, &mut diffs);
-        tracing::info!(node = %inner.node, peer = %origin, presences = n, "node left");
+        tracing::info!(node = %inner.node(), peer = %origin, presences = n, "node left");
         diffs.publish(inner);
         return;
     }
@@ -518,7 +580,7 @@ pub(crate) fn receive(inner: &Arc<Inner>, origin: NodeId, json: &[u8]) {
         let state = &mut *guard;
         let now = Instant::now();
         let replica = state.replicas.entry(origin).or_insert_with(|| {
-            tracing::info!(node = %inner.node, peer = %origin, "node joined");
+            tracing::info!(node = %inner.node(), peer = %origin, "node joined");
             Replica { clock: 0, last_seen: now, entries: HashMap::new(), asked: None }
         });
         replica.last_seen = now;
@@ -582,8 +644,8 @@ pub(crate) fn receive(inner: &Arc<Inner>, origin: NodeId, json: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Adapter, RemoteInbound};
     use bytes::Bytes;
+    use fawkes_pubsub_core::{Adapter, RemoteInbound};
     use std::time::Duration;
 
     /// Nodes in one process; a partition cuts a node off in both directions.
@@ -612,7 +674,7 @@ mod tests {
     }
 
     impl Net {
-        fn node(&self, options: crate::ClusterOptions) -> PubSub {
+        fn node(&self, options: ClusterOptions) -> PubSub {
             let n = self.0.lock().len();
             PubSub::with_options(Port(self.clone(), n), options)
         }
@@ -638,7 +700,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn nodes_converge_after_a_partition_and_drop_a_silent_node() {
         let net = Net::default();
-        let opts = crate::ClusterOptions::default()
+        let opts = ClusterOptions::default()
             .heartbeat_interval(Duration::from_millis(100))
             .node_timeout(Duration::from_secs(1));
         let nodes: Vec<PubSub> = (0..3).map(|_| net.node(opts.clone())).collect();

@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::Channel;
+use crate::channel::Channel;
 use crate::task::{self, JoinRequest};
 
 pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;

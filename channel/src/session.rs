@@ -9,8 +9,8 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::channel::reason;
-use crate::endpoint::Endpoint;
 use crate::outbox::{CloseReason, Outbound, Outbox};
+use crate::registry::Shared;
 use crate::socket::SocketInfo;
 use crate::task::{ChannelMsg, JoinRequest, send_reply};
 
@@ -74,7 +74,7 @@ impl Channels {
 ///
 /// Dropping the session ends its channels (their `terminate` runs) and unsubscribes them.
 pub struct Session {
-    endpoint: Endpoint,
+    endpoint: Arc<Shared>,
     outbox: Outbox,
     info: Arc<SocketInfo>,
     channels: Channels,
@@ -93,8 +93,8 @@ impl fmt::Debug for Session {
 }
 
 impl Session {
-    pub(crate) fn new(endpoint: Endpoint, outbox: Outbox, info: Arc<SocketInfo>) -> Session {
-        let burst = endpoint.0.config.join_rate.burst as f64;
+    pub(crate) fn new(endpoint: Arc<Shared>, outbox: Outbox, info: Arc<SocketInfo>) -> Session {
+        let burst = endpoint.config.join_rate.burst as f64;
         Session {
             endpoint,
             outbox,
@@ -118,7 +118,7 @@ impl Session {
     /// The stream of frames to send to the peer. Call once: every `Outbound` of a session drains
     /// the same queue.
     pub fn outbound(&self) -> Outbound {
-        Outbound::new(self.outbox.clone(), self.endpoint.0.config.heartbeat_timeout)
+        Outbound::new(self.outbox.clone(), self.endpoint.config.heartbeat_timeout)
     }
 
     /// True once the socket is closed (by the peer's bad input, a limit, shutdown or the
@@ -143,7 +143,7 @@ impl Session {
             return Err(CloseReason::TransportClosed);
         }
         self.outbox.touch();
-        let max = self.endpoint.0.config.max_frame_size;
+        let max = self.endpoint.config.max_frame_size;
         if frame.len() > max {
             return Err(self.fail(CloseReason::FrameTooLarge { len: frame.len(), max }));
         }
@@ -174,7 +174,7 @@ impl Session {
 
     fn join(&mut self, msg: Message) {
         let endpoint = self.endpoint.clone();
-        let config = &endpoint.0.config;
+        let config = &endpoint.config;
         // V1 clients send no join_ref: the join's own ref serves, as in Phoenix.
         let join_ref = msg.join_ref.clone().or_else(|| msg.msg_ref.clone());
         let refuse = |this: &Self, join_ref: Option<Ref>, why: &str| {
@@ -183,7 +183,7 @@ impl Session {
         if msg.topic.len() > config.max_topic_len {
             return refuse(self, None, "topic too long");
         }
-        let Some(starter) = self.endpoint.0.router.route(&msg.topic) else {
+        let Some(starter) = self.endpoint.router.route(&msg.topic) else {
             return refuse(self, None, "unmatched topic");
         };
         if !self.take_join_token() {
@@ -214,7 +214,7 @@ impl Session {
             replaces,
             outbox: self.outbox.clone(),
             info: self.info.clone(),
-            pubsub: endpoint.0.pubsub.clone(),
+            pubsub: endpoint.pubsub.clone(),
             mailbox: rx,
             mailbox_capacity: config.channel_mailbox,
         };
@@ -264,7 +264,7 @@ impl Session {
     }
 
     fn take_join_token(&mut self) -> bool {
-        let rate = self.endpoint.0.config.join_rate;
+        let rate = self.endpoint.config.join_rate;
         let now = Instant::now();
         let refill = now.duration_since(self.join_tokens_at).as_secs_f64() * rate.per_second as f64;
         self.join_tokens = (self.join_tokens + refill).min(rate.burst as f64);

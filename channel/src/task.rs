@@ -11,8 +11,7 @@ use futures_util::FutureExt as _;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::Channel;
-use crate::channel::{HandleIn, SocketRef, StopReason, Terminate, reason};
+use crate::channel::{Channel, HandleIn, SocketRef, StopReason, Terminate, reason};
 use crate::outbox::Outbox;
 use crate::pubsub::{Intercept, PubSub, Subscriber, SubscriptionGuard};
 use crate::socket::SocketInfo;

@@ -10,7 +10,7 @@
 //!
 //! Both the listener and the publisher reconnect with backoff (100 ms doubling to 5 s), and the
 //! PubSub logs and counts the backend going away and coming back
-//! ([`PubSub::stats`](fawkes_channel::PubSub::stats)). What is notified while a node's listener
+//! (`PubSub::stats`, [`ClusterStats`](fawkes_pubsub_core::ClusterStats)). What is notified while a node's listener
 //! is disconnected is lost for that node (PostgreSQL keeps nothing for a listener that is not
 //! connected); Presence repairs itself from heartbeats afterwards.
 //!
@@ -31,7 +31,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use fawkes_channel::{Adapter, Backoff, NodeId, Outgoing, OutgoingQueue, RemoteInbound};
+use fawkes_pubsub_core::{Adapter, Backoff, NodeId, Outgoing, OutgoingQueue, RemoteInbound};
 use futures_util::future::BoxFuture;
 use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
@@ -85,7 +85,7 @@ pub enum PostgresAdapterError {
 }
 
 /// Carries a PubSub's messages through PostgreSQL. Create it, give it to
-/// [`PubSub::with_adapter`](fawkes_channel::PubSub::with_adapter) inside a tokio runtime; it
+/// `fawkes_channel::PubSub::with_adapter` inside a tokio runtime; it
 /// connects in the background.
 pub struct PostgresAdapter {
     url: String,

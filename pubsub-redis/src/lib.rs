@@ -6,7 +6,7 @@
 //! tasks do the work: a subscriber that hands what arrives to the PubSub, and a publisher that
 //! sends what the PubSub queued, many messages per round trip (a pipeline). Both reconnect with
 //! backoff (100 ms doubling to 5 s) and the PubSub logs and counts the backend going away and
-//! coming back ([`PubSub::stats`](fawkes_channel::PubSub::stats)).
+//! coming back (`PubSub::stats`, [`ClusterStats`](fawkes_pubsub_core::ClusterStats)).
 //!
 //! Delivery: in steady state every node gets every broadcast once. Redis pub/sub keeps nothing
 //! for a subscriber that is disconnected, so what is published while a node's subscription is
@@ -29,7 +29,7 @@ use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fawkes_channel::{Adapter, Backoff, NodeId, Outgoing, OutgoingQueue, RemoteInbound};
+use fawkes_pubsub_core::{Adapter, Backoff, NodeId, Outgoing, OutgoingQueue, RemoteInbound};
 use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
@@ -77,7 +77,7 @@ pub enum RedisAdapterError {
 }
 
 /// Carries a PubSub's messages through Redis. Create it, give it to
-/// [`PubSub::with_adapter`](fawkes_channel::PubSub::with_adapter) inside a tokio runtime; it
+/// `fawkes_channel::PubSub::with_adapter` inside a tokio runtime; it
 /// connects in the background.
 pub struct RedisAdapter {
     client: redis::Client,

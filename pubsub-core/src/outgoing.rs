@@ -1,5 +1,5 @@
 //! What every [`Adapter`](crate::Adapter) to a network backend needs: a bounded queue between
-//! the PubSub's non-blocking calls and the task that sends, and a reconnect backoff.
+//! the node's non-blocking calls and the task that sends, and a reconnect backoff.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -10,8 +10,8 @@ use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cluster::NodeId;
-use crate::pubsub::RemoteInbound;
+use crate::adapter::RemoteInbound;
+use crate::node::NodeId;
 
 /// A message for an adapter's sending task.
 #[derive(Debug)]
@@ -26,11 +26,11 @@ pub enum Outgoing {
 
 /// The bounded queue between an adapter's `broadcast`/`send`/`flush` (which must not block) and
 /// the task that sends. While the backend is away messages wait here; what does not fit is
-/// dropped, logged and counted in [`PubSub::stats`](crate::PubSub::stats).
+/// dropped, logged and counted in [`ClusterStats::dropped`](crate::ClusterStats::dropped).
 ///
 /// ```
 /// use bytes::Bytes;
-/// use fawkes_channel::{Adapter, NodeId, Outgoing, OutgoingQueue, RemoteInbound};
+/// use fawkes_pubsub_core::{Adapter, NodeId, Outgoing, OutgoingQueue, RemoteInbound};
 /// use futures_util::future::BoxFuture;
 ///
 /// struct MyAdapter { queue: OutgoingQueue }
@@ -72,7 +72,7 @@ impl OutgoingQueue {
         OutgoingQueue { tx, rx: Mutex::new(Some(rx)), inbound: OnceLock::new() }
     }
 
-    /// Links the queue to its PubSub (drops are reported there) and hands out the receiving end
+    /// Links the queue to its node (drops are reported there) and hands out the receiving end
     /// for the sending task: the first call gets it, later ones `None`.
     pub fn start(&self, inbound: &RemoteInbound) -> Option<mpsc::Receiver<Outgoing>> {
         let _ = self.inbound.set(inbound.clone());
