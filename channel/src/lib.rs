@@ -22,8 +22,8 @@
 //! | dropping the [`Session`] | When the peer is gone, drop the session: its channels terminate, the endpoint forgets the socket ([`Endpoint::connected`], [`Endpoint::drained`]). |
 //! | heartbeats | [`Outbound`] closes a socket that sent nothing for [`Config::heartbeat_timeout`]. A transport whose clients show they are alive other than by frames (a long-poll `GET`) calls [`Outbound::keep_alive`]. |
 //! | limits | [`Endpoint::config`]: refuse a frame over [`Config::max_frame_size`] before reading all of it ([`Session::close`] with [`CloseReason::FrameTooLarge`], or an HTTP 413 where the request is not the socket). |
-//! | sessions between requests | For transports whose peer comes back with a token: [`SessionSigner`] signs a [`random_session_id`]; a token that does not verify means "session gone" (410), never a refusal. |
-//! | several nodes | A session lives on the node that opened it. Put [`PubSub::node`] in the token, and when a request reaches another node, forward it with [`PubSub::request`] to the owner, which answers through [`PubSub::serve`] (long-poll does; no sticky sessions needed). |
+//! | sessions between requests | For transports whose peer comes back with a token, build on `fawkes-http`: it signs session tokens, keeps sessions between requests and forwards requests to the owning node. A token that does not verify means "session gone" (410), never a refusal. |
+//! | several nodes | A session lives on the node that opened it. Put [`PubSub::node`] in the token, and when a request reaches another node, forward it with [`PubSub::request`] to the owner, which answers through [`PubSub::serve`] (`fawkes-http` does so for long-poll and SSE; no sticky sessions needed). |
 //! | shutdown | [`Endpoint::shutdown`] closes every socket with [`CloseReason::Shutdown`]; the transport tells its peers and [`Endpoint::drained`] completes when all are dropped. [`Endpoint::is_shutting_down`] lets a transport refuse new work. |
 //!
 //! A complete toy transport: newline-delimited text frames over any byte stream (here
@@ -136,7 +136,6 @@ mod router;
 mod session;
 mod socket;
 mod task;
-mod token;
 
 pub use channel::{Channel, HandleIn, Pusher, SocketRef, StopReason, Terminate, reason};
 pub use cluster::{ClusterOptions, ClusterStats, EnvelopeError, NodeId, RequestError};
@@ -151,7 +150,6 @@ pub use pubsub::{Adapter, BroadcastFrames, PubSub, RemoteInbound, ServiceGuard, 
 pub use router::Router;
 pub use session::Session;
 pub use socket::{Accept, ConnectError, ConnectFn, ConnectInfo, PeerAddr, SocketHandler, parse_query};
-pub use token::{MAX_TOKEN_PAYLOAD, SessionSigner, random_session_id};
 
 /// 64 random bits from the operating system.
 pub(crate) fn random_u64() -> u64 {

@@ -95,4 +95,13 @@ impl SseOptions {
         self.secret = Some(secret.into());
         self
     }
+
+    fn session_options(&self) -> fawkes_http::SessionOptions {
+        let shared = fawkes_http::SessionOptions::default().session_idle(self.session_idle);
+        let shared = shared.max_body_size(self.max_body_size);
+        match &self.secret {
+            Some(secret) => shared.secret(secret.clone()),
+            None => shared,
+        }
+    }
 }
