@@ -43,8 +43,16 @@ pub fn app_with(endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
 pub fn sockets(path: &str, endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
     let path = path.trim_end_matches('/');
     let router = axum::Router::new();
+    // SSE shares long-poll's token secret, so that its POSTs reach their session from any node.
     #[cfg(feature = "sse")]
-    let router = router.route_service(&format!("{path}/sse"), crate::sse::SseService::new(endpoint.clone()));
+    let router = {
+        let sse = crate::sse::SseOptions::default();
+        let sse = match &longpoll.secret {
+            Some(secret) => sse.secret(secret.clone()),
+            None => sse,
+        };
+        router.route_service(&format!("{path}/sse"), crate::sse::SseService::with_options(endpoint.clone(), sse))
+    };
     router
         .route_service(&format!("{path}/websocket"), WebSocketService::new(endpoint.clone()))
         .route_service(&format!("{path}/longpoll"), LongPollService::with_options(endpoint, longpoll))

@@ -141,7 +141,7 @@ mod tests {
             frames,
             [Frame::text("[1]"), Frame::Binary(Bytes::from_static(&[1, 2, 3, 255])), Frame::text("{\"a\":1}")]
         );
-        assert_eq!(lines(BodyKind::Single, &body), [body.clone()]);
+        assert_eq!(lines(BodyKind::Single, &body), std::slice::from_ref(&body));
         assert_eq!(line_frame(Bytes::from_static(b"not base64!")), Frame::text("not base64!"));
     }
 }

@@ -1,89 +1,21 @@
 //! SSE across nodes through the real backends: a client's stream on one node, its POSTs on
 //! another (a round-robin load balancer, no sticky sessions).
 //!
-//! Each test makes two nodes in this process, each with its own PubSub, adapter and endpoint, as
-//! separate servers would have. The backends are the machine's: `FAWKES_TEST_REDIS` (default
-//! `redis://127.0.0.1:6379`) and `FAWKES_TEST_POSTGRES` (default
-//! `postgres://postgres@127.0.0.1:5432/test`). Unreachable, they fail the tests under `CI=true`
-//! and print a loud SKIP otherwise.
+//! Each test makes two nodes in this process, each with its own PubSub, adapter and endpoint (see
+//! `fawkes_testkit::cluster`: unreachable backends fail under `CI=true`, else a loud SKIP).
 
 mod common;
 
-use std::time::Duration;
-
 use common::{Stream, open, post};
-use fawkes_channel::{Endpoint, PubSub, Router, Subscription};
-use fawkes_pubsub_postgres::{PostgresAdapter, PostgresOptions};
-use fawkes_pubsub_redis::{RedisAdapter, RedisOptions};
-use fawkes_testkit::TestChannel;
+use fawkes_channel::Config;
+use fawkes_testkit::cluster::{Backend, WAIT, endpoint_on};
 use fawkes_transport_sse::{SseOptions, SseService};
 use serde_json::{Value, json};
 
-const WAIT: Duration = Duration::from_secs(10);
-
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    Redis,
-    Postgres,
-}
-
-impl Backend {
-    fn url(self) -> String {
-        let (var, default) = match self {
-            Backend::Redis => ("FAWKES_TEST_REDIS", "redis://127.0.0.1:6379"),
-            Backend::Postgres => ("FAWKES_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test"),
-        };
-        std::env::var(var).unwrap_or_else(|_| default.into())
-    }
-
-    /// The backend's URL if it accepts connections; `None` (after a loud SKIP) otherwise.
-    async fn available(self) -> Option<String> {
-        let url = self.url();
-        let hostport = url.split("://").nth(1).and_then(|rest| rest.split(['/', '?']).next()).unwrap_or_default();
-        let hostport = hostport.rsplit('@').next().unwrap_or(hostport).to_owned();
-        match tokio::net::TcpStream::connect(&hostport).await {
-            Ok(_) => Some(url),
-            Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("{self:?} unreachable at {url}: {e}"),
-            Err(e) => {
-                eprintln!("\n*** SKIP: {self:?} unreachable at {url}: {e} ***\n");
-                None
-            }
-        }
-    }
-
-    fn node(self, url: &str, cluster: &str) -> PubSub {
-        match self {
-            Backend::Redis => PubSub::with_adapter(
-                RedisAdapter::with_options(url, RedisOptions::default().cluster(cluster)).expect("redis url"),
-            ),
-            Backend::Postgres => PubSub::with_adapter(
-                PostgresAdapter::with_options(url, PostgresOptions::default().cluster(cluster)).expect("postgres url"),
-            ),
-        }
-    }
-}
-
-/// One node: its endpoint on `pubsub`, serving SSE with the cluster's shared secret.
-fn sse_node(pubsub: PubSub) -> SseService {
-    let endpoint = Endpoint::builder()
-        .router(Router::new().channel("test:*", TestChannel::default))
-        .pubsub(pubsub)
-        .on_connect(fawkes_testkit::connect)
-        .build();
-    SseService::with_options(endpoint, SseOptions::default().secret("shared by the cluster"))
-}
-
-/// Broadcasts probes from `from` until `to` hears one, so the backend link is up that way.
-async fn linked(from: &PubSub, to: &PubSub, topic: &str) {
-    let mut sub: Subscription = to.subscribe(topic, 64);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        from.broadcast(topic, "probe", json!({}));
-        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no probe crossed between the nodes within {WAIT:?}");
-    }
+/// One node's SSE service; the nodes of a cluster share the secret tokens are signed with.
+fn sse_node(pubsub: fawkes_channel::PubSub) -> SseService {
+    let options = SseOptions::default().secret("shared by the cluster");
+    SseService::with_options(endpoint_on(pubsub, Config::default()), options)
 }
 
 async fn event(stream: &mut Stream, what: &str) -> (Option<String>, Value) {
@@ -95,12 +27,7 @@ async fn event(stream: &mut Stream, what: &str) -> (Option<String>, Value) {
 }
 
 async fn stream_on_one_node_posts_on_another(backend: Backend) {
-    let Some(url) = backend.available().await else { return };
-    let cluster = format!("t_sse_{}_{:?}", std::process::id(), std::time::SystemTime::now());
-    let cluster: String = cluster.chars().filter(char::is_ascii_alphanumeric).collect();
-    let (a, b) = (backend.node(&url, &cluster), backend.node(&url, &cluster));
-    linked(&a, &b, "sync:ab").await;
-    linked(&b, &a, "sync:ba").await;
+    let Some((a, b)) = backend.two_nodes().await else { return };
     let (node_a, node_b) = (sse_node(a), sse_node(b));
 
     let mut stream = open(&node_a, "vsn=2.0.0").await.expect("the stream opens on node A");
@@ -111,8 +38,8 @@ async fn stream_on_one_node_posts_on_another(backend: Backend) {
     assert_eq!((&reply[1], &reply[3], &reply[4]["status"]), (&json!("1"), &json!("phx_reply"), &json!("ok")));
 
     let push = json!(["1", "2", "test:cross", "broadcast", {"event": "hello", "payload": {"n": 1}}]).to_string();
-    assert_eq!(post(&node_b, &token, &[push.clone()]).await, 200);
-    let mut seen = vec![event(&mut stream, "the broadcast").await.1, event(&mut stream, "its reply").await.1];
+    assert_eq!(post(&node_b, &token, std::slice::from_ref(&push)).await, 200);
+    let mut seen = [event(&mut stream, "the broadcast").await.1, event(&mut stream, "its reply").await.1];
     seen.sort_by_key(|m| m[3].as_str().map(str::to_owned));
     assert_eq!(seen[0], json!([null, null, "test:cross", "hello", {"n": 1}]));
     assert_eq!((&seen[1][1], &seen[1][3]), (&json!("2"), &json!("phx_reply")));
