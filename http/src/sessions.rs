@@ -420,3 +420,106 @@ pub fn connect_info(transport: &'static str, parts: &mut Parts, own_params: &[&s
     info.headers = std::mem::take(&mut parts.headers);
     info
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::HttpBody;
+    use fawkes_channel::Config;
+    use http::Response;
+
+    /// Reads are driven by the tests themselves.
+    struct Manual;
+
+    impl HttpTransport for Manual {
+        type State = ();
+        const NAME: &'static str = "manual";
+
+        fn new_state(&self) {}
+
+        async fn get(&self, _: &Sessions<Self>, _: Parts) -> Response<HttpBody> {
+            crate::HttpError::MethodNotAllowed.answer().into_response()
+        }
+    }
+
+    fn sessions(idle: Duration) -> Sessions<Manual> {
+        let endpoint = fawkes_testkit::endpoint(Config::default());
+        Sessions::new(Manual, endpoint, SessionOptions::default().session_idle(idle))
+    }
+
+    async fn open(sessions: &Sessions<Manual>, query: &str) -> Result<DetachedSession<()>, HttpError> {
+        let (mut parts, ()) = http::Request::get(format!("/x?{query}")).body(()).expect("request").into_parts();
+        sessions.open(&mut parts).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newer_read_releases_the_older_and_takes_what_is_queued() {
+        let sessions = sessions(Duration::from_secs(20));
+        let session = open(&sessions, "vsn=2.0.0").await.expect("opens");
+        let mut older = session.read();
+        let mut frames = Vec::new();
+        assert_eq!(older.next(&mut frames, 10, Duration::from_secs(1)).await, ReadEvent::Idle);
+        let mut newer = session.read();
+        assert_eq!(older.next(&mut frames, 10, Duration::from_secs(1)).await, ReadEvent::Released);
+        ingest_heartbeat(&session).await;
+        assert_eq!(newer.next(&mut frames, 10, Duration::from_secs(1)).await, ReadEvent::Frames);
+        assert_eq!(frames.len(), 1, "the heartbeat reply, taken once");
+    }
+
+    async fn ingest_heartbeat(session: &DetachedSession<()>) {
+        let line = bytes::Bytes::from_static(br#"[null,"1","phoenix","heartbeat",{}]"#);
+        crate::ingest::ingest(session, crate::ingest::BodyKind::Single, line).await.expect("taken");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_end_after_the_idle_window_without_a_read_and_not_while_read() {
+        let idle = Duration::from_secs(20);
+        let sessions = sessions(idle);
+        let abandoned = open(&sessions, "vsn=2.0.0").await.expect("opens");
+        let read = open(&sessions, "vsn=2.0.0").await.expect("opens");
+        let token = abandoned.token().to_owned();
+        drop(abandoned);
+        let _reading = read.read();
+        tokio::time::sleep(idle / 2).await;
+        assert_eq!(sessions.len(), 2, "not before the idle window");
+        tokio::time::sleep(idle).await;
+        assert_eq!(sessions.len(), 1, "the session being read is kept");
+        assert!(matches!(sessions.lookup(Some(&token)), Lookup::Gone));
+        assert_eq!(sessions.endpoint().connected(), 1);
+    }
+
+    #[tokio::test]
+    async fn tokens_name_their_session_and_nothing_else_and_refusals_are_errors() {
+        let sessions = sessions(Duration::from_secs(20));
+        let session = open(&sessions, "vsn=2.0.0&user=ann").await.expect("opens");
+        assert!(matches!(sessions.lookup(Some(session.token())), Lookup::Here(_)));
+        let other = super::Sessions::new(Manual, sessions.endpoint().clone(), SessionOptions::default());
+        assert!(matches!(other.lookup(Some(session.token())), Lookup::Gone), "another service's token");
+        for bad in [None, Some(""), Some("forged.token")] {
+            assert!(matches!(sessions.lookup(bad), Lookup::Gone), "{bad:?}");
+        }
+        let refused = open(&sessions, "vsn=2.0.0&reject=true").await;
+        assert!(matches!(refused, Err(HttpError::Refused(_))), "{refused:?}");
+        sessions.endpoint().shutdown();
+        assert!(matches!(open(&sessions, "vsn=2.0.0").await, Err(HttpError::ShuttingDown)));
+    }
+
+    #[test]
+    fn connect_info_takes_the_auth_token_from_the_header_first_and_drops_own_params() {
+        let req = http::Request::get("/x?vsn=2.0.0&token=t&last_event_id=4&auth_token=param&user=ann")
+            .header("x-phoenix-authtoken", "header")
+            .body(())
+            .expect("request");
+        let (mut parts, ()) = req.into_parts();
+        parts.extensions.insert(PeerAddr(std::net::SocketAddr::from(([10, 0, 0, 1], 4000))));
+        let info = connect_info("sse", &mut parts, &["token", "last_event_id"]);
+        assert_eq!(info.auth_token.as_deref(), Some("header"));
+        assert_eq!(info.params.into_iter().collect::<Vec<_>>(), [("user".to_owned(), "ann".to_owned())]);
+        assert_eq!((info.vsn.as_deref(), info.transport), (Some("2.0.0"), "sse"));
+        assert_eq!(info.peer_addr, Some(std::net::SocketAddr::from(([10, 0, 0, 1], 4000))));
+        assert!(info.headers.contains_key("x-phoenix-authtoken"));
+
+        let (mut parts, ()) = http::Request::get("/x?auth_token=param").body(()).expect("request").into_parts();
+        assert_eq!(connect_info("sse", &mut parts, &[]).auth_token.as_deref(), Some("param"));
+    }
+}
