@@ -20,15 +20,15 @@
 //! | item | the transport's side of the contract |
 //! | --- | --- |
 //! | [`ConnectInfo`] | What is known about the connecting peer: `ConnectInfo::new(name, binary_frames)` then [`with_query`](ConnectInfo::with_query) (fills `vsn` and the connect params), plus `auth_token`, `headers`, `peer_addr` where the transport has them (HTTP transports read [`PeerAddr`] from the request's extensions). Remove the transport's own query params (e.g. a session token) from `params`. A transport that cannot carry binary frames says so: binary payloads then reach it as text (`{"binary": "<base64>"}`). |
-//! | [`Endpoint::connect`] | Runs the origin check and the application's connect callback. [`ConnectError`] is a refusal: answer it as one (HTTP 403), except [`ConnectError::ShuttingDown`] (503, or a close). Never connect before the peer is known to be there. |
+//! | [`Endpoint::connect`] | Runs the origin check and the application's connect callback. [`ConnectError`] is a refusal: answer it as one (HTTP 403), except [`ConnectError::ShuttingDown`] (the HTTP transports answer status 500, which phoenix.js retries; WebSocket closes). Never connect before the peer is known to be there. |
 //! | [`Session::handle_frame`] | Every inbound frame, in order, one at a time (it takes `&mut self`). It waits while the target channel's mailbox is full: that is backpressure, so read nothing more from the peer meanwhile. `Err(reason)` means the socket is closed (malformed or oversized frame, or closed already): stop reading, deliver what [`Outbound`] still yields, then close. |
 //! | [`Session::outbound`] → [`Outbound`] | Call once. [`recv`](Outbound::recv) / [`recv_many`](Outbound::recv_many) yield frames in order, then `Err(CloseReason)` once the socket is closed and everything queued before was taken. Cancel-safe. Only take frames you can send: a peer that stops reading must leave frames in the queue, where [`Config::outbound_queue_limit`] and [`SlowConsumerPolicy`] bound them. Never buffer without a bound in the transport. |
 //! | [`CloseReason`] | Map it to the transport's own signal (WebSocket: 1000 heartbeat timeout or disconnect, 1001 shutdown, 1008 slow consumer, 1009 frame too large, 1011 malformed; [`CloseReason::TransportClosed`] means the peer went away, so there is no one to tell). |
 //! | dropping the [`Session`] | When the peer is gone, drop the session: its channels terminate, the endpoint forgets the socket ([`Endpoint::connected`], [`Endpoint::drained`]). |
 //! | heartbeats | [`Outbound`] closes a socket that sent nothing for [`Config::heartbeat_timeout`]. A transport whose clients show they are alive other than by frames (a long-poll `GET`) calls [`Outbound::keep_alive`]. |
 //! | limits | [`Endpoint::config`]: refuse a frame over [`Config::max_frame_size`] before reading all of it ([`Session::close`] with [`CloseReason::FrameTooLarge`], or an HTTP 413 where the request is not the socket). |
-//! | sessions between requests | For transports whose peer comes back with a token: [`SessionSigner`] signs a [`random_session_id`]; a token that does not verify means "session gone" (410), never a refusal. |
-//! | several nodes | A session lives on the node that opened it. Put [`PubSub::node`] in the token, and when a request reaches another node, forward it with [`PubSub::request`] to the owner, which answers through [`PubSub::serve`] (long-poll does; no sticky sessions needed). |
+//! | sessions between requests | For transports whose peer comes back with a token, build on `fawkes-http`: it signs session tokens, keeps sessions between requests and forwards requests to the owning node. A token that does not verify means "session gone" (410), never a refusal. |
+//! | several nodes | A session lives on the node that opened it. Put [`PubSub::node`] in the token, and when a request reaches another node, forward it with [`PubSub::request`] to the owner, which answers through [`PubSub::serve`] (`fawkes-http` does so for long-poll and SSE; no sticky sessions needed). |
 //! | shutdown | [`Endpoint::shutdown`] closes every socket with [`CloseReason::Shutdown`]; the transport tells its peers and [`Endpoint::drained`] completes when all are dropped. [`Endpoint::is_shutting_down`] lets a transport refuse new work. |
 //!
 //! A complete toy transport: newline-delimited text frames over any byte stream (here
@@ -141,7 +141,6 @@ mod router;
 mod session;
 mod socket;
 mod task;
-mod token;
 
 pub use channel::{Channel, HandleIn, Pusher, SocketRef, StopReason, Terminate, reason};
 pub use config::{Config, JoinRate, SlowConsumerPolicy};
@@ -158,4 +157,3 @@ pub use pubsub::{BroadcastFrames, PubSub, SubscriberId, Subscription};
 pub use router::Router;
 pub use session::Session;
 pub use socket::{Accept, ConnectError, ConnectFn, ConnectInfo, PeerAddr, SocketHandler, parse_query};
-pub use token::{MAX_TOKEN_PAYLOAD, SessionSigner, random_session_id};

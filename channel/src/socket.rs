@@ -9,7 +9,7 @@ use std::pin::Pin;
 use fawkes_serializer::{Serializer, UnsupportedVsn};
 
 /// The peer's address, carried in an HTTP request's extensions: the server that accepts the
-/// connection inserts it (`fawkes serve` and `fawkes_transport_ws::serve` do), and HTTP
+/// connection inserts it (`fawkes_server::serve` does), and HTTP
 /// transports read it into [`ConnectInfo::peer_addr`], which
 /// [`Config::max_connections_per_ip`](crate::Config) counts by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use axum::routing::get;
 
 use fawkes::Endpoint;
 use fawkes::longpoll::{LongPollOptions, LongPollService};
-use fawkes::sse::SseService;
+use fawkes::sse::{SseOptions, SseService};
 use fawkes::ws::{PeerAddr, WebSocketService};
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
@@ -43,8 +43,13 @@ pub fn app_with(endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
 /// `{path}/sse`.
 pub fn sockets(path: &str, endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
     let path = path.trim_end_matches('/');
+    // SSE shares long-poll's token secret, so that its POSTs reach their session from any node.
+    let sse = match &longpoll.secret {
+        Some(secret) => SseOptions::default().secret(secret.clone()),
+        None => SseOptions::default(),
+    };
     axum::Router::new()
-        .route_service(&format!("{path}/sse"), SseService::new(endpoint.clone()))
+        .route_service(&format!("{path}/sse"), SseService::with_options(endpoint.clone(), sse))
         .route_service(&format!("{path}/websocket"), WebSocketService::new(endpoint.clone()))
         .route_service(&format!("{path}/longpoll"), LongPollService::with_options(endpoint, longpoll))
         .layer(axum::middleware::map_request(peer_addr))

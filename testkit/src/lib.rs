@@ -66,6 +66,8 @@
 #![forbid(unsafe_code)]
 
 mod channel;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 mod scenarios;
 
 use std::fmt;

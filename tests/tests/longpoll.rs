@@ -1,5 +1,5 @@
 //! The long-poll protocol, request by request, against the service itself. The channel
-//! scenarios every transport shares run in the conformance kit (kit_longpoll.rs).
+//! scenarios every transport shares run in the conformance kit (transport-longpoll/tests/kit.rs).
 
 use std::time::Duration;
 
@@ -100,7 +100,7 @@ async fn bad_tokens_get_410_never_403() {
 
 #[tokio::test]
 async fn a_foreign_origin_gets_403() {
-    // Refusals by the connect callback and for the vsn are in the conformance kit (kit_longpoll.rs).
+    // Refusals by the connect callback and for the vsn are in the conformance kit (transport-longpoll/tests/kit.rs).
     let lp = lp(LongPollOptions::default());
     let req = http::Request::get("/socket/longpoll?vsn=2.0.0")
         .header("origin", "https://evil.example")

@@ -3,6 +3,8 @@
 //! [`LongPollService`] is a tower `Service` for `{path}/longpoll`: the phoenix client's `LongPoll`
 //! transport, and its fallback from WebSocket (`longPollFallbackMs`), work against it unchanged.
 //! Each long-poll session drives the same [`Session`](fawkes_channel::Session) a WebSocket does.
+//! This crate only shapes polls into Phoenix's JSON envelope: sessions between requests, `POST`s,
+//! tokens, forwarding between nodes, error answers and CORS are `fawkes-http`'s, shared with SSE.
 //!
 //! ```no_run
 //! use fawkes_channel::{Endpoint, Router};
@@ -16,7 +18,8 @@
 //! The protocol, as the client sees it (every answer is HTTP 200 with a JSON envelope
 //! `{"status", "token", "messages"}`, except where noted):
 //! - `GET` without a token opens a session (the connect callback runs; `403` if it refuses or the
-//!   origin check fails) and answers `410` with the session's token.
+//!   origin check fails; `500` while shutting down) and answers `410` with the session's token.
+//!   The bearer token is the `X-Phoenix-AuthToken` header (or an `auth_token` param).
 //! - `GET` with a token waits up to [`LongPollOptions::poll_window`] for messages: `200` with every
 //!   queued message, or `204`. A newer `GET` for the same session releases the older one with
 //!   `204`; nothing is taken from the queue unless it is answered.

@@ -1,8 +1,9 @@
 //! Server-Sent Events down, POST up: a Phoenix Channels transport for Fawkes.
 //!
-//! [`SseService`] is a tower `Service` for `{path}/sse`. It is built only on the public transport
-//! contract of [`fawkes_channel`] (see its "Writing a transport" section), and its browser client
-//! is `clients/js/sse-transport.js`, given to phoenix.js's `Socket` as its `transport`.
+//! [`SseService`] is a tower `Service` for `{path}/sse`. It only shapes event streams: sessions
+//! between requests, `POST`s, tokens, forwarding between nodes, error answers and CORS are
+//! `fawkes-http`'s, shared with long-poll. Its browser client is `clients/js/sse-transport.js`,
+//! given to phoenix.js's `Socket` as its `transport`.
 //!
 //! ```no_run
 //! use fawkes_channel::{Endpoint, Router};
@@ -17,7 +18,8 @@
 //!
 //! The protocol:
 //! - `GET {path}/sse?vsn=2.0.0&params…` opens a session (the connect callback runs; HTTP `403` if
-//!   it refuses or the origin check fails, `503` while shutting down) and answers a
+//!   it refuses or the origin check fails, `500` while shutting down; the body is long-poll's
+//!   JSON answer) and answers a
 //!   `text/event-stream`. The first event is `event: phx_session` whose data is the session's
 //!   signed token. Then every outbound frame is one event, `id: N` and `data: <V2 JSON>`.
 //!   A comment (`: keep-alive`) goes out after [`SseOptions::keep_alive`] of silence. When the
@@ -35,7 +37,12 @@
 //!   pushes. It is answered as long-poll answers: HTTP `200` with the JSON envelope
 //!   `{"status": N, "token": null, "messages": []}`, where `N` is `200` once all are handled,
 //!   `410` for a forged or ended session, `400` (and the session ends) for a malformed message;
-//!   a body over [`SseOptions::max_body_size`] gets HTTP `413` and `{"status": 413}`.
+//!   a body over [`SseOptions::max_body_size`] gets HTTP `413` and `{"status": 413}`. A line the
+//!   session already took (a `POST` retried after its answer was lost) is not handled twice.
+//! - Across nodes (the endpoint's PubSub clustered, every node with the same
+//!   [`SseOptions::secret`]): a `POST` reaches its session from any node, forwarded to the node
+//!   that holds it, so the stream and the `POST`s need no sticky sessions. A stream itself cannot
+//!   be forwarded: a `GET` with a token that reaches another node opens a new session there.
 //! - A session with no stream attached for [`SseOptions::session_idle`] ends. A stream's reader
 //!   that stops reading stops the session's outbound queue from draining, so the endpoint's
 //!   `outbound_queue_limit` closes it as a slow consumer: memory stays bounded.
@@ -94,5 +101,14 @@ impl SseOptions {
     pub fn secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
         self.secret = Some(secret.into());
         self
+    }
+
+    fn session_options(&self) -> fawkes_http::SessionOptions {
+        let shared = fawkes_http::SessionOptions::default().session_idle(self.session_idle);
+        let shared = shared.max_body_size(self.max_body_size);
+        match &self.secret {
+            Some(secret) => shared.secret(secret.clone()),
+            None => shared,
+        }
     }
 }

@@ -161,3 +161,21 @@ async fn sessions_without_a_stream_end_after_the_idle_window_and_streams_get_kee
     let req = http::Request::delete("/socket/sse").body(Full::default()).expect("request");
     assert_eq!(request(&svc, req).await.0, 405);
 }
+
+#[tokio::test]
+async fn a_retried_post_is_handled_once() {
+    let (svc, _) = service(Config::default(), SseOptions::default());
+    let mut s = open(&svc, "vsn=2.0.0").await.expect("opens");
+    let batch = [join("test:retry"), json!(["1", "2", "test:retry", "echo", {"body": "once"}]).to_string()];
+    assert_eq!(post(&svc, &s.token, &batch).await, 200);
+    // The answer was lost; the client sends the same batch again, plus a new push.
+    let retry = [batch[0].clone(), batch[1].clone(), json!(["1", "3", "test:retry", "echo", {}]).to_string()];
+    assert_eq!(post(&svc, &s.token, &retry).await, 200);
+    // A last push on the same topic: its reply comes after every earlier one.
+    assert_eq!(post(&svc, &s.token, &[json!(["1", "4", "test:retry", "echo", {}]).to_string()]).await, 200);
+    let mut refs = Vec::new();
+    while refs.last() != Some(&json!("4")) {
+        refs.push(data(&s.event().await.expect("a reply"))[1].clone());
+    }
+    assert_eq!(refs, [json!("1"), json!("2"), json!("3"), json!("4")], "join, echo, echo, echo: once each");
+}

@@ -1,7 +1,7 @@
 "use strict";
 // Several `fawkes serve` nodes sharing Redis or PostgreSQL: phoenix.js clients on different
 // nodes chat and see one Presence list; a long-poll client whose every request lands on another
-// node (through a round-robin proxy) takes part; killing a node removes its users from the
+// node (through a round-robin proxy) takes part, and so does an SSE client whose POSTs do; killing a node removes its users from the
 // survivors' lists within the presence timeout; after the backend restarts, every list converges
 // and chat resumes.
 
@@ -116,6 +116,28 @@ for (const backend of BACKENDS) {
       );
       await allSee([alice, carol], ["alice", "carol"]);
       await disconnect(lp.socket);
+    });
+
+    test("an SSE client whose stream stays on one node and whose POSTs land on the others chats", async (t) => {
+      if (!available) return t.skip(`${backend.name} unreachable`);
+      const topic = `room:${uniqueName("sse")}`;
+      const alice = await user(nodes[0], topic, "alice");
+      const sse = await user(proxy, topic, "sse", "sse");
+      const everyone = [alice, sse];
+      await allSee(everyone, ["alice", "sse"]);
+      const before = proxy.hits.slice();
+      await chatReachesEveryoneOnce(sse, everyone);
+      await chatReachesEveryoneOnce(alice, everyone);
+      // Its POSTs went through several nodes (round robin), though its stream stays on one.
+      const posts = proxy.hits.map((n, i) => n - before[i]);
+      assert.ok(posts.filter((n) => n > 0).length >= 2, `POSTs per node: ${posts}`);
+      // An SSE session outlives a closed client by the idle window; leaving is immediate.
+      await new Promise((resolve, reject) =>
+        sse.channel.leave().receive("ok", resolve).receive("error", reject).receive("timeout", reject)
+      );
+      await allSee([alice], ["alice"]);
+      await disconnect(sse.socket);
+      await disconnect(alice.socket);
     });
 
     test("killing a node removes its users from the survivors' lists within the timeout", async (t) => {

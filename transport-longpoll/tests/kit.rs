@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use fawkes::longpoll::{LongPollOptions, LongPollService};
-use fawkes::{Endpoint, Frame};
+use fawkes_channel::{Endpoint, Frame};
 use fawkes_testkit::{Capabilities, Connection, Received, Refused, Transport};
+use fawkes_transport_longpoll::{LongPollOptions, LongPollService};
 use http_body_util::{BodyExt as _, Full};
 use serde_json::Value;
 

@@ -23,7 +23,7 @@ pub const MAX_TOKEN_PAYLOAD: usize = 256;
 /// "session gone" (`410`) for it, never a refusal (`403`).
 ///
 /// ```
-/// use fawkes_channel::{SessionSigner, random_session_id};
+/// use fawkes_http::{SessionSigner, random_session_id};
 ///
 /// let signer = SessionSigner::new(Some(b"shared by every node"));
 /// let id = random_session_id();

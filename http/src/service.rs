@@ -1,0 +1,237 @@
+//! The tower `Service` glue: dispatch by method, `POST` for every transport, CORS.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use fawkes_channel::Endpoint;
+use http::request::Parts;
+use http::{HeaderValue, Method, Request, Response, header};
+use http_body::Body;
+use tower_http::cors::{AllowHeaders, AllowOrigin, Cors, CorsLayer};
+use tower_layer::Layer as _;
+use tower_service::Service;
+
+use crate::ingest::{BodyKind, read_body};
+use crate::{Answer, DetachedSession, HttpBody, HttpError, Lookup, SessionOptions, Sessions};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// A request/response transport on the session layer: what it keeps per session, and how it
+/// answers a `GET` (the read side). `POST`s, CORS, tokens, the registry, the reaper and
+/// forwarding are the layer's.
+///
+/// A transport that answers each `GET` with one batch of frames (as long-poll does) can answer
+/// reads forwarded from other nodes too ([`HttpTransport::forwarded_read`]); one that streams
+/// (SSE) cannot, and opens a new session where its stream lands, while its `POST`s still reach
+/// the session from any node.
+///
+/// ```
+/// use fawkes_http::{HttpBody, HttpTransport, Lookup, ReadEvent, Sessions, Answer};
+/// use http::{Response, request::Parts};
+/// use std::time::Duration;
+///
+/// /// Answers a `GET` with what is queued (`200`) or nothing within a second (`204`).
+/// struct Batches;
+///
+/// impl HttpTransport for Batches {
+///     type State = ();
+///     const NAME: &'static str = "batches";
+///
+///     fn new_state(&self) {}
+///
+///     async fn get(&self, sessions: &Sessions<Self>, mut parts: Parts) -> Response<HttpBody> {
+///         let token = fawkes_http::query_param(parts.uri.query(), "token");
+///         let session = match sessions.lookup(token.as_deref()) {
+///             Lookup::Here(session) => session,
+///             _ => match sessions.open(&mut parts).await {
+///                 Ok(session) => return Answer::envelope(410, Some(session.token()), &[]).into_response(),
+///                 Err(e) => return e.answer().into_response(),
+///             },
+///         };
+///         let mut read = session.read();
+///         let mut frames = Vec::new();
+///         let answer = match read.next(&mut frames, 100, Duration::from_secs(1)).await {
+///             ReadEvent::Frames => {
+///                 let messages: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes().as_ref()).collect();
+///                 Answer::envelope(200, Some(session.token()), &messages)
+///             }
+///             _ => Answer::envelope(204, Some(session.token()), &[]),
+///         };
+///         answer.into_response()
+///     }
+/// }
+/// ```
+pub trait HttpTransport: Send + Sync + Sized + 'static {
+    /// What the transport keeps per session beside the session itself (SSE: its replay window).
+    type State: Send + Sync + 'static;
+    /// The transport's name, for [`ConnectInfo`](fawkes_channel::ConnectInfo) and logs.
+    const NAME: &'static str;
+    /// Query params that are the transport's own, not connect params (`token` always is).
+    const OWN_PARAMS: &'static [&'static str] = &["token"];
+
+    /// The state of a new session.
+    fn new_state(&self) -> Self::State;
+
+    /// Answers a `GET`: opens a session ([`Sessions::open`]) or reads one ([`Sessions::lookup`],
+    /// [`DetachedSession::read`]).
+    fn get(&self, sessions: &Sessions<Self>, parts: Parts) -> impl Future<Output = Response<HttpBody>> + Send;
+
+    /// Answers a read that another node forwarded here ([`Sessions::forward_read`]) for a session
+    /// of this node; `None` if this transport's reads are never forwarded.
+    fn forwarded_read(
+        &self,
+        sessions: &Sessions<Self>,
+        session: DetachedSession<Self::State>,
+    ) -> impl Future<Output = Option<Answer>> + Send {
+        let _ = (sessions, session);
+        async { None }
+    }
+}
+
+/// A transport as a tower `Service`: `GET` goes to the transport, `POST` to the session (on this
+/// node or forwarded to its owner), `OPTIONS` is a CORS preflight, and every answer allows any
+/// origin (the endpoint checks `Origin` itself at connect). Cheap to clone; clones share sessions.
+pub struct HttpService<T: HttpTransport> {
+    sessions: Sessions<T>,
+    cors: Cors<Dispatch<T>>,
+}
+
+impl<T: HttpTransport> Clone for HttpService<T> {
+    fn clone(&self) -> Self {
+        HttpService { sessions: self.sessions.clone(), cors: self.cors.clone() }
+    }
+}
+
+impl<T: HttpTransport> fmt::Debug for HttpService<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpService").field("sessions", &self.sessions).finish_non_exhaustive()
+    }
+}
+
+/// PROTOCOL.md §4: any origin, requested headers echoed, cached an hour. tower-http writes
+/// `access-control-allow-methods` only as `Method` tokens joined by `,`; Phoenix's (and ours) is
+/// `get, post, options`, so that one header is added by [`HttpService::handle`].
+fn cors_layer() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::any())
+        .allow_headers(AllowHeaders::mirror_request())
+        .max_age(std::time::Duration::from_secs(3600))
+}
+
+impl<T: HttpTransport> HttpService<T> {
+    /// A service for `transport`'s sessions on `endpoint`.
+    pub fn new(transport: T, endpoint: Endpoint, options: SessionOptions) -> HttpService<T> {
+        let sessions = Sessions::new(transport, endpoint, options);
+        let cors = cors_layer().layer(Dispatch(sessions.clone()));
+        HttpService { sessions, cors }
+    }
+
+    /// The sessions.
+    pub fn sessions(&self) -> &Sessions<T> {
+        &self.sessions
+    }
+
+    /// Handles one request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<HttpBody>
+    where
+        B: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static,
+    {
+        self.sessions.start_reaper();
+        let preflight = req.method() == Method::OPTIONS;
+        let mut res = match self.cors.clone().call(req).await {
+            Ok(res) => res,
+            Err(never) => match never {},
+        };
+        if preflight {
+            let methods = HeaderValue::from_static("get, post, options");
+            res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_METHODS, methods);
+        }
+        res
+    }
+}
+
+impl<T: HttpTransport, B> Service<Request<B>> for HttpService<T>
+where
+    B: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static,
+{
+    type Response = Response<HttpBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.handle(req).await) })
+    }
+}
+
+/// The service inside the CORS layer: dispatch by method.
+struct Dispatch<T: HttpTransport>(Sessions<T>);
+
+impl<T: HttpTransport> Clone for Dispatch<T> {
+    fn clone(&self) -> Self {
+        Dispatch(self.0.clone())
+    }
+}
+
+impl<T: HttpTransport, B> Service<Request<B>> for Dispatch<T>
+where
+    B: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static,
+{
+    type Response = Response<HttpBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let sessions = self.0.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            Ok(match parts.method {
+                Method::GET => sessions.transport().get(&sessions, parts).await,
+                Method::POST => sessions.post(&parts, body).await.into_response(),
+                _ => HttpError::MethodNotAllowed.answer().into_response(),
+            })
+        })
+    }
+}
+
+impl<T: HttpTransport> Sessions<T> {
+    /// Answers a `POST`: its messages go to the session, here or on the node that owns it.
+    async fn post<B>(&self, parts: &Parts, body: B) -> Answer
+    where
+        B: Body<Data = Bytes, Error: Into<BoxError>>,
+    {
+        let token = query_param(parts.uri.query(), "token");
+        let lookup = self.lookup(token.as_deref());
+        if let Lookup::Gone = lookup {
+            return HttpError::SessionGone.answer();
+        }
+        let kind = BodyKind::of(&parts.headers);
+        let body = match read_body(body, self.options().max_body_size).await {
+            Ok(body) => body,
+            Err(e) => return e.answer(),
+        };
+        match lookup {
+            Lookup::Here(session) => self.post_here(&session, kind, body).await,
+            Lookup::Elsewhere(remote) => self.forward_post(&remote, kind, &body).await,
+            Lookup::Gone => HttpError::SessionGone.answer(),
+        }
+    }
+}
+
+/// The value of the query param `name`, decoded.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    fawkes_channel::parse_query(query?).find(|(k, _)| k == name).map(|(_, v)| v)
+}
