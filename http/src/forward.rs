@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 
-use crate::ingest::{BodyKind, ingest};
+use crate::ingest::BodyKind;
 use crate::{Answer, HttpError, HttpTransport, Lookup, Remote, Sessions};
 
 /// How long the owner may take on top of what the request itself waits.
@@ -145,7 +145,7 @@ impl<T: HttpTransport> Sessions<T> {
         kind: BodyKind,
         body: Bytes,
     ) -> Answer {
-        match ingest(session, kind, body).await {
+        match session.ingest(kind, body).await {
             Ok(()) => Answer::envelope(200, None, &[]),
             Err(e) => {
                 self.end(session);

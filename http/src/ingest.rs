@@ -6,11 +6,11 @@ use std::hash::BuildHasher as _;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use fawkes_channel::{CloseReason, Frame};
+use fawkes_channel::Frame;
 use http_body::Body;
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 
-use crate::{DetachedSession, HttpError};
+use crate::answer::HttpError;
 
 /// Lines a session remembers, to drop a retried POST's lines that were already taken.
 const RECENT_LINES: usize = 512;
@@ -28,7 +28,7 @@ impl RecentLines {
     }
 
     /// True (and remembered) for a line not seen recently.
-    fn first_time(&mut self, line: &[u8]) -> bool {
+    pub(crate) fn first_time(&mut self, line: &[u8]) -> bool {
         let hash = self.keys.hash_one(line);
         if self.hashes.contains(&hash) {
             return false;
@@ -73,7 +73,7 @@ where
 }
 
 /// The messages of a body: its non-empty lines (ndjson), or the whole body.
-fn lines(kind: BodyKind, body: &Bytes) -> Vec<Bytes> {
+pub(crate) fn lines(kind: BodyKind, body: &Bytes) -> Vec<Bytes> {
     match kind {
         BodyKind::Single => vec![body.clone()],
         BodyKind::Ndjson => body
@@ -86,7 +86,7 @@ fn lines(kind: BodyKind, body: &Bytes) -> Vec<Bytes> {
 }
 
 /// A JSON line is a text message; anything else is a base64 binary push.
-fn line_frame(line: Bytes) -> Frame {
+pub(crate) fn line_frame(line: Bytes) -> Frame {
     match line.first() {
         Some(b'[' | b'{') | None => Frame::Text(line),
         Some(_) => match base64::engine::general_purpose::STANDARD.decode(&line) {
@@ -94,28 +94,6 @@ fn line_frame(line: Bytes) -> Frame {
             Err(_) => Frame::Text(line),
         },
     }
-}
-
-/// Hands a body's messages to the session, in order, each line once. `Err` means the session
-/// has ended (the caller forgets it): [`HttpError::SessionGone`] if it had ended before,
-/// [`HttpError::Closed`] if a message closed it.
-pub(crate) async fn ingest<S>(session: &DetachedSession<S>, kind: BodyKind, body: Bytes) -> Result<(), HttpError> {
-    let mut guard = session.0.session.lock().await;
-    let (session, recent) = &mut *guard;
-    for line in lines(kind, &body) {
-        if !recent.first_time(&line) {
-            tracing::debug!("dropping a line already taken (a retried POST)");
-            continue;
-        }
-        if let Err(reason) = session.handle_frame(line_frame(line)).await {
-            if reason == CloseReason::TransportClosed {
-                return Err(HttpError::SessionGone);
-            }
-            tracing::info!(%reason, "session closed by a POST");
-            return Err(HttpError::Closed(reason));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -135,6 +135,8 @@ mod sessions;
 mod token;
 
 pub use answer::{Answer, HttpBody, HttpError};
-pub use service::{HttpService, HttpTransport, query_param};
-pub use sessions::{DetachedSession, Lookup, Read, ReadEvent, Remote, SessionOptions, Sessions, connect_info};
+pub use service::{HttpService, query_param};
+pub use sessions::{
+    DetachedSession, HttpTransport, Lookup, Read, ReadEvent, Remote, SessionOptions, Sessions, connect_info,
+};
 pub use token::{MAX_TOKEN_PAYLOAD, SessionSigner, random_session_id};

@@ -16,82 +16,10 @@ use tower_layer::Layer as _;
 use tower_service::Service;
 
 use crate::ingest::{BodyKind, read_body};
-use crate::{Answer, DetachedSession, HttpBody, HttpError, Lookup, SessionOptions, Sessions};
+use crate::{Answer, HttpBody, HttpError, HttpTransport, Lookup, SessionOptions, Sessions};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// A request/response transport on the session layer: what it keeps per session, and how it
-/// answers a `GET` (the read side). `POST`s, CORS, tokens, the registry, the reaper and
-/// forwarding are the layer's.
-///
-/// A transport that answers each `GET` with one batch of frames (as long-poll does) can answer
-/// reads forwarded from other nodes too ([`HttpTransport::forwarded_read`]); one that streams
-/// (SSE) cannot, and opens a new session where its stream lands, while its `POST`s still reach
-/// the session from any node.
-///
-/// ```
-/// use fawkes_http::{HttpBody, HttpTransport, Lookup, ReadEvent, Sessions, Answer};
-/// use http::{Response, request::Parts};
-/// use std::time::Duration;
-///
-/// /// Answers a `GET` with what is queued (`200`) or nothing within a second (`204`).
-/// struct Batches;
-///
-/// impl HttpTransport for Batches {
-///     type State = ();
-///     const NAME: &'static str = "batches";
-///
-///     fn new_state(&self) {}
-///
-///     async fn get(&self, sessions: &Sessions<Self>, mut parts: Parts) -> Response<HttpBody> {
-///         let token = fawkes_http::query_param(parts.uri.query(), "token");
-///         let session = match sessions.lookup(token.as_deref()) {
-///             Lookup::Here(session) => session,
-///             _ => match sessions.open(&mut parts).await {
-///                 Ok(session) => return Answer::envelope(410, Some(session.token()), &[]).into_response(),
-///                 Err(e) => return e.answer().into_response(),
-///             },
-///         };
-///         let mut read = session.read();
-///         let mut frames = Vec::new();
-///         let answer = match read.next(&mut frames, 100, Duration::from_secs(1)).await {
-///             ReadEvent::Frames => {
-///                 let messages: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes().as_ref()).collect();
-///                 Answer::envelope(200, Some(session.token()), &messages)
-///             }
-///             _ => Answer::envelope(204, Some(session.token()), &[]),
-///         };
-///         answer.into_response()
-///     }
-/// }
-/// ```
-pub trait HttpTransport: Send + Sync + Sized + 'static {
-    /// What the transport keeps per session beside the session itself (SSE: its replay window).
-    type State: Send + Sync + 'static;
-    /// The transport's name, for [`ConnectInfo`](fawkes_channel::ConnectInfo) and logs.
-    const NAME: &'static str;
-    /// Query params that are the transport's own, not connect params (`token` always is).
-    const OWN_PARAMS: &'static [&'static str] = &["token"];
-
-    /// The state of a new session.
-    fn new_state(&self) -> Self::State;
-
-    /// Answers a `GET`: opens a session ([`Sessions::open`]) or reads one ([`Sessions::lookup`],
-    /// [`DetachedSession::read`]).
-    fn get(&self, sessions: &Sessions<Self>, parts: Parts) -> impl Future<Output = Response<HttpBody>> + Send;
-
-    /// Answers a read that another node forwarded here ([`Sessions::forward_read`]) for a session
-    /// of this node; `None` if this transport's reads are never forwarded.
-    fn forwarded_read(
-        &self,
-        sessions: &Sessions<Self>,
-        session: DetachedSession<Self::State>,
-    ) -> impl Future<Output = Option<Answer>> + Send {
-        let _ = (sessions, session);
-        async { None }
-    }
-}
 
 /// A transport as a tower `Service`: `GET` goes to the transport, `POST` to the session (on this
 /// node or forwarded to its owner), `OPTIONS` is a CORS preflight, and every answer allows any
@@ -127,6 +55,7 @@ impl<T: HttpTransport> HttpService<T> {
     /// A service for `transport`'s sessions on `endpoint`.
     pub fn new(transport: T, endpoint: Endpoint, options: SessionOptions) -> HttpService<T> {
         let sessions = Sessions::new(transport, endpoint, options);
+        crate::forward::serve(&sessions);
         let cors = cors_layer().layer(Dispatch(sessions.clone()));
         HttpService { sessions, cors }
     }

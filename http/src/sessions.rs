@@ -2,19 +2,21 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use fawkes_channel::{CloseReason, ConnectInfo, Endpoint, Frame, NodeId, Outbound, PeerAddr, ServiceGuard, Session};
+use http::Response;
 use http::request::Parts;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::ingest::RecentLines;
+use crate::answer::{Answer, HttpBody, HttpError};
+use crate::ingest::{BodyKind, RecentLines, line_frame, lines};
 use crate::token::{SessionSigner, random_session_id};
-use crate::{HttpError, HttpTransport};
 
 /// A session's id: 128 random bits, never reused.
 type SessionId = [u8; 16];
@@ -115,6 +117,28 @@ impl<S> fmt::Debug for DetachedSession<S> {
 }
 
 impl<S> DetachedSession<S> {
+    /// Hands a body's messages to the session, in order, each line once. `Err` means the session
+    /// has ended (the caller forgets it): [`HttpError::SessionGone`] if it had ended before,
+    /// [`HttpError::Closed`] if a message closed it.
+    pub(crate) async fn ingest(&self, kind: BodyKind, body: bytes::Bytes) -> Result<(), HttpError> {
+        let mut guard = self.0.session.lock().await;
+        let (session, recent) = &mut *guard;
+        for line in lines(kind, &body) {
+            if !recent.first_time(&line) {
+                tracing::debug!("dropping a line already taken (a retried POST)");
+                continue;
+            }
+            if let Err(reason) = session.handle_frame(line_frame(line)).await {
+                if reason == CloseReason::TransportClosed {
+                    return Err(HttpError::SessionGone);
+                }
+                tracing::info!(%reason, "session closed by a POST");
+                return Err(HttpError::Closed(reason));
+            }
+        }
+        Ok(())
+    }
+
     /// The signed token that names this session.
     pub fn token(&self) -> &str {
         &self.0.token
@@ -238,6 +262,78 @@ pub struct Remote {
 
 type Shard<S> = Mutex<HashMap<SessionId, Arc<Entry<S>>>>;
 
+/// A request/response transport on the session layer: what it keeps per session, and how it
+/// answers a `GET` (the read side). `POST`s, CORS, tokens, the registry, the reaper and
+/// forwarding are the layer's.
+///
+/// A transport that answers each `GET` with one batch of frames (as long-poll does) can answer
+/// reads forwarded from other nodes too ([`HttpTransport::forwarded_read`]); one that streams
+/// (SSE) cannot, and opens a new session where its stream lands, while its `POST`s still reach
+/// the session from any node.
+///
+/// ```
+/// use fawkes_http::{HttpBody, HttpTransport, Lookup, ReadEvent, Sessions, Answer};
+/// use http::{Response, request::Parts};
+/// use std::time::Duration;
+///
+/// /// Answers a `GET` with what is queued (`200`) or nothing within a second (`204`).
+/// struct Batches;
+///
+/// impl HttpTransport for Batches {
+///     type State = ();
+///     const NAME: &'static str = "batches";
+///
+///     fn new_state(&self) {}
+///
+///     async fn get(&self, sessions: &Sessions<Self>, mut parts: Parts) -> Response<HttpBody> {
+///         let token = fawkes_http::query_param(parts.uri.query(), "token");
+///         let session = match sessions.lookup(token.as_deref()) {
+///             Lookup::Here(session) => session,
+///             _ => match sessions.open(&mut parts).await {
+///                 Ok(session) => return Answer::envelope(410, Some(session.token()), &[]).into_response(),
+///                 Err(e) => return e.answer().into_response(),
+///             },
+///         };
+///         let mut read = session.read();
+///         let mut frames = Vec::new();
+///         let answer = match read.next(&mut frames, 100, Duration::from_secs(1)).await {
+///             ReadEvent::Frames => {
+///                 let messages: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes().as_ref()).collect();
+///                 Answer::envelope(200, Some(session.token()), &messages)
+///             }
+///             _ => Answer::envelope(204, Some(session.token()), &[]),
+///         };
+///         answer.into_response()
+///     }
+/// }
+/// ```
+pub trait HttpTransport: Send + Sync + Sized + 'static {
+    /// What the transport keeps per session beside the session itself (SSE: its replay window).
+    type State: Send + Sync + 'static;
+    /// The transport's name, for [`ConnectInfo`](fawkes_channel::ConnectInfo) and logs.
+    const NAME: &'static str;
+    /// Query params that are the transport's own, not connect params (`token` always is).
+    const OWN_PARAMS: &'static [&'static str] = &["token"];
+
+    /// The state of a new session.
+    fn new_state(&self) -> Self::State;
+
+    /// Answers a `GET`: opens a session ([`Sessions::open`]) or reads one ([`Sessions::lookup`],
+    /// [`DetachedSession::read`]).
+    fn get(&self, sessions: &Sessions<Self>, parts: Parts) -> impl Future<Output = Response<HttpBody>> + Send;
+
+    /// Answers a read that another node forwarded here ([`Sessions::forward_read`]) for a session
+    /// of this node; `None` if this transport's reads are never forwarded.
+    fn forwarded_read(
+        &self,
+        sessions: &Sessions<Self>,
+        session: DetachedSession<Self::State>,
+    ) -> impl Future<Output = Option<Answer>> + Send {
+        let _ = (sessions, session);
+        async { None }
+    }
+}
+
 pub(crate) struct Inner<T: HttpTransport> {
     pub(crate) transport: T,
     pub(crate) endpoint: Endpoint,
@@ -269,9 +365,9 @@ impl<T: HttpTransport> fmt::Debug for Sessions<T> {
 }
 
 impl<T: HttpTransport> Sessions<T> {
-    /// The sessions of `transport` for `endpoint`. When the endpoint's PubSub is clustered, this
-    /// node answers requests other nodes forward to its sessions.
-    pub fn new(transport: T, endpoint: Endpoint, options: SessionOptions) -> Sessions<T> {
+    /// The sessions of `transport` for `endpoint`. [`HttpService::new`](crate::HttpService::new)
+    /// also makes this node answer the requests other nodes forward to them.
+    pub(crate) fn new(transport: T, endpoint: Endpoint, options: SessionOptions) -> Sessions<T> {
         let signer = SessionSigner::new(options.secret.as_deref());
         let instance = u32::from_be_bytes(random_session_id()[..4].try_into().unwrap_or_default());
         let node = endpoint.pubsub().node();
@@ -287,9 +383,7 @@ impl<T: HttpTransport> Sessions<T> {
             reaper: OnceLock::new(),
             service: OnceLock::new(),
         };
-        let sessions = Sessions(Arc::new(inner));
-        crate::forward::serve(&sessions);
-        sessions
+        Sessions(Arc::new(inner))
     }
 
     pub(crate) fn from_weak(weak: &Weak<Inner<T>>) -> Option<Sessions<T>> {
@@ -468,7 +562,7 @@ mod tests {
 
     async fn ingest_heartbeat(session: &DetachedSession<()>) {
         let line = bytes::Bytes::from_static(br#"[null,"1","phoenix","heartbeat",{}]"#);
-        crate::ingest::ingest(session, crate::ingest::BodyKind::Single, line).await.expect("taken");
+        session.ingest(crate::ingest::BodyKind::Single, line).await.expect("taken");
     }
 
     #[tokio::test(start_paused = true)]
