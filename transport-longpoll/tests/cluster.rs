@@ -4,13 +4,13 @@
 //! Each test makes two nodes in this process, each with its own PubSub, adapter and endpoint (see
 //! `fawkes_testkit::cluster`: unreachable backends fail under `CI=true`, else a loud SKIP).
 
+mod common;
+
 use std::time::Duration;
 
-use bytes::Bytes;
 use fawkes_channel::{Config, PubSub};
 use fawkes_testkit::cluster::{Backend, endpoint_on};
 use fawkes_transport_longpoll::{LongPollOptions, LongPollService};
-use http_body_util::{BodyExt as _, Full};
 use serde_json::{Value, json};
 
 /// One node's long-poll service; the nodes of a cluster share the secret tokens are signed with.
@@ -19,23 +19,12 @@ fn node(pubsub: PubSub) -> LongPollService {
     LongPollService::with_options(endpoint_on(pubsub, Config::default()), options)
 }
 
-async fn request(svc: &LongPollService, req: http::Request<Full<Bytes>>) -> Value {
-    let res = svc.handle(req).await;
-    assert_eq!(res.status(), 200, "long-poll answers in its envelope");
-    let body = res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    serde_json::from_slice(&body).expect("a JSON envelope")
-}
-
 async fn get(svc: &LongPollService, query: &str) -> Value {
-    request(svc, http::Request::get(format!("/socket/longpoll?{query}")).body(Full::default()).expect("request")).await
+    common::envelope(svc, common::get(query)).await
 }
 
 async fn post(svc: &LongPollService, token: &str, line: &str) -> Value {
-    let req = http::Request::post(format!("/socket/longpoll?token={token}"))
-        .header("content-type", "application/x-ndjson")
-        .body(Full::new(Bytes::from(line.to_owned())))
-        .expect("request");
-    request(svc, req).await
+    common::envelope(svc, common::post(&format!("token={token}"), &[line])).await
 }
 
 async fn requests_reach_the_session_from_any_node(backend: Backend) {

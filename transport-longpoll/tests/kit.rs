@@ -1,15 +1,14 @@
 //! The conformance kit over long-poll, request by request against the service.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use base64::Engine as _;
-use bytes::Bytes;
 use fawkes_channel::{Endpoint, Frame};
 use fawkes_testkit::{Capabilities, Connection, Received, Refused, Transport};
 use fawkes_transport_longpoll::{LongPollOptions, LongPollService};
-use http_body_util::{BodyExt as _, Full};
-use serde_json::Value;
 
 struct Lp(LongPollService);
 
@@ -19,20 +18,12 @@ struct LpConn {
     received: VecDeque<Received>,
 }
 
-async fn request(svc: &LongPollService, req: http::Request<Full<Bytes>>) -> Value {
-    let res = svc.handle(req).await;
-    assert_eq!(res.status(), 200, "long-poll answers in its envelope");
-    let body = res.into_body().collect().await.expect("body").to_bytes();
-    serde_json::from_slice(&body).expect("a JSON envelope")
-}
-
 impl Transport for Lp {
     type Connection = LpConn;
 
     async fn connect(&self, params: &[(&str, &str)]) -> Result<LpConn, Refused> {
         let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let req = http::Request::get(format!("/socket/longpoll?{}", query.join("&"))).body(Full::default());
-        let body = request(&self.0, req.expect("request")).await;
+        let body = common::envelope(&self.0, common::get(&query.join("&"))).await;
         match (body["status"].as_u64(), body["token"].as_str()) {
             (Some(410), Some(token)) => {
                 Ok(LpConn { svc: self.0.clone(), token: token.to_owned(), received: VecDeque::new() })
@@ -52,12 +43,8 @@ impl Connection for LpConn {
                 Frame::Binary(b) => base64::engine::general_purpose::STANDARD.encode(b),
             })
             .collect();
-        let req = http::Request::post(format!("/socket/longpoll?vsn=2.0.0&token={}", self.token))
-            .header("content-type", "application/x-ndjson")
-            .body(Full::new(Bytes::from(lines.join("\n"))))
-            .expect("request");
         // 400 (a malformed line) and 410 end the session: the next poll tells the kit.
-        request(&self.svc, req).await;
+        common::envelope(&self.svc, common::post(&format!("vsn=2.0.0&token={}", self.token), &lines)).await;
     }
 
     async fn recv(&mut self) -> Received {
@@ -65,10 +52,7 @@ impl Connection for LpConn {
             if let Some(received) = self.received.pop_front() {
                 return received;
             }
-            let req = http::Request::get(format!("/socket/longpoll?vsn=2.0.0&token={}", self.token))
-                .body(Full::default())
-                .expect("request");
-            let body = request(&self.svc, req).await;
+            let body = common::envelope(&self.svc, common::get(&format!("vsn=2.0.0&token={}", self.token))).await;
             match body["status"].as_u64() {
                 Some(200) => {
                     for m in body["messages"].as_array().expect("messages") {

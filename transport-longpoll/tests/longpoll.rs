@@ -1,12 +1,15 @@
 //! The long-poll protocol, request by request, against the service itself. The channel
-//! scenarios every transport shares run in the conformance kit (transport-longpoll/tests/kit.rs).
+//! scenarios every transport shares run in the conformance kit (kit.rs); requests across the
+//! nodes of a cluster in cluster.rs.
+
+mod common;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use fawkes::longpoll::{LongPollOptions, LongPollService};
-use fawkes::{Config, Endpoint};
-use http_body_util::{BodyExt as _, Full};
+use fawkes_channel::{Config, Endpoint, PeerAddr};
+use fawkes_transport_longpoll::{LongPollOptions, LongPollService};
+use http_body_util::Full;
 use serde_json::{Value, json};
 
 struct Lp {
@@ -15,23 +18,17 @@ struct Lp {
 }
 
 fn lp(options: LongPollOptions) -> Lp {
-    let endpoint = fawkes_tests::endpoint(Config::default());
+    let endpoint = fawkes_testkit::endpoint(Config::default());
     Lp { svc: LongPollService::with_options(endpoint.clone(), options), endpoint }
 }
 
 impl Lp {
     async fn request(&self, req: http::Request<Full<Bytes>>) -> (u16, http::HeaderMap, Value) {
-        let res = self.svc.handle(req).await;
-        let status = res.status().as_u16();
-        let headers = res.headers().clone();
-        let body = res.into_body().collect().await.expect("body").to_bytes();
-        let value = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).expect("JSON body") };
-        (status, headers, value)
+        common::request(&self.svc, req).await
     }
 
     async fn get(&self, query: &str) -> Value {
-        let req = http::Request::get(format!("/socket/longpoll?{query}")).body(Full::default()).expect("request");
-        let (status, headers, body) = self.request(req).await;
+        let (status, headers, body) = self.request(common::get(query)).await;
         assert_eq!(status, 200);
         assert_eq!(headers["access-control-allow-origin"], "*");
         body
@@ -44,11 +41,7 @@ impl Lp {
     }
 
     async fn post(&self, token: &str, lines: &[&str]) -> Value {
-        let req = http::Request::post(format!("/socket/longpoll?vsn=2.0.0&token={token}"))
-            .header("content-type", "application/x-ndjson")
-            .body(Full::new(Bytes::from(lines.join("\n"))))
-            .expect("request");
-        let (status, _, body) = self.request(req).await;
+        let (status, _, body) = self.request(common::post(&format!("vsn=2.0.0&token={token}"), lines)).await;
         assert_eq!(status, 200);
         body
     }
@@ -72,12 +65,12 @@ impl Lp {
 async fn an_empty_poll_answers_204_and_loses_nothing() {
     let lp = lp(LongPollOptions::default().poll_window(Duration::from_millis(50)));
     let token = lp.open().await;
-    lp.post(&token, &[r#"["1","1","room:q","phx_join",{}]"#]).await;
+    lp.post(&token, &[r#"["1","1","test:q","phx_join",{}]"#]).await;
     lp.messages(&token, 1).await;
     let body = lp.get(&format!("vsn=2.0.0&token={token}")).await;
     assert_eq!((body["status"].clone(), body["token"].as_str()), (json!(204), Some(token.as_str())));
-    lp.endpoint.pubsub().broadcast("room:q", "later", json!({"n": 1}));
-    assert_eq!(lp.messages(&token, 1).await[0], json!([null, null, "room:q", "later", {"n": 1}]));
+    lp.endpoint.pubsub().broadcast("test:q", "later", json!({"n": 1}));
+    assert_eq!(lp.messages(&token, 1).await[0], json!([null, null, "test:q", "later", {"n": 1}]));
 }
 
 #[tokio::test]
@@ -100,7 +93,7 @@ async fn bad_tokens_get_410_never_403() {
 
 #[tokio::test]
 async fn a_foreign_origin_gets_403() {
-    // Refusals by the connect callback and for the vsn are in the conformance kit (transport-longpoll/tests/kit.rs).
+    // Refusals by the connect callback and for the vsn are in the conformance kit (kit.rs).
     let lp = lp(LongPollOptions::default());
     let req = http::Request::get("/socket/longpoll?vsn=2.0.0")
         .header("origin", "https://evil.example")
@@ -117,7 +110,7 @@ async fn a_malformed_line_is_answered_at_once_and_ends_the_session() {
     let token = lp.open().await;
     let req = http::Request::post(format!("/socket/longpoll?token={token}"))
         .header("content-type", "application/x-ndjson")
-        .body(Full::new(Bytes::from_static(b"[\"1\",\"1\",\"room:x\",\"phx_join\",{}]\n[not json")))
+        .body(Full::new(Bytes::from_static(b"[\"1\",\"1\",\"test:x\",\"phx_join\",{}]\n[not json")))
         .expect("request");
     let (status, _, body) = lp.request(req).await;
     assert_eq!((status, body["status"].clone()), (200, json!(400)));
@@ -158,7 +151,7 @@ async fn wrong_methods_and_preflight() {
 async fn a_newer_poll_releases_the_older_without_losing_messages() {
     let lp = lp(LongPollOptions::default().poll_window(Duration::from_secs(30)));
     let token = lp.open().await;
-    lp.post(&token, &[r#"["1","1","room:two","phx_join",{}]"#]).await;
+    lp.post(&token, &[r#"["1","1","test:two","phx_join",{}]"#]).await;
     lp.messages(&token, 1).await;
     let query = format!("vsn=2.0.0&token={token}");
     let first = lp.get(&query);
@@ -171,7 +164,7 @@ async fn a_newer_poll_releases_the_older_without_losing_messages() {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        lp.endpoint.pubsub().broadcast("room:two", "hello", json!({}));
+        lp.endpoint.pubsub().broadcast("test:two", "hello", json!({}));
     };
     let (first, second, ()) = tokio::join!(first, second, broadcast);
     let statuses = [first["status"].as_u64(), second["status"].as_u64()];
@@ -184,17 +177,17 @@ async fn a_newer_poll_releases_the_older_without_losing_messages() {
 async fn binary_pushes_arrive_as_base64_lines_and_go_back_as_base64_json() {
     let lp = lp(LongPollOptions::default());
     let token = lp.open().await;
-    lp.post(&token, &[r#"["1","1","room:bin","phx_join",{}]"#]).await;
+    lp.post(&token, &[r#"["1","1","test:bin","phx_join",{}]"#]).await;
     lp.messages(&token, 1).await;
-    // Kind 0 push: join_ref "1", ref "2", topic "room:bin", event "ping", payload [1,2,3,255].
-    let frame = [&[0u8, 1, 1, 8, 4][..], b"1", b"2", b"room:bin", b"ping", &[1, 2, 3, 255]].concat();
+    // Kind 0 push: join_ref "1", ref "2", topic "test:bin", event "echo", payload [1,2,3,255].
+    let frame = [&[0u8, 1, 1, 8, 4][..], b"1", b"2", b"test:bin", b"echo", &[1, 2, 3, 255]].concat();
     use base64::Engine as _;
     let line = base64::engine::general_purpose::STANDARD.encode(frame);
     lp.post(&token, &[&line]).await;
     let reply = &lp.messages(&token, 1).await[0];
     assert_eq!(
         reply,
-        &json!(["1", "2", "room:bin", "phx_reply", {"response": {"binary": "AQID/w=="}, "status": "ok"}])
+        &json!(["1", "2", "test:bin", "phx_reply", {"response": {"binary": "AQID/w=="}, "status": "ok"}])
     );
 }
 
@@ -204,10 +197,10 @@ async fn abandoned_sessions_expire_and_free_everything() {
     let lp = lp(LongPollOptions::default().session_idle(idle));
     for _ in 0..2000 {
         let token = lp.open().await;
-        lp.post(&token, &[r#"["1","1","room:abandoned","phx_join",{}]"#]).await;
+        lp.post(&token, &[r#"["1","1","test:abandoned","phx_join",{}]"#]).await;
     }
     // Let every join finish before measuring.
-    while lp.endpoint.pubsub().subscriber_count("room:abandoned") < 2000 {
+    while lp.endpoint.pubsub().subscriber_count("test:abandoned") < 2000 {
         tokio::task::yield_now().await;
     }
     assert_eq!((lp.svc.sessions(), lp.endpoint.connected()), (2000, 2000));
@@ -215,7 +208,7 @@ async fn abandoned_sessions_expire_and_free_everything() {
     assert_eq!(lp.svc.sessions(), 2000, "not before the idle window");
     tokio::time::sleep(idle).await;
     assert_eq!((lp.svc.sessions(), lp.endpoint.connected()), (0, 0));
-    while lp.endpoint.pubsub().subscriber_count("room:abandoned") > 0 {
+    while lp.endpoint.pubsub().subscriber_count("test:abandoned") > 0 {
         tokio::task::yield_now().await;
     }
     let expired = lp.get("vsn=2.0.0&token=whatever").await;
@@ -226,13 +219,16 @@ async fn abandoned_sessions_expire_and_free_everything() {
 async fn a_retried_post_is_not_handled_twice() {
     let lp = lp(LongPollOptions::default().poll_window(Duration::from_millis(100)));
     let token = lp.open().await;
-    let batch = [r#"["1","1","room:retry","phx_join",{}]"#, r#"["1","2","room:retry","new_msg",{"body":"once"}]"#];
+    let batch = [
+        r#"["1","1","test:retry","phx_join",{}]"#,
+        r#"["1","2","test:retry","broadcast",{"event":"new_msg","payload":{"body":"once"}}]"#,
+    ];
     lp.post(&token, &batch).await;
     // The answer was lost; the client sends the same batch again, plus a new push.
-    lp.post(&token, &[batch[0], batch[1], r#"["1","3","room:retry","ping",{}]"#]).await;
+    lp.post(&token, &[batch[0], batch[1], r#"["1","3","test:retry","echo",{}]"#]).await;
     let msgs = lp.messages(&token, 4).await;
     let refs: Vec<&Value> = msgs.iter().map(|m| &m[1]).collect();
-    assert_eq!(refs, [&json!("1"), &Value::Null, &json!("2"), &json!("3")], "join, broadcast, reply, ping: once each");
+    assert_eq!(refs, [&json!("1"), &Value::Null, &json!("2"), &json!("3")], "join, broadcast, reply, echo: once each");
     let next = lp.get(&format!("vsn=2.0.0&token={token}")).await;
     assert_eq!(next["status"], 204, "nothing else was queued: {next}");
 }
@@ -240,7 +236,7 @@ async fn a_retried_post_is_not_handled_twice() {
 /// phoenix.js sends no heartbeats over long-poll: polling alone must keep a session alive.
 #[tokio::test(start_paused = true)]
 async fn polling_alone_keeps_a_session_past_the_heartbeat_timeout() {
-    let endpoint = fawkes_tests::endpoint(Config::default().heartbeat_timeout(Duration::from_secs(60)));
+    let endpoint = fawkes_testkit::endpoint(Config::default().heartbeat_timeout(Duration::from_secs(60)));
     let lp = Lp {
         svc: LongPollService::with_options(
             endpoint.clone(),
@@ -249,24 +245,24 @@ async fn polling_alone_keeps_a_session_past_the_heartbeat_timeout() {
         endpoint,
     };
     let token = lp.open().await;
-    lp.post(&token, &[r#"["1","1","room:listen","phx_join",{}]"#]).await;
+    lp.post(&token, &[r#"["1","1","test:listen","phx_join",{}]"#]).await;
     lp.messages(&token, 1).await;
     // Three minutes of empty polls, each up to the poll window.
     for _ in 0..18 {
         let body = lp.get(&format!("vsn=2.0.0&token={token}")).await;
         assert_eq!(body["status"], 204, "{body}");
     }
-    lp.endpoint.pubsub().broadcast("room:listen", "still", json!({}));
+    lp.endpoint.pubsub().broadcast("test:listen", "still", json!({}));
     assert_eq!(lp.messages(&token, 1).await[0][3], "still");
 }
 
 #[tokio::test]
 async fn sessions_past_the_per_ip_limit_are_refused_with_403() {
-    let endpoint = fawkes_tests::endpoint(Config::default().max_connections_per_ip(Some(2)));
+    let endpoint = fawkes_testkit::endpoint(Config::default().max_connections_per_ip(Some(2)));
     let lp = Lp { svc: LongPollService::new(endpoint.clone()), endpoint };
     let open_from = |ip: [u8; 4]| {
         let mut req = http::Request::get("/socket/longpoll?vsn=2.0.0").body(Full::default()).expect("request");
-        req.extensions_mut().insert(fawkes::PeerAddr(std::net::SocketAddr::from((ip, 40000))));
+        req.extensions_mut().insert(PeerAddr(std::net::SocketAddr::from((ip, 40000))));
         lp.request(req)
     };
     for _ in 0..2 {
