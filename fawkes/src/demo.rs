@@ -25,21 +25,20 @@ pub struct Room {
     #[cfg(feature = "db")]
     events: Option<crate::db::TableStream>,
     #[cfg(feature = "db")]
-    last_event_id: Option<i64>,
+    replay: Option<crate::db::Replay>,
 }
 
 impl Channel for Room {
-    async fn join(&mut self, params: Payload, _: &mut SocketRef) -> Result<Value, Value> {
+    async fn join(&mut self, params: Payload, _socket: &mut SocketRef) -> Result<Value, Value> {
         let params = params.as_json();
         let user = params.and_then(|p| p.get("user")).and_then(Value::as_str);
         self.user = user.unwrap_or("anonymous").to_owned();
         self.tracked = user.is_some();
         #[cfg(feature = "db")]
-        {
-            // Without a last_event_id, rows from the moment of the join on: the stream is attached
-            // after the join reply, and a row written in between must not be missed.
-            let joined_at = self.events.as_ref().map(|events| events.position());
-            self.last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64).or(joined_at);
+        if let Some(events) = &self.events {
+            // Without a last_event_id, rows from the moment of the join on.
+            let last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64);
+            self.replay = Some(events.replay(_socket, last_event_id).await);
         }
         Ok(json!({}))
     }
@@ -54,8 +53,8 @@ impl Channel for Room {
             socket.push("presence_state", socket.presence_list());
         }
         #[cfg(feature = "db")]
-        if let Some(events) = &self.events {
-            events.attach(socket, self.last_event_id).await;
+        if let Some(replay) = self.replay.take() {
+            replay.deliver(socket).await;
         }
     }
 

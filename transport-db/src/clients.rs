@@ -5,9 +5,12 @@ use std::time::Duration;
 
 use fawkes_channel::{CloseReason, ConnectInfo, Endpoint, Frame, Outbound, Session};
 
-use crate::db::Db;
+use fawkes_channel::Backoff;
+
+use crate::Error;
+use crate::db::{Db, on_pool};
 use crate::feed::Feed;
-use crate::{Error, backoff, idle_wait};
+use crate::wake::Wakeup;
 
 const CURSOR: &str = "fawkes_inbox";
 
@@ -58,18 +61,7 @@ impl DbClients {
     /// Starts serving. Resumes after the last inbox row handled before (a first start begins at
     /// the inbox's current end).
     pub async fn start(db: Db, endpoint: Endpoint, options: DbClientsOptions) -> Result<DbClients, Error> {
-        let position = match db.load_cursor(CURSOR).await? {
-            Some(saved) => saved,
-            None => {
-                let sql = "SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM fawkes_inbox";
-                let end: i64 = match &db {
-                    Db::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await?,
-                    Db::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await?,
-                };
-                db.save_cursor(CURSOR, end).await?;
-                end
-            }
-        };
+        let position = db.start_cursor(CURSOR, "fawkes_inbox", "id").await?;
         let inbox = Inbox {
             db,
             endpoint,
@@ -91,12 +83,11 @@ struct Inbox {
 
 impl Inbox {
     async fn run(mut self, mut position: i64) {
-        let mut listener = crate::db::listener(&self.db).await;
-        let mut empty = 0u32;
+        let mut wakeup = Wakeup::new(&self.db, self.options.poll_interval, self.options.max_idle_interval).await;
         loop {
             let rows = self.feed.next_batch(&self.db, position, self.options.batch_size, CURSOR).await;
             let full = rows.len() as i64 == self.options.batch_size;
-            empty = if rows.is_empty() { empty.saturating_add(1) } else { 0 };
+            wakeup.read(!rows.is_empty());
             if let Some(last) = rows.last().map(|r| r.id) {
                 for row in rows {
                     match (row.a, row.b) {
@@ -111,10 +102,7 @@ impl Inbox {
             }
             self.sessions.retain(|_, s| !s.is_closed());
             if !full {
-                tokio::select! {
-                    () = crate::db::notified(&mut listener) => empty = 0,
-                    () = tokio::time::sleep(idle_wait(self.options.poll_interval, self.options.max_idle_interval, empty)) => {}
-                }
+                wakeup.wait().await;
             }
         }
     }
@@ -163,41 +151,34 @@ enum Rows<'a> {
 }
 
 async fn insert_until_written(db: &Db, client: &str, rows: Rows<'_>) {
-    let mut failures = 0u32;
+    let mut backoff = Backoff::new();
     while let Err(e) = insert(db, client, &rows).await {
-        failures += 1;
         tracing::warn!(client, error = %e, "outbox write failed; retrying");
-        tokio::time::sleep(backoff(failures)).await;
+        backoff.wait().await;
     }
 }
 
 async fn insert(db: &Db, client: &str, rows: &Rows<'_>) -> Result<(), sqlx::Error> {
-    macro_rules! write {
-        ($pool:expr) => {{
-            let mut tx = $pool.begin().await?;
-            match rows {
-                Rows::Frames(frames) => {
-                    for frame in frames.iter() {
-                        sqlx::query("INSERT INTO fawkes_outbox (client_id, frame) VALUES ($1, $2)")
-                            .bind(client)
-                            .bind(frame)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                }
-                Rows::Closed(reason) => {
-                    sqlx::query("INSERT INTO fawkes_outbox (client_id, closed) VALUES ($1, $2)")
+    on_pool!(db, pool => {
+        let mut tx = pool.begin().await?;
+        match rows {
+            Rows::Frames(frames) => {
+                for frame in frames.iter() {
+                    sqlx::query("INSERT INTO fawkes_outbox (client_id, frame) VALUES ($1, $2)")
                         .bind(client)
-                        .bind(reason)
+                        .bind(frame)
                         .execute(&mut *tx)
                         .await?;
                 }
             }
-            tx.commit().await
-        }};
-    }
-    match db {
-        Db::Sqlite(pool) => write!(pool),
-        Db::Postgres(pool) => write!(pool),
-    }
+            Rows::Closed(reason) => {
+                sqlx::query("INSERT INTO fawkes_outbox (client_id, closed) VALUES ($1, $2)")
+                    .bind(client)
+                    .bind(reason)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await
+    })
 }
