@@ -119,7 +119,9 @@ impl Db {
 pub(crate) const SAVE_CURSOR: &str = "INSERT INTO fawkes_cursors (name, position) VALUES ($1, $2) \
                                       ON CONFLICT (name) DO UPDATE SET position = excluded.position";
 
-pub(crate) const DEAD_LETTER: &str = "INSERT INTO fawkes_dead_letters (source, row_id, error) VALUES ($1, $2, $3)";
+/// Records a row once: a row read again after a crash is not recorded twice.
+pub(crate) const DEAD_LETTER: &str = "INSERT INTO fawkes_dead_letters (source, row_id, error) SELECT $1, $2, $3 \
+                                      WHERE NOT EXISTS (SELECT 1 FROM fawkes_dead_letters WHERE source = $1 AND row_id = $2)";
 
 /// Quotes an SQL identifier (`schema.table` keeps its dot).
 pub(crate) fn quote_ident(name: &str) -> String {

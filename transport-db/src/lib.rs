@@ -30,6 +30,7 @@
 mod clients;
 mod db;
 mod feed;
+mod outbox;
 mod stream;
 mod wake;
 
