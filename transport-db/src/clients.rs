@@ -161,7 +161,8 @@ struct Pending {
     /// The inbox row (none for a restored join).
     row: Option<i64>,
     topic: String,
-    msg_ref: Value,
+    /// The message's ref as text (`"7"` and `7` name the same message).
+    msg_ref: String,
     kind: Kind,
     since: Instant,
 }
@@ -250,7 +251,13 @@ impl Coordinator {
                 "phx_leave" => Kind::Leave,
                 _ => Kind::Push,
             };
-            (!msg_ref.is_null()).then(|| Pending { row: Some(row.id), topic, msg_ref, kind, since: Instant::now() })
+            (!msg_ref.is_null()).then(|| Pending {
+                row: Some(row.id),
+                topic,
+                msg_ref: ref_text(&msg_ref),
+                kind,
+                since: Instant::now(),
+            })
         });
         match c.session.handle_frame(Frame::text(frame)).await {
             Ok(()) => {
@@ -308,7 +315,7 @@ impl Coordinator {
             self.unit.topics.push(TopicChange::Left { client, topic });
             return;
         }
-        let Ok(msg_ref) = serde_json::from_str::<Value>(&join_ref) else { return };
+        let Ok(msg_ref) = serde_json::from_str::<Value>(&join_ref).map(|r| ref_text(&r)) else { return };
         let topic_json = Value::String(topic.clone());
         let frame = format!("[{join_ref},{join_ref},{topic_json},\"phx_join\",{params}]");
         let Some(c) = self.clients.get_mut(&client) else { return };
@@ -341,7 +348,7 @@ impl Coordinator {
         let mut drained = std::mem::take(&mut c.drained);
         for frame in drained.drain(..) {
             let text = String::from_utf8_lossy(frame.as_bytes()).into_owned();
-            let keep = answer(c, &text, &mut self.unit.topics, &mut self.in_flight);
+            let keep = answer(&c.id, &mut c.pending, &text, &mut self.unit.topics, &mut self.in_flight);
             if keep {
                 self.unit.rows.push(OutRow { client: id.clone(), frame: Some(text), closed: None });
             }
@@ -458,7 +465,13 @@ fn poll_outbounds(clients: &mut HashMap<Arc<str>, Client>, cx: &mut Context<'_>)
 
 /// Settles the handed-over messages `text` answers. False for a frame not to write (the ok
 /// reply to a restored join).
-fn answer(c: &mut Client, text: &str, topics: &mut Vec<TopicChange>, in_flight: &mut usize) -> bool {
+fn answer(
+    client: &Arc<str>,
+    pending: &mut VecDeque<Pending>,
+    text: &str,
+    topics: &mut Vec<TopicChange>,
+    in_flight: &mut usize,
+) -> bool {
     let Ok((_, msg_ref, topic, event, _)) =
         serde_json::from_str::<(IgnoredAny, Value, String, String, IgnoredAny)>(text)
     else {
@@ -466,28 +479,28 @@ fn answer(c: &mut Client, text: &str, topics: &mut Vec<TopicChange>, in_flight: 
     };
     match event.as_str() {
         "phx_reply" => {
-            let Some(i) = c.pending.iter().position(|p| p.topic == topic && p.msg_ref == msg_ref) else { return true };
+            let msg_ref = ref_text(&msg_ref);
+            let Some(i) = pending.iter().position(|p| p.topic == topic && p.msg_ref == msg_ref) else { return true };
             // A topic's messages are handled in order: earlier ones of it were handled too.
             let mut answered = None;
-            let pending = std::mem::take(&mut c.pending);
-            for (j, p) in pending.into_iter().enumerate() {
+            for (j, p) in std::mem::take(pending).into_iter().enumerate() {
                 if j <= i && p.topic == topic {
                     *in_flight -= 1;
                     if j == i {
                         answered = Some(p);
                     }
                 } else {
-                    c.pending.push_back(p);
+                    pending.push_back(p);
                 }
             }
-            answered.is_none_or(|p| record(c, p, text, topics))
+            answered.is_none_or(|p| record(client, p, text, topics))
         }
         "phx_close" | "phx_error" => {
             // The channel ended: nothing more of it will be answered.
-            let before = c.pending.len();
-            c.pending.retain(|p| p.topic != topic);
-            *in_flight -= before - c.pending.len();
-            topics.push(TopicChange::Left { client: c.id.clone(), topic });
+            let before = pending.len();
+            pending.retain(|p| p.topic != topic);
+            *in_flight -= before - pending.len();
+            topics.push(TopicChange::Left { client: client.clone(), topic });
             true
         }
         _ => true,
@@ -495,12 +508,12 @@ fn answer(c: &mut Client, text: &str, topics: &mut Vec<TopicChange>, in_flight: 
 }
 
 /// Records what an answered join or leave changes; false to swallow a restored join's ok.
-fn record(c: &Client, p: Pending, text: &str, topics: &mut Vec<TopicChange>) -> bool {
+fn record(client: &Arc<str>, p: Pending, text: &str, topics: &mut Vec<TopicChange>) -> bool {
     let ok = || {
         serde_json::from_str::<(IgnoredAny, IgnoredAny, IgnoredAny, IgnoredAny, Value)>(text)
             .is_ok_and(|(.., payload)| payload["status"] == "ok")
     };
-    let client = c.id.clone();
+    let client = client.clone();
     match p.kind {
         Kind::Push => true,
         Kind::Join { join_ref, params } => {
@@ -523,5 +536,59 @@ fn record(c: &Client, p: Pending, text: &str, topics: &mut Vec<TopicChange>) -> 
             topics.push(TopicChange::Left { client, topic: p.topic });
             true
         }
+    }
+}
+
+fn ref_text(r: &Value) -> String {
+    match r {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(topic: &str, msg_ref: &str, kind: Kind) -> Pending {
+        Pending { row: None, topic: topic.into(), msg_ref: msg_ref.into(), kind, since: Instant::now() }
+    }
+
+    #[test]
+    fn a_reply_answers_its_row_and_the_earlier_rows_of_its_topic() {
+        let id: Arc<str> = "c".into();
+        let mut queue: VecDeque<Pending> =
+            [pending("t", "1", Kind::Push), pending("u", "2", Kind::Push), pending("t", "3", Kind::Push)].into();
+        let (mut topics, mut in_flight) = (Vec::new(), 3);
+        let reply = r#"["1","3","t","phx_reply",{"response":{},"status":"ok"}]"#;
+        assert!(answer(&id, &mut queue, reply, &mut topics, &mut in_flight));
+        assert_eq!((in_flight, queue.len(), queue[0].msg_ref.as_str()), (1, 1, "2"), "1 (no reply) and 3 answered");
+        // A reply nobody waits for is written and changes nothing.
+        assert!(answer(&id, &mut queue, reply, &mut topics, &mut in_flight));
+        assert_eq!(in_flight, 1);
+        // The channel of `u` ended: its rows are answered, its topic left.
+        assert!(answer(&id, &mut queue, r#"["1",null,"u","phx_close",{}]"#, &mut topics, &mut in_flight));
+        assert_eq!((in_flight, queue.len()), (0, 0));
+        assert!(matches!(&topics[..], [TopicChange::Left { topic, .. }] if topic == "u"));
+    }
+
+    #[test]
+    fn joins_are_recorded_and_a_resumed_join_is_silent_unless_refused() {
+        let id: Arc<str> = "c".into();
+        let join = Kind::Join { join_ref: r#""1""#.into(), params: "{}".into() };
+        let mut queue: VecDeque<Pending> =
+            [pending("a", "1", join), pending("b", "5", Kind::Restore), pending("c", "6", Kind::Restore)].into();
+        let (mut topics, mut in_flight) = (Vec::new(), 3);
+        let ok =
+            |topic: &str, r: &str| format!(r#"["{r}","{r}","{topic}","phx_reply",{{"response":{{}},"status":"ok"}}]"#);
+        assert!(answer(&id, &mut queue, &ok("a", "1"), &mut topics, &mut in_flight), "a join's reply is written");
+        assert!(!answer(&id, &mut queue, &ok("b", "5"), &mut topics, &mut in_flight), "a resumed join's ok is not");
+        let refused = r#"["6","6","c","phx_reply",{"response":{"reason":"unauthorized"},"status":"error"}]"#;
+        assert!(answer(&id, &mut queue, refused, &mut topics, &mut in_flight), "a resumed join's refusal is");
+        assert_eq!(in_flight, 0);
+        assert!(matches!(&topics[..], [
+            TopicChange::Joined { topic: a, join_ref, .. },
+            TopicChange::Left { topic: c, .. },
+        ] if a == "a" && join_ref == r#""1""# && c == "c"));
     }
 }

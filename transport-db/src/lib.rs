@@ -3,12 +3,30 @@
 //! Two things ride on it, both through the same serializer, sessions and channels as every other
 //! transport:
 //!
-//! - **Database clients** ([`DbClients`]): each row of `fawkes_inbox` (`id`, `client_id`,
-//!   `frame`) is one inbound V2 JSON frame of the logical client `client_id`; every frame the
-//!   server sends that client (join replies, pushes, broadcasts, `phx_close`) becomes a row of
-//!   `fawkes_outbox` (`id`, `client_id`, `frame`, `inserted_at`). When a client's session ends, a
-//!   last row carries the reason in `closed`. A client that sends nothing for the endpoint's
-//!   heartbeat timeout is closed like any other, so long-lived database clients insert heartbeats.
+//! - **Database clients** ([`DbClients`], the transport): each row of `fawkes_inbox` (`id`,
+//!   `client_id`, `frame`) is one inbound V2 JSON frame of the logical client `client_id`; every
+//!   frame the server sends that client (join replies, pushes, broadcasts, `phx_close`) becomes a
+//!   row of `fawkes_outbox` (`id`, `client_id`, `frame`, `inserted_at`), in order per client.
+//!   When a client's session ends, a last row carries the reason in `closed`. A client that sends
+//!   nothing for the endpoint's heartbeat timeout is closed like any other, so long-lived
+//!   database clients insert heartbeats.
+//!
+//!   **Guarantee: each committed inbox row is answered exactly once, across crashes.** The inbox
+//!   cursor moves only in the transaction that writes the outbox rows of every row up to it
+//!   (replies, and broadcasts to every database client), so after a crash and restart no
+//!   committed row is unanswered and none is answered twice. A row no session can take (a NULL
+//!   column, a malformed frame, a refused connection) is recorded in `fawkes_dead_letters`
+//!   instead, once; so are rows of a client closed before it answered them. The topics each
+//!   client joined are kept in `fawkes_client_topics` (same transaction), and a restart joins
+//!   them again: the client's next rows are handled as before the crash, and a join the
+//!   application now refuses is answered with its refusal (a second reply to the join's ref).
+//!   "Answered" means the row's `phx_reply`, its topic's `phx_close`/`phx_error`, or, for a
+//!   message the channel does not reply to, [`DbClientsOptions::reply_timeout`]. Frames no row
+//!   is waiting for (what such a handler sends later, timers, other transports' broadcasts) are
+//!   written with the next transaction, without that guarantee: a crash can lose the ones not
+//!   committed yet, as a dropped connection would. Outbox rows are
+//!   written in batches (one transaction per unit of work, multi-row inserts); when the writer
+//!   is behind, the reader stops reading inbox rows instead of closing database clients.
 //! - **Table streams** ([`TableStream`]): a source. Rows of an application table (or query) are
 //!   read in the order of an increasing id column and published through the endpoint's
 //!   [`PubSub`](fawkes_channel::PubSub) as `event` on `topic` with payload
