@@ -59,29 +59,42 @@ async fn load(name: &str, db: &Db, one_room: bool) {
             .expect("db clients");
     let topic = |c: usize| if one_room { "room:all".to_owned() } else { format!("room:{c}") };
     let started = Instant::now();
-    let mut rows: Vec<String> =
+    // Joins first, answered, so every client is in its room before anyone speaks.
+    let joins: Vec<String> =
         (0..clients).map(|c| format!("('bench-{c}', '[\"1\",\"1\",\"{}\",\"phx_join\",{{}}]')", topic(c))).collect();
+    exec(db, &format!("INSERT INTO fawkes_inbox (client_id, frame) VALUES {}", joins.join(","))).await;
+    while count(db, "SELECT COUNT(*) FROM fawkes_outbox").await < clients as i64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut rows = joins;
+    let inserted = rows.len();
     for m in 0..messages {
         for c in 0..clients {
             rows.push(format!("('bench-{c}', '[\"1\",\"{}\",\"{}\",\"new_msg\",{{\"body\":{m}}}]')", m + 2, topic(c)));
         }
     }
-    for chunk in rows.chunks(100) {
+    for chunk in rows[inserted..].chunks(100) {
         exec(db, &format!("INSERT INTO fawkes_inbox (client_id, frame) VALUES {}", chunk.join(","))).await;
     }
     let fanout = if one_room { clients + 1 } else { 2 };
     let want = (clients * messages * fanout + clients) as i64;
     let replies = (clients * (messages + 1)) as i64;
-    let deadline = started + Duration::from_secs(120);
-    let (mut answered, mut written);
+    // Settled: the inbox cursor past the last row (it moves only with the outbox rows of every
+    // row before it) and every expected outbox row there. Cheap queries: the poll must not be
+    // the load.
+    let last = count(db, "SELECT MAX(id) FROM fawkes_inbox").await;
+    let deadline = started + Duration::from_secs(60);
     loop {
-        answered = count(db, "SELECT COUNT(*) FROM fawkes_outbox WHERE frame LIKE '%phx_reply%'").await;
-        written = count(db, "SELECT COUNT(*) FROM fawkes_outbox").await;
-        if answered >= replies && written >= want || Instant::now() > deadline {
+        let cursor =
+            count(db, "SELECT COALESCE(MAX(position), 0) FROM fawkes_cursors WHERE name = 'fawkes_inbox'").await;
+        let out = count(db, "SELECT COALESCE(MAX(id), 0) FROM fawkes_outbox").await;
+        if cursor >= last && out >= want || Instant::now() > deadline {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let answered = count(db, "SELECT COUNT(*) FROM fawkes_outbox WHERE frame LIKE '%phx_reply%'").await;
+    let written = count(db, "SELECT COUNT(*) FROM fawkes_outbox").await;
     let settled = started.elapsed().as_secs_f64();
     let closed = count(db, "SELECT COUNT(*) FROM fawkes_outbox WHERE closed IS NOT NULL").await;
     let shape = if one_room { "one-room" } else { "room-per-client" };
