@@ -9,7 +9,8 @@
 //!
 //! It prints the time from the first inbox insert until every row is answered in the outbox
 //! (settled), outbox rows/s over that time, and how many clients were closed. Variables:
-//! `CLIENTS` (20), `MESSAGES` (500), `FAWKES_BENCH_POSTGRES` (default
+//! `CLIENTS` (20), `MESSAGES` (500), `BATCH` (inbox rows per unit of work, 500), `WRITE_BATCH`
+//! (outbox rows per INSERT, 1000), `FAWKES_BENCH_POSTGRES` (default
 //! `postgres://postgres@127.0.0.1:5432/test`; the bench makes and drops a database of its own,
 //! and skips PostgreSQL loudly when unreachable).
 
@@ -53,10 +54,16 @@ async fn load(name: &str, db: &Db, one_room: bool) {
     let (clients, messages) = (var("CLIENTS", 20), var("MESSAGES", 500));
     exec(db, "DELETE FROM fawkes_outbox").await;
     let endpoint = Endpoint::new(Router::new().channel("room:*", || Room));
-    let served =
-        DbClients::start(db.clone(), endpoint, DbClientsOptions::default().poll_interval(Duration::from_millis(10)))
-            .await
-            .expect("db clients");
+    let served = DbClients::start(
+        db.clone(),
+        endpoint,
+        DbClientsOptions::default()
+            .poll_interval(Duration::from_millis(10))
+            .batch_size(var("BATCH", 500) as i64)
+            .write_batch_size(var("WRITE_BATCH", 1000)),
+    )
+    .await
+    .expect("db clients");
     let topic = |c: usize| if one_room { "room:all".to_owned() } else { format!("room:{c}") };
     let started = Instant::now();
     // Joins first, answered, so every client is in its room before anyone speaks.
