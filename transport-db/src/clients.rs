@@ -347,10 +347,18 @@ impl Coordinator {
         let Some(c) = self.clients.get_mut(&id) else { return };
         let mut drained = std::mem::take(&mut c.drained);
         for frame in drained.drain(..) {
-            let text = String::from_utf8_lossy(frame.as_bytes()).into_owned();
-            let keep = answer(&c.id, &mut c.pending, &text, &mut self.unit.topics, &mut self.in_flight);
+            // Broadcasts (`[null,null,...`) answer nothing: not parsed, and their bytes are
+            // shared with every other subscriber, not copied.
+            let frame = match std::str::from_utf8(frame.as_bytes()) {
+                Ok(_) => frame,
+                Err(_) => Frame::text(String::from_utf8_lossy(frame.as_bytes()).into_owned()),
+            };
+            let broadcast = frame.as_bytes().starts_with(b"[null,null,");
+            let keep = broadcast
+                || std::str::from_utf8(frame.as_bytes())
+                    .is_ok_and(|text| answer(&c.id, &mut c.pending, text, &mut self.unit.topics, &mut self.in_flight));
             if keep {
-                self.unit.rows.push(OutRow { client: id.clone(), frame: Some(text), closed: None });
+                self.unit.rows.push(OutRow { client: id.clone(), frame: Some(frame), closed: None });
             }
         }
         c.drained = drained;

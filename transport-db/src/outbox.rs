@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use fawkes_channel::Backoff;
+use fawkes_channel::{Backoff, Frame};
 use tokio::sync::mpsc;
 
 use crate::db::{DEAD_LETTER, Db, SAVE_CURSOR, on_pool};
@@ -14,8 +14,16 @@ pub(crate) const CURSOR: &str = "fawkes_inbox";
 #[derive(Debug)]
 pub(crate) struct OutRow {
     pub(crate) client: Arc<str>,
-    pub(crate) frame: Option<String>,
+    /// A text frame (the sessions are V2 JSON over a transport without binary frames).
+    pub(crate) frame: Option<Frame>,
     pub(crate) closed: Option<String>,
+}
+
+impl OutRow {
+    /// The frame as text (made valid UTF-8 when it was drained).
+    fn frame_text(&self) -> Option<&str> {
+        self.frame.as_ref().map(|f| std::str::from_utf8(f.as_bytes()).unwrap_or_default())
+    }
 }
 
 /// A change to the durable record of a client's joined topics.
@@ -116,7 +124,7 @@ impl InsertRows for sqlx::SqliteConnection {
         }
         let mut query = sqlx::query(&sql);
         for row in rows {
-            query = query.bind(&*row.client).bind(row.frame.as_deref()).bind(row.closed.as_deref());
+            query = query.bind(&*row.client).bind(row.frame_text()).bind(row.closed.as_deref());
         }
         query.execute(self).await.map(drop)
     }
@@ -126,7 +134,7 @@ impl InsertRows for sqlx::PgConnection {
     /// Three array parameters, unnested: one statement text whatever the row count.
     async fn insert_rows(&mut self, rows: &[OutRow]) -> Result<(), sqlx::Error> {
         let clients: Vec<&str> = rows.iter().map(|r| &*r.client).collect();
-        let frames: Vec<Option<&str>> = rows.iter().map(|r| r.frame.as_deref()).collect();
+        let frames: Vec<Option<&str>> = rows.iter().map(OutRow::frame_text).collect();
         let closed: Vec<Option<&str>> = rows.iter().map(|r| r.closed.as_deref()).collect();
         sqlx::query(
             "INSERT INTO fawkes_outbox (client_id, frame, closed) \
