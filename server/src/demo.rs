@@ -15,7 +15,7 @@
 
 use serde_json::{Value, json};
 
-use fawkes::db::TableStream;
+use fawkes::db::{Replay, TableStream};
 use fawkes::{Channel, HandleIn, Payload, Router, SocketRef, reason};
 
 /// A chat room.
@@ -24,19 +24,20 @@ pub struct Room {
     user: String,
     tracked: bool,
     events: Option<TableStream>,
-    last_event_id: Option<i64>,
+    replay: Option<Replay>,
 }
 
 impl Channel for Room {
-    async fn join(&mut self, params: Payload, _: &mut SocketRef) -> Result<Value, Value> {
+    async fn join(&mut self, params: Payload, socket: &mut SocketRef) -> Result<Value, Value> {
         let params = params.as_json();
         let user = params.and_then(|p| p.get("user")).and_then(Value::as_str);
         self.user = user.unwrap_or("anonymous").to_owned();
         self.tracked = user.is_some();
-        // Without a last_event_id, rows from the moment of the join on: the stream is attached
-        // after the join reply, and a row written in between must not be missed.
-        let joined_at = self.events.as_ref().map(|events| events.position());
-        self.last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64).or(joined_at);
+        if let Some(events) = &self.events {
+            // Without a last_event_id, rows from the moment of the join on.
+            let last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64);
+            self.replay = Some(events.replay(socket, last_event_id).await);
+        }
         Ok(json!({}))
     }
 
@@ -49,8 +50,8 @@ impl Channel for Room {
             }
             socket.push("presence_state", socket.presence_list());
         }
-        if let Some(events) = &self.events {
-            events.attach(socket, self.last_event_id).await;
+        if let Some(replay) = self.replay.take() {
+            replay.deliver(socket).await;
         }
     }
 

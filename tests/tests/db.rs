@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use fawkes::db::{Db, DbClients, DbClientsOptions, StreamOptions, TableStream};
-use fawkes::{Config, ConnectInfo, Endpoint, Outbound, Session};
+use fawkes::{Config, ConnectInfo, Endpoint, Outbound, Router, Session};
 use fawkes_serializer::{Frame, Serializer, ServerMessage};
 use serde_json::{Value, json};
 
@@ -383,6 +383,77 @@ async fn sqlite_a_db_client_chats_with_a_socket_client() {
 async fn postgres_a_db_client_chats_with_a_socket_client() {
     if let Some(t) = postgres().await {
         a_db_client_chats_with_a_socket_client(t).await;
+    }
+}
+
+/// The outbox rows of `client` after row `after`: (id, frame).
+async fn outbox_after(db: &Db, client: &str, after: i64) -> Vec<(i64, String)> {
+    let sql = "SELECT id, frame FROM fawkes_outbox WHERE client_id = $1 AND id > $2 AND frame IS NOT NULL ORDER BY id";
+    match db {
+        Db::Sqlite(p) => sqlx::query_as(sql).bind(client).bind(after).fetch_all(p).await,
+        Db::Postgres(p) => sqlx::query_as(sql).bind(client).bind(after).fetch_all(p).await,
+    }
+    .expect("read the outbox")
+}
+
+/// Waits until `client`'s outbox after `after` holds `n` frames; returns them.
+async fn outbox_frames(db: &Db, client: &str, after: i64, n: usize) -> Vec<(i64, String)> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let rows = outbox_after(db, client, after).await;
+            if rows.len() >= n {
+                return rows;
+            }
+            // The outbox is a table: reading it is polling.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the outbox rows within 10 s")
+}
+
+async fn a_restart_resumes_joined_topics_and_answers_a_refused_join(t: TestDb) {
+    let options = || DbClientsOptions::default().poll_interval(Duration::from_millis(10));
+    let inbox = |frame: &str| format!("INSERT INTO fawkes_inbox (client_id, frame) VALUES ('d1', '{frame}')");
+    let before = {
+        let endpoint = Endpoint::builder().router(fawkes_server::demo::router()).build();
+        let _clients = DbClients::start(t.db.clone(), endpoint, options()).await.expect("db clients");
+        exec(&t.db, &inbox(r#"["1","1","room:kept","phx_join",{}]"#)).await;
+        exec(&t.db, &inbox(r#"["2","2","room:barred","phx_join",{}]"#)).await;
+        let joined = outbox_frames(&t.db, "d1", 0, 2).await;
+        assert!(joined.iter().all(|(_, f)| f.contains(r#""status":"ok""#)), "both joins accepted: {joined:?}");
+        joined[1].0
+        // Dropped: the server stops without a goodbye, as in a crash.
+    };
+    // The application now refuses `room:barred`.
+    let router =
+        Router::new().channel("room:kept", fawkes_server::demo::Room::default).channel("room:barred", || fawkes_server::demo::Admin);
+    let endpoint = Endpoint::builder().router(router).build();
+    let _clients = DbClients::start(t.db.clone(), endpoint, options()).await.expect("db clients");
+    exec(&t.db, &inbox(r#"["1","3","room:kept","new_msg",{"body":"still here"}]"#)).await;
+    exec(&t.db, &inbox(r#"["2","4","room:barred","new_msg",{"body":"barred"}]"#)).await;
+    let frames: Vec<String> = outbox_frames(&t.db, "d1", before, 4).await.into_iter().map(|(_, f)| f).collect();
+    let want = [
+        r#"["2","2","room:barred","phx_reply",{"response":{"reason":"unauthorized"},"status":"error"}]"#,
+        r#"[null,null,"room:kept","new_msg",{"body":"still here","user":"anonymous"}]"#,
+        r#"["1","3","room:kept","phx_reply",{"response":{},"status":"ok"}]"#,
+        r#"[null,"4","room:barred","phx_reply",{"response":{"reason":"unmatched topic"},"status":"error"}]"#,
+    ];
+    for want in want {
+        assert_eq!(frames.iter().filter(|f| *f == want).count(), 1, "{want} once in {frames:#?}");
+    }
+    assert_eq!(frames.len(), 4, "nothing else: {frames:#?}");
+}
+
+#[tokio::test]
+async fn sqlite_a_restart_resumes_joined_topics_and_answers_a_refused_join() {
+    a_restart_resumes_joined_topics_and_answers_a_refused_join(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn postgres_a_restart_resumes_joined_topics_and_answers_a_refused_join() {
+    if let Some(t) = postgres().await {
+        a_restart_resumes_joined_topics_and_answers_a_refused_join(t).await;
     }
 }
 

@@ -1,4 +1,12 @@
-//! The database: SQLite or PostgreSQL, with the crate's migrations applied.
+//! The database: SQLite or PostgreSQL, with the crate's migrations applied, and every query the
+//! crate runs.
+//!
+//! Each query is written once. [`on_pool!`] expands one query expression for whichever pool the
+//! [`Db`] holds, so sqlx compiles it natively for both backends. sqlx's `Any` driver would also
+//! write it once, but loses what PostgreSQL is chosen for (LISTEN, arrays for bulk inserts,
+//! snapshot functions) and native types; a function generic over `sqlx::Database` needs a screen
+//! of trait bounds per query. Where the backends truly differ (LISTEN/NOTIFY, the bulk insert,
+//! the visibility of uncommitted ids), the code says so with a plain `match`.
 
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -17,10 +25,21 @@ pub enum Db {
     Postgres(PgPool),
 }
 
+/// Evaluates `$body` with `$pool` bound to the pool of `$db`, whichever backend it is.
+macro_rules! on_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Db::Sqlite($pool) => $body,
+            $crate::db::Db::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
 impl Db {
     /// Connects to `url` (`sqlite://path.db`, `sqlite::memory:`, `postgres://...`) and applies
     /// the crate's migrations (tables `fawkes_inbox`, `fawkes_outbox`, `fawkes_cursors`,
-    /// `fawkes_dead_letters`, `fawkes_events`).
+    /// `fawkes_dead_letters`, `fawkes_client_topics`, `fawkes_events`).
     pub async fn connect(url: &str) -> Result<Db, Error> {
         let db = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
@@ -41,6 +60,7 @@ impl Db {
 
     /// Applies the crate's migrations (idempotent).
     pub async fn migrate(&self) -> Result<(), Error> {
+        // Two directories: the DDL differs (AUTOINCREMENT / BIGSERIAL, triggers).
         match self {
             Db::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
             Db::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
@@ -64,30 +84,31 @@ impl Db {
         Ok(())
     }
 
-    pub(crate) async fn load_cursor(&self, name: &str) -> Result<Option<i64>, Error> {
+    pub(crate) fn is_postgres(&self) -> bool {
+        matches!(self, Db::Postgres(_))
+    }
+
+    /// The saved position of reader `name`, or, for a reader never started, the current end of
+    /// `source` (saved, so the reader begins there).
+    pub(crate) async fn start_cursor(&self, name: &str, source: &str, id_column: &str) -> Result<i64, Error> {
         let sql = "SELECT position FROM fawkes_cursors WHERE name = $1";
-        Ok(match self {
-            Db::Sqlite(p) => sqlx::query_scalar(sql).bind(name).fetch_optional(p).await?,
-            Db::Postgres(p) => sqlx::query_scalar(sql).bind(name).fetch_optional(p).await?,
-        })
+        let saved: Option<i64> = on_pool!(self, p => sqlx::query_scalar(sql).bind(name).fetch_optional(p).await?);
+        if let Some(saved) = saved {
+            return Ok(saved);
+        }
+        let sql = format!("SELECT CAST(COALESCE(MAX({id_column}), 0) AS BIGINT) FROM {source}");
+        let end: i64 = on_pool!(self, p => sqlx::query_scalar(&sql).fetch_one(p).await?);
+        on_pool!(self, p => sqlx::query(SAVE_CURSOR).bind(name).bind(end).execute(p).await.map(drop))?;
+        Ok(end)
     }
 
     pub(crate) async fn save_cursor(&self, name: &str, position: i64) -> Result<(), Error> {
-        let sql = "INSERT INTO fawkes_cursors (name, position) VALUES ($1, $2) \
-                   ON CONFLICT (name) DO UPDATE SET position = excluded.position";
-        match self {
-            Db::Sqlite(p) => sqlx::query(sql).bind(name).bind(position).execute(p).await.map(|_| ())?,
-            Db::Postgres(p) => sqlx::query(sql).bind(name).bind(position).execute(p).await.map(|_| ())?,
-        }
+        on_pool!(self, p => sqlx::query(SAVE_CURSOR).bind(name).bind(position).execute(p).await.map(drop))?;
         Ok(())
     }
 
     pub(crate) async fn dead_letter(&self, source: &str, row_id: i64, error: &str) {
-        let sql = "INSERT INTO fawkes_dead_letters (source, row_id, error) VALUES ($1, $2, $3)";
-        let result = match self {
-            Db::Sqlite(p) => sqlx::query(sql).bind(source).bind(row_id).bind(error).execute(p).await.map(drop),
-            Db::Postgres(p) => sqlx::query(sql).bind(source).bind(row_id).bind(error).execute(p).await.map(drop),
-        };
+        let result = on_pool!(self, p => sqlx::query(DEAD_LETTER).bind(source).bind(row_id).bind(error).execute(p).await.map(drop));
         tracing::warn!(source, row_id, error, "row dead-lettered");
         if let Err(e) = result {
             tracing::error!(source, row_id, error = %e, "could not record a dead letter");
@@ -95,41 +116,14 @@ impl Db {
     }
 }
 
+pub(crate) const SAVE_CURSOR: &str = "INSERT INTO fawkes_cursors (name, position) VALUES ($1, $2) \
+                                      ON CONFLICT (name) DO UPDATE SET position = excluded.position";
+
+/// Records a row once: a row read again after a crash is not recorded twice.
+pub(crate) const DEAD_LETTER: &str = "INSERT INTO fawkes_dead_letters (source, row_id, error) SELECT $1, $2, $3 \
+                                      WHERE NOT EXISTS (SELECT 1 FROM fawkes_dead_letters WHERE source = $1 AND row_id = $2)";
+
 /// Quotes an SQL identifier (`schema.table` keeps its dot).
 pub(crate) fn quote_ident(name: &str) -> String {
     name.split('.').map(|part| format!("\"{}\"", part.replace('"', "\"\""))).collect::<Vec<_>>().join(".")
-}
-
-/// A LISTEN on `fawkes_changes` (PostgreSQL), or `None` where there is none (SQLite, or the
-/// listener could not connect: polling still finds every row).
-pub(crate) async fn listener(db: &Db) -> Option<sqlx::postgres::PgListener> {
-    let Db::Postgres(pool) = db else { return None };
-    let mut listener = match sqlx::postgres::PgListener::connect_with(pool).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            tracing::warn!(error = %e, "LISTEN unavailable; polling only");
-            return None;
-        }
-    };
-    match listener.listen("fawkes_changes").await {
-        Ok(()) => Some(listener),
-        Err(e) => {
-            tracing::warn!(error = %e, "LISTEN failed; polling only");
-            None
-        }
-    }
-}
-
-/// Completes on the next notification. A broken listener reconnects on its next `recv`; until
-/// then this waits a little, so a database that is down is not spun on.
-pub(crate) async fn notified(listener: &mut Option<sqlx::postgres::PgListener>) {
-    match listener {
-        Some(l) => {
-            if let Err(e) = l.recv().await {
-                tracing::debug!(error = %e, "LISTEN connection lost");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-        None => std::future::pending().await,
-    }
 }

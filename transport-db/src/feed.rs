@@ -8,8 +8,10 @@
 //! transaction delays the stream; it never loses a row. SQLite serialises writers, so ids commit
 //! in order and there is no hole to wait on.
 
+use fawkes_channel::Backoff;
+
 use crate::Error;
-use crate::db::Db;
+use crate::db::{Db, on_pool};
 
 /// One row: its cursor value and three text columns (what they mean is the reader's business).
 #[derive(Debug, Clone)]
@@ -53,6 +55,7 @@ impl Feed {
     /// [`Feed::read`], retried with backoff while the database fails: the reader resumes from
     /// the same position when it comes back, so nothing is lost.
     pub(crate) async fn next_batch(&mut self, db: &Db, position: i64, limit: i64, reader: &str) -> Vec<FeedRow> {
+        let mut backoff = Backoff::new();
         let mut failures = 0u32;
         loop {
             match self.read(db, position, limit).await {
@@ -60,7 +63,7 @@ impl Feed {
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(reader, error = %e, failures, "read failed; retrying");
-                    tokio::time::sleep(crate::backoff(failures)).await;
+                    backoff.wait().await;
                 }
             }
         }
@@ -68,32 +71,35 @@ impl Feed {
 
     /// Rows after `position`, in order, that are safe to deliver now.
     pub(crate) async fn read(&mut self, db: &Db, position: i64, limit: i64) -> Result<Vec<FeedRow>, Error> {
-        match db {
-            Db::Sqlite(pool) => {
-                let rows: Vec<Tuple> = sqlx::query_as(&self.select).bind(position).bind(limit).fetch_all(pool).await?;
-                Ok(rows.into_iter().map(FeedRow::from).collect())
-            }
-            Db::Postgres(pool) => {
-                if let Some(hole) = self.hole {
-                    // Still waiting for the transactions that might own the missing id?
-                    let xmin: i64 = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-                        .fetch_one(pool)
-                        .await?;
-                    if xmin < hole.xmax {
-                        return Ok(Vec::new());
-                    }
-                }
-                let mut tx = pool.begin().await?;
-                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-                let xmax: i64 = sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let rows: Vec<Tuple> =
-                    sqlx::query_as(&self.select).bind(position).bind(limit).fetch_all(&mut *tx).await?;
-                tx.commit().await?;
-                Ok(self.contiguous(rows.into_iter().map(FeedRow::from), position, xmax))
+        if let (Some(hole), Db::Postgres(pool)) = (self.hole, db) {
+            // Still waiting for the transactions that might own the missing id?
+            let xmin: i64 = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+                .fetch_one(pool)
+                .await?;
+            if xmin < hole.xmax {
+                return Ok(Vec::new());
             }
         }
+        let (rows, xmax): (Vec<Tuple>, Option<i64>) = on_pool!(db, pool => {
+            let mut tx = pool.begin().await?;
+            // PostgreSQL: the snapshot's xmax tells which writers a hole could belong to.
+            let xmax = if db.is_postgres() {
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+                let sql = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint";
+                Some(sqlx::query_scalar(sql).fetch_one(&mut *tx).await?)
+            } else {
+                None
+            };
+            let rows = sqlx::query_as(&self.select).bind(position).bind(limit).fetch_all(&mut *tx).await?;
+            tx.commit().await?;
+            (rows, xmax)
+        });
+        let rows = rows.into_iter().map(FeedRow::from);
+        Ok(match xmax {
+            Some(xmax) => self.contiguous(rows, position, xmax),
+            // SQLite serialises writers: ids commit in order, there is no hole to wait on.
+            None => rows.collect(),
+        })
     }
 
     /// The rows up to the first hole; remembers the hole to wait it out.

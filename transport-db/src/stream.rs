@@ -1,21 +1,32 @@
-//! Rows of an application table streamed into topics, with replay from a client's last id.
+//! Table streams: rows of an application table (or query), in id order, published as broadcasts
+//! through the endpoint's [`PubSub`], with replay from a client's last id.
+//!
+//! A stream is a *source*: it reads the table and publishes each row on its topic like any other
+//! broadcast, so every subscriber of the topic receives it through the ordinary fan-out (encoded
+//! once). The table is also the stream's history: a join that asks for rows after
+//! `last_event_id` gets them from the table. The seam between that replay and live rows is held
+//! by the reader: [`TableStream::replay`] (in `join`) pauses publishing at a row boundary `S`,
+//! the channel's subscription and [`Replay::deliver`] (rows `(last_event_id, S]`, in
+//! `after_join`) happen inside the pause, and rows after `S` are published once the replay is
+//! queued: no gap, no duplicate, in order.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use fawkes_channel::{Broadcast, BroadcastFrames, Payload, Pusher, SocketRef};
+use fawkes_channel::{Backoff, Broadcast, BroadcastFrames, Payload, PubSub, SocketRef};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::{Db, quote_ident};
+use crate::Error;
+use crate::db::{Db, on_pool, quote_ident};
 use crate::feed::{Feed, FeedRow};
+use crate::wake::Wakeup;
 
-/// A replayed row: id, topic, event, payload.
-type ReplayRow = (i64, Option<String>, Option<String>, Option<String>);
-use crate::{Error, backoff, idle_wait};
+/// How long the reader waits for a joining channel to deliver its replay before it publishes
+/// again regardless (a channel stuck in `join` must not stop the stream for everyone).
+const HOLD_LIMIT: Duration = Duration::from_secs(10);
 
 /// Which table (or query) to stream, and how a row maps to topic, event and payload.
 #[derive(Debug, Clone)]
@@ -105,33 +116,43 @@ impl StreamOptions {
     }
 }
 
-struct Attach {
-    pusher: Pusher,
-    after: Option<i64>,
-    done: oneshot::Sender<()>,
+/// A joining channel's request: hold publishing at a row boundary until it has subscribed and
+/// queued its replay.
+struct Hold {
+    at: oneshot::Sender<i64>,
+    release: oneshot::Receiver<()>,
 }
 
 struct Shared {
+    db: Db,
+    options: StreamOptions,
     position: AtomicI64,
-    attach: mpsc::Sender<Attach>,
+    holds: mpsc::Sender<Hold>,
+    /// Where rows are published: given at start, or the PubSub of the first channel to join.
+    pubsub: OnceLock<PubSub>,
 }
 
 /// A running table stream. Cheap to clone; the reader stops when every clone is dropped.
 ///
+/// A channel asks for the replay in `join` and delivers it in `after_join`:
+///
 /// ```no_run
 /// use fawkes_channel::{Channel, HandleIn, Payload, SocketRef};
-/// use fawkes_transport_db::{Db, StreamOptions, TableStream};
+/// use fawkes_transport_db::{Db, Replay, StreamOptions, TableStream};
 /// use serde_json::{json, Value};
 ///
-/// struct Feed { stream: TableStream, last_event_id: Option<i64> }
+/// struct Feed { stream: TableStream, replay: Option<Replay> }
 ///
 /// impl Channel for Feed {
-///     async fn join(&mut self, params: Payload, _: &mut SocketRef) -> Result<Value, Value> {
-///         self.last_event_id = params.as_json().and_then(|p| p["last_event_id"].as_i64());
+///     async fn join(&mut self, params: Payload, socket: &mut SocketRef) -> Result<Value, Value> {
+///         let last_event_id = params.as_json().and_then(|p| p["last_event_id"].as_i64());
+///         self.replay = Some(self.stream.replay(socket, last_event_id).await);
 ///         Ok(json!({}))
 ///     }
 ///     async fn after_join(&mut self, socket: &mut SocketRef) {
-///         self.stream.attach(socket, self.last_event_id).await;
+///         if let Some(replay) = self.replay.take() {
+///             replay.deliver(socket).await;
+///         }
 ///     }
 ///     async fn handle_in(&mut self, _: &str, _: Payload, _: &mut SocketRef) -> HandleIn {
 ///         HandleIn::NoReply
@@ -148,79 +169,158 @@ pub struct TableStream(Arc<Shared>);
 
 impl fmt::Debug for TableStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TableStream").field("position", &self.position()).finish()
+        f.debug_struct("TableStream").field("name", &self.0.options.name).field("position", &self.position()).finish()
     }
 }
 
 impl TableStream {
     /// Starts reading. Resumes from the saved cursor; a stream never started before begins at
-    /// the table's current end (earlier rows are still replayed to joins that ask).
+    /// the table's current end (earlier rows are still replayed to joins that ask). Rows are
+    /// published through the PubSub of the endpoint whose channel first calls
+    /// [`TableStream::replay`] (until then no socket of this node can be subscribed to them);
+    /// [`TableStream::start_on`] names it up front.
     pub async fn start(db: Db, options: StreamOptions) -> Result<TableStream, Error> {
-        let position = match db.load_cursor(&options.name).await? {
-            Some(saved) => saved,
-            None => {
-                let sql =
-                    format!("SELECT CAST(COALESCE(MAX({}), 0) AS BIGINT) FROM {}", options.id_column, options.source);
-                let end: i64 = match &db {
-                    Db::Sqlite(p) => sqlx::query_scalar(&sql).fetch_one(p).await?,
-                    Db::Postgres(p) => sqlx::query_scalar(&sql).fetch_one(p).await?,
-                };
-                db.save_cursor(&options.name, end).await?;
-                end
-            }
-        };
-        let (tx, rx) = mpsc::channel(1024);
-        let shared = Arc::new(Shared { position: AtomicI64::new(position), attach: tx });
-        let reader =
-            Reader { db, feed: options.feed(), options, shared: Arc::downgrade(&shared), attached: HashMap::new() };
+        TableStream::spawn(db, options, None).await
+    }
+
+    /// Starts reading, publishing through `pubsub`.
+    pub async fn start_on(db: Db, pubsub: PubSub, options: StreamOptions) -> Result<TableStream, Error> {
+        TableStream::spawn(db, options, Some(pubsub)).await
+    }
+
+    async fn spawn(db: Db, options: StreamOptions, pubsub: Option<PubSub>) -> Result<TableStream, Error> {
+        let position = db.start_cursor(&options.name, &options.source, &options.id_column).await?;
+        let (holds, rx) = mpsc::channel(1024);
+        let shared = Arc::new(Shared {
+            db: db.clone(),
+            options: options.clone(),
+            position: AtomicI64::new(position),
+            holds,
+            pubsub: OnceLock::new(),
+        });
+        if let Some(pubsub) = pubsub {
+            let _ = shared.pubsub.set(pubsub);
+        }
+        let wakeup = Wakeup::new(&db, options.poll_interval, options.max_idle_interval).await;
+        let reader = Reader { feed: options.feed(), db, options, shared: Arc::downgrade(&shared), wakeup };
         tokio::spawn(reader.run(position, rx));
         Ok(TableStream(shared))
     }
 
-    /// The id of the last row delivered.
+    /// The id of the last row published.
     pub fn position(&self) -> i64 {
         self.0.position.load(Ordering::Acquire)
     }
 
-    /// Delivers this stream's rows for the socket's topic to it from now on, first replaying every
-    /// row with id > `last_event_id` (when given). Returns once the replay is queued.
-    pub async fn attach(&self, socket: &SocketRef, last_event_id: Option<i64>) {
-        let (done, served) = oneshot::channel();
-        let request = Attach { pusher: socket.pusher(), after: last_event_id, done };
-        if self.0.attach.send(request).await.is_ok() {
-            let _ = served.await;
+    /// Call in [`Channel::join`](fawkes_channel::Channel::join): holds the stream at a row
+    /// boundary `S` and returns the replay of the socket's topic, rows with id in
+    /// `(last_event_id, S]` (none without a `last_event_id`: rows from the moment of the join
+    /// on). Pass the result to [`Replay::deliver`] in `after_join`; until then, or until it is
+    /// dropped, nothing more is published.
+    pub async fn replay(&self, socket: &SocketRef, last_event_id: Option<i64>) -> Replay {
+        let _ = self.0.pubsub.get_or_init(|| socket.pubsub().clone());
+        let (at, reached) = oneshot::channel();
+        let (release, held) = oneshot::channel();
+        let until = match self.0.holds.send(Hold { at, release: held }).await {
+            Ok(()) => reached.await.unwrap_or_else(|_| self.position()),
+            Err(_) => self.position(),
+        };
+        Replay {
+            stream: self.clone(),
+            topic: socket.topic().to_owned(),
+            after: last_event_id,
+            until,
+            _release: release,
         }
     }
 }
+
+/// The rows a joining channel replays; see [`TableStream::replay`]. Dropping it releases the
+/// stream without replaying.
+pub struct Replay {
+    stream: TableStream,
+    topic: String,
+    after: Option<i64>,
+    until: i64,
+    /// Dropped when the replay is queued (or abandoned): the reader publishes again.
+    _release: oneshot::Sender<()>,
+}
+
+impl fmt::Debug for Replay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Replay")
+            .field("topic", &self.topic)
+            .field("after", &self.after)
+            .field("until", &self.until)
+            .finish()
+    }
+}
+
+impl Replay {
+    /// Queues the replayed rows to the socket (call in `after_join`, when it is subscribed),
+    /// then lets the stream publish again.
+    pub async fn deliver(self, socket: &SocketRef) {
+        let Some(mut after) = self.after else { return };
+        let shared = &self.stream.0;
+        let sql = shared.options.replay_sql();
+        let limit = shared.options.batch_size;
+        let pusher = socket.pusher();
+        let mut backoff = Backoff::new();
+        while after < self.until {
+            let read: Result<Vec<ReplayRow>, sqlx::Error> = on_pool!(&shared.db, p => {
+                sqlx::query_as(&sql).bind(&self.topic).bind(after).bind(self.until).bind(limit).fetch_all(p).await
+            });
+            let rows = match read {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(stream = %shared.options.name, error = %e, "replay read failed; retrying");
+                    backoff.wait().await;
+                    continue;
+                }
+            };
+            for (id, _, event, payload) in &rows {
+                if let Some(broadcast) = broadcast(&self.topic, *id, event.as_deref(), payload.as_deref()) {
+                    pusher.broadcast(&BroadcastFrames::new(&broadcast));
+                }
+            }
+            match rows.last() {
+                Some((id, ..)) if rows.len() as i64 == limit => after = *id,
+                _ => break,
+            }
+        }
+    }
+}
+
+/// A replayed row: id, topic, event, payload.
+type ReplayRow = (i64, Option<String>, Option<String>, Option<String>);
 
 struct Reader {
     db: Db,
     options: StreamOptions,
     feed: Feed,
     shared: std::sync::Weak<Shared>,
-    attached: HashMap<String, Vec<Pusher>>,
+    wakeup: Wakeup,
 }
 
 impl Reader {
-    async fn run(mut self, mut position: i64, mut requests: mpsc::Receiver<Attach>) {
-        let mut listener = crate::db::listener(&self.db).await;
-        let mut empty = 0u32;
+    async fn run(mut self, mut position: i64, mut holds: mpsc::Receiver<Hold>) {
         loop {
-            while let Ok(request) = requests.try_recv() {
-                self.serve(request, position).await;
+            let mut held = Vec::new();
+            while let Ok(hold) = holds.try_recv() {
+                held.push(hold);
             }
+            self.hold(held, position).await;
             let rows = self.feed.next_batch(&self.db, position, self.options.batch_size, &self.options.name).await;
             let full = rows.len() as i64 == self.options.batch_size;
-            empty = if rows.is_empty() { empty.saturating_add(1) } else { 0 };
+            self.wakeup.read(!rows.is_empty());
             if let Some(last) = rows.last().map(|r| r.id) {
+                let Some(shared) = self.shared.upgrade() else { return };
                 for row in rows {
-                    self.deliver(row).await;
+                    self.publish(shared.pubsub.get(), row).await;
                 }
                 position = last;
-                match self.shared.upgrade() {
-                    Some(shared) => shared.position.store(position, Ordering::Release),
-                    None => return,
-                }
+                shared.position.store(position, Ordering::Release);
+                drop(shared);
                 if let Err(e) = self.db.save_cursor(&self.options.name, position).await {
                     tracing::warn!(stream = %self.options.name, error = %e, "could not save the stream cursor");
                 }
@@ -229,83 +329,58 @@ impl Reader {
                 continue;
             }
             tokio::select! {
-                request = requests.recv() => match request {
-                    Some(request) => self.serve(request, position).await,
+                hold = holds.recv() => match hold {
+                    Some(hold) => self.hold(vec![hold], position).await,
                     None => return,
                 },
-                () = crate::db::notified(&mut listener) => empty = 0,
-                () = tokio::time::sleep(idle_wait(self.options.poll_interval, self.options.max_idle_interval, empty)) => {}
+                () = self.wakeup.wait() => {}
             }
         }
     }
 
-    /// Replays, then attaches. Runs between batches, so nothing is delivered twice or missed.
-    async fn serve(&mut self, request: Attach, position: i64) {
-        if let Some(mut after) = request.after {
-            let sql = self.options.replay_sql();
-            let topic = request.pusher.topic().to_owned();
-            let limit = self.options.batch_size;
-            let mut failures = 0u32;
-            while after < position {
-                let rows: Result<Vec<ReplayRow>, _> = match &self.db {
-                    Db::Sqlite(p) => {
-                        sqlx::query_as(&sql).bind(&topic).bind(after).bind(position).bind(limit).fetch_all(p).await
-                    }
-                    Db::Postgres(p) => {
-                        sqlx::query_as(&sql).bind(&topic).bind(after).bind(position).bind(limit).fetch_all(p).await
-                    }
-                };
-                let rows = match rows {
-                    Ok(rows) => rows,
-                    Err(e) => {
-                        failures += 1;
-                        tracing::warn!(stream = %self.options.name, error = %e, "replay read failed; retrying");
-                        tokio::time::sleep(backoff(failures)).await;
-                        continue;
-                    }
-                };
-                for (id, _, event, payload) in &rows {
-                    if let Some((event, payload)) = message(*id, event.as_deref(), payload.as_deref()) {
-                        let broadcast = Broadcast {
-                            topic: topic.clone(),
-                            event: event.to_owned(),
-                            payload: Payload::Json(payload),
-                        };
-                        request.pusher.broadcast(&BroadcastFrames::new(&broadcast));
-                    }
-                }
-                match rows.last() {
-                    Some((id, ..)) if rows.len() as i64 == limit => after = *id,
-                    _ => break,
-                }
+    /// Tells each joining channel the boundary, then publishes nothing until each has queued
+    /// its replay (or gave up, or [`HOLD_LIMIT`] passed).
+    async fn hold(&mut self, held: Vec<Hold>, position: i64) {
+        if held.is_empty() {
+            return;
+        }
+        let mut releases = Vec::with_capacity(held.len());
+        for hold in held {
+            if hold.at.send(position).is_ok() {
+                releases.push(hold.release);
             }
         }
-        let topic = request.pusher.topic().to_owned();
-        self.attached.entry(topic).or_default().push(request.pusher);
-        let _ = request.done.send(());
+        let all = async {
+            for release in releases {
+                let _ = release.await;
+            }
+        };
+        if tokio::time::timeout(HOLD_LIMIT, all).await.is_err() {
+            tracing::warn!(stream = %self.options.name, "a joining channel held the stream too long; publishing again");
+        }
     }
 
-    async fn deliver(&mut self, row: FeedRow) {
+    async fn publish(&mut self, pubsub: Option<&PubSub>, row: FeedRow) {
         let Some(topic) = row.a.as_deref() else {
             return self.db.dead_letter(&self.options.name, row.id, "topic is NULL").await;
         };
-        let Some((event, payload)) = message(row.id, row.b.as_deref(), row.c.as_deref()) else {
+        let Some(broadcast) = broadcast(topic, row.id, row.b.as_deref(), row.c.as_deref()) else {
             return self.db.dead_letter(&self.options.name, row.id, "event is NULL or payload is not JSON").await;
         };
-        if let Some(pushers) = self.attached.get_mut(topic) {
-            let broadcast =
-                Broadcast { topic: topic.to_owned(), event: event.to_owned(), payload: Payload::Json(payload) };
-            let frames = BroadcastFrames::new(&broadcast);
-            pushers.retain(|p| p.broadcast(&frames));
-            if pushers.is_empty() {
-                self.attached.remove(topic);
-            }
+        // Local: every node runs its own reader of the same table.
+        if let Some(pubsub) = pubsub {
+            pubsub.local_broadcast(broadcast);
         }
     }
 }
 
-/// `(event, {"id": id, "data": payload})`, or `None` for a row that cannot be delivered.
-fn message<'a>(id: i64, event: Option<&'a str>, payload: Option<&str>) -> Option<(&'a str, Value)> {
+/// `event` with `{"id": id, "data": payload}` on `topic`, or `None` for a row that cannot be
+/// delivered.
+fn broadcast(topic: &str, id: i64, event: Option<&str>, payload: Option<&str>) -> Option<Broadcast> {
     let data: Value = serde_json::from_str(payload?).ok()?;
-    Some((event?, json!({ "id": id, "data": data })))
+    Some(Broadcast {
+        topic: topic.to_owned(),
+        event: event?.to_owned(),
+        payload: Payload::Json(json!({ "id": id, "data": data })),
+    })
 }
