@@ -143,7 +143,7 @@ pub use cluster::{ClusterOptions, ClusterStats, EnvelopeError, NodeId, RequestEr
 pub use config::{Config, JoinRate, SlowConsumerPolicy};
 pub use endpoint::{Endpoint, EndpointBuilder};
 pub use fawkes_serializer::{Broadcast, Frame, Payload, Ref, ReplyStatus, Serializer};
-pub use origin::OriginCheck;
+pub use origin::{OriginCheck, OriginPatternError};
 pub use outbox::{CloseReason, Outbound};
 pub use outgoing::{Backoff, Outgoing, OutgoingQueue};
 pub use presence::{Presence, PresenceError};
