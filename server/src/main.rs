@@ -155,7 +155,10 @@ async fn serve(config: ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
         node = %endpoint.pubsub().node(),
         "listening on {url}"
     );
-    println!("fawkes: serving {url}/ (socket {url}/socket, metrics {url}/metrics, health {url}/health)");
+    // One stdout line saying where, whatever the log settings (scripts wait for it).
+    println!(
+        "fawkes: listening on {url} (page {url}/, socket {url}/socket, metrics {url}/metrics, health {url}/health)"
+    );
     let app = fawkes_server::app_with(endpoint.clone(), longpoll);
     fawkes_server::serve_with(listener, app, endpoint, fawkes_server::shutdown_signal(), config.serve.clone()).await?;
     Ok(())
