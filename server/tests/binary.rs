@@ -129,6 +129,17 @@ fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) 
     (status, body)
 }
 
+/// The status of a GET whose body may never end (an event stream).
+fn status_line(addr: SocketAddr, path: &str, origin: &str) -> u16 {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).expect("write");
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).expect("status line");
+    line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
 /// Reads until the server's close frame; returns its code.
 async fn closed(ws: &mut Ws) -> Option<u16> {
     let close = tokio::time::timeout(WAIT, async {
@@ -276,6 +287,9 @@ async fn allowed_origins_apply_to_websocket_and_long_poll() {
     assert!(allowed.contains(r#""status":410"#) && allowed.contains("token"), "{allowed}");
     let (_, refused) = get(server.addr, lp, &[("Origin", "https://evil.test")]);
     assert!(refused.contains(r#""status":403"#), "{refused}");
+    let sse = "/socket/sse?vsn=2.0.0";
+    assert_eq!(status_line(server.addr, sse, "http://localhost:3000"), 200);
+    assert_eq!(status_line(server.addr, sse, "https://evil.test"), 403);
 
     // --allowed-origin is repeatable and replaces the file's list.
     let flagged = Server::start(
