@@ -1,4 +1,4 @@
-//! The demo app's own contract (`fawkes::demo`, served by `fawkes serve`), driven in memory. The
+//! The demo app's own contract (`fawkes_server::demo`, served by `fawkes serve`), driven in memory. The
 //! socket state machine itself is tested in `fawkes-channel`, against a router of its own.
 
 use std::time::Duration;
@@ -62,7 +62,7 @@ impl Client {
 }
 
 fn endpoint() -> Endpoint {
-    Endpoint::new(fawkes::demo::router())
+    Endpoint::new(fawkes_server::demo::router())
 }
 
 #[tokio::test(start_paused = true)]
