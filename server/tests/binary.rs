@@ -265,7 +265,48 @@ fn a_port_in_use_is_named_and_nothing_is_created() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&addr) && err.contains("already in use"), "{err}");
     assert!(!dir.join("fawkes.db").exists(), "the database was created before the bind failed");
+    assert!(!err.contains('\u{1b}'), "colour codes on a stderr that is not a terminal: {err:?}");
+
+    let out = fawkes(&dir).args(["serve", "--log-format", "json", "--bind", &addr]).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> =
+        err.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}"))).collect();
+    assert!(lines.iter().any(|l| l["level"] == "ERROR" && l.to_string().contains("already in use")), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn serve_help_says_where_things_are() {
+    let out = fawkes(&scratch()).args(["serve", "--help"]).output().expect("run");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "http://127.0.0.1:4000/",
+        "/metrics",
+        "/health",
+        "RUST_LOG",
+        "--config",
+        "--allowed-origin",
+        "sqlite",
+        "NOT YET ACTIVE",
+    ] {
+        assert!(help.contains(needle), "{needle:?} not in serve --help");
+    }
+}
+
+#[tokio::test]
+async fn every_metric_has_a_help_line() {
+    let server = Server::start(LOCAL, &[], &[]);
+    let (status, body) = get(server.addr, "/metrics", &[]);
+    assert_eq!(status, 200);
+    let names: Vec<&str> = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split([' ', '{']).next())
+        .collect();
+    assert!(names.len() >= 3, "{body}");
+    for name in names {
+        assert!(body.contains(&format!("# HELP {name} ")), "no HELP for {name}: {body}");
+    }
 }
 
 #[tokio::test]
