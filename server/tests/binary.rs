@@ -276,6 +276,29 @@ fn a_port_in_use_is_named_and_nothing_is_created() {
 }
 
 #[test]
+fn an_unreachable_postgres_is_named_at_once_without_its_password() {
+    let url = format!("postgres://app:hunter2@127.0.0.1:{}/app", free_port());
+    let dir = scratch();
+    let started = Instant::now();
+    let out = fawkes(&dir).args(["serve", "--bind", "127.0.0.1:0", "--database", &url]).output().expect("run");
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("app:***@127.0.0.1") && err.contains("cannot reach"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_host_name_binds_and_a_bare_database_path_is_a_sqlite_file() {
+    let port = free_port();
+    let server = Server::start("", &["--bind", &format!("localhost:{port}"), "--database", "chat.db"], &[]);
+    assert_eq!(server.addr.port(), port);
+    assert!(server.addr.ip().is_loopback());
+    assert!(server.dir.join("chat.db").exists(), "no chat.db in {}", server.dir.display());
+}
+
+#[test]
 fn serve_help_says_where_things_are() {
     let out = fawkes(&scratch()).args(["serve", "--help"]).output().expect("run");
     let help = String::from_utf8_lossy(&out.stdout);
