@@ -192,7 +192,25 @@ impl Endpoint {
         self.close_where(|_| true, CloseReason::Shutdown)
     }
 
-    /// True once [`Endpoint::shutdown`] was called.
+    /// Refuses new sockets, as [`Endpoint::shutdown`] does, but closes only up to `max` of the
+    /// live sockets not yet closing; returns how many it closed. A drain calls it in batches so
+    /// that clients reconnecting elsewhere do not all arrive at once.
+    pub fn shutdown_batch(&self, max: usize) -> usize {
+        self.0.shutting_down.store(true, Ordering::Release);
+        let mut n = 0;
+        for shard in self.0.live.iter() {
+            for live in shard.lock().values().filter(|l| !l.outbox.is_closed()) {
+                if n == max {
+                    return n;
+                }
+                live.outbox.close(CloseReason::Shutdown);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// True once [`Endpoint::shutdown`] or [`Endpoint::shutdown_batch`] was called.
     pub fn is_shutting_down(&self) -> bool {
         self.0.shutting_down.load(Ordering::Acquire)
     }
@@ -277,6 +295,23 @@ mod tests {
         drop(a);
         let _c = endpoint.connect(from("10.0.0.1:1003")).await.expect("a closed socket gives its place back");
         assert_eq!(endpoint.connected(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_in_batches_closes_each_socket_once_and_refuses_new_ones() {
+        let endpoint = Endpoint::new(Router::new());
+        let mut sessions = Vec::new();
+        for port in 0..5 {
+            sessions.push(endpoint.connect(from(&format!("10.0.0.1:{port}"))).await.expect("connect"));
+        }
+        assert_eq!(endpoint.shutdown_batch(0), 0);
+        assert!(matches!(endpoint.connect(from("10.0.0.1:9")).await, Err(ConnectError::ShuttingDown)));
+        assert_eq!(endpoint.shutdown_batch(2), 2);
+        assert_eq!(endpoint.shutdown_batch(2), 2);
+        assert_eq!(endpoint.shutdown_batch(2), 1);
+        assert_eq!(endpoint.shutdown_batch(2), 0);
+        assert_eq!(endpoint.connected(), 5, "closing is the transports' job; the sockets are still registered");
+        drop(sessions);
     }
 
     #[tokio::test]

@@ -150,7 +150,7 @@ pub use fawkes_pubsub_core::{
     ServiceGuard,
 };
 pub use fawkes_serializer::{Broadcast, Frame, Payload, Ref, ReplyStatus, Serializer};
-pub use origin::OriginCheck;
+pub use origin::{OriginCheck, OriginPatternError};
 pub use outbox::{CloseReason, Outbound};
 pub use presence::{ClusterOptions, Presence, PresenceError};
 pub use pubsub::{BroadcastFrames, PubSub, SubscriberId, Subscription};

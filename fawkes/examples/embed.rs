@@ -53,5 +53,9 @@ async fn main() -> std::io::Result<()> {
         .route_service("/live/longpoll", LongPollService::new(endpoint));
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:4001").await?;
+    let addr = listener.local_addr()?;
+    println!(
+        "embed: serving http://{addr}/health; phoenix socket at ws://{addr}/live (params {{user: \"ann\"}}), join counter:*"
+    );
     axum::serve(listener, app).await
 }

@@ -18,7 +18,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod demo;
 mod server;
 
-pub use server::{SOCKET_PATH, app, app_with, serve, shutdown_signal, sockets};
+pub use server::{SOCKET_PATH, ServeOptions, app, app_with, serve, serve_with, shutdown_signal, sockets};

@@ -1,16 +1,35 @@
-//! `fawkes serve`: the demo app over WebSocket and long-poll, with its chat page at `/`; with
-//! `--pubsub`, one node of a cluster.
+//! `fawkes serve`: the demo app over WebSocket, long-poll and SSE, with its chat page at `/`;
+//! with `--pubsub`, one node of a cluster. `fawkes config check FILE` validates a config file.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use fawkes::db::{Db, DbClients, DbClientsOptions, StreamOptions, TableStream};
 use fawkes::longpoll::LongPollOptions;
 use fawkes::pubsub_postgres::{PostgresAdapter, PostgresOptions};
 use fawkes::pubsub_redis::{RedisAdapter, RedisOptions};
-use fawkes::{ClusterOptions, Config, Endpoint, PubSub};
+use fawkes::{ClusterOptions, Endpoint, PubSub};
+use fawkes_server::config::{ConfigError, FileConfig, LogFormat, ServeArgs, ServeConfig, parse_bind, redact};
 use tracing_subscriber::EnvFilter;
+
+const SERVE_HELP: &str = "\
+Once started, the server prints the URL it serves. With the defaults:
+  http://127.0.0.1:4000/          the demo chat page
+  /socket/websocket, /socket/longpoll, /socket/sse   the Phoenix socket (phoenix.js: new Socket(\"/socket\"))
+  /metrics                        Prometheus metrics
+  /health                         200 while serving, 503 while draining or when --pubsub is unreachable
+
+Settings come from --config FILE, then FAWKES_* variables, then flags (flags win). Not yet active:
+[auth] (jwt_secret, jwt_public_key, anonymous), [api] key and [[namespace]] are parsed and checked,
+but serve refuses to start with them rather than run without the protection they ask for.
+
+Logs go to stderr; RUST_LOG sets the level (RUST_LOG=debug for per-socket logs; sqlx's own query
+logs stay at warn unless RUST_LOG names sqlx). SIGTERM or Ctrl-C drains: /health answers 503 at
+once, new sockets are refused, open ones are closed in batches over --drain-duration.";
 
 #[derive(Parser)]
 #[command(name = "fawkes", version, about = "Phoenix Channels server")]
@@ -22,110 +41,202 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the demo app: chat rooms at /socket, a chat page at /.
-    Serve {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:4000")]
-        bind: SocketAddr,
-        /// Database for database clients (fawkes_inbox/fawkes_outbox) and the fawkes_events stream:
-        /// a SQLite file (created if missing) or postgres://...
-        #[arg(long, default_value = "sqlite://fawkes.db")]
-        database: String,
-        #[command(flatten)]
-        cluster: ClusterArgs,
+    #[command(after_help = SERVE_HELP)]
+    Serve(Box<ServeArgs>),
+    /// Configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Checks a configuration file: unknown keys and bad values are named, with what is allowed.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
     },
 }
 
-#[derive(Args)]
-struct ClusterArgs {
-    /// Join a cluster through this PubSub backend: redis://HOST:PORT or postgres://... Nodes
-    /// sharing it (and --cluster) share broadcasts, Presence and long-poll sessions.
-    #[arg(long, env = "FAWKES_PUBSUB")]
-    pubsub: Option<String>,
-    /// The cluster's name on the backend (nodes with the same name form one cluster).
-    #[arg(long, env = "FAWKES_CLUSTER", default_value = "fawkes")]
-    cluster: String,
-    /// Key that signs long-poll tokens; every node of a cluster needs the same one. Required
-    /// with --pubsub.
-    #[arg(long, env = "FAWKES_SECRET", hide_env_values = true)]
-    secret: Option<String>,
-    /// Seconds without a word from a node before its presences are removed.
-    #[arg(long, default_value_t = 30.0)]
-    presence_timeout: f64,
-}
-
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
-    let Command::Serve { bind, database, cluster } = Cli::parse().command;
-    match serve(bind, database, cluster).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "fawkes serve failed");
-            std::process::ExitCode::FAILURE
+async fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Config(ConfigCommand::Check { file }) => check(&file),
+        Command::Serve(args) => {
+            let config = match load(&args) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("fawkes: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if !config.not_yet_active.is_empty() {
+                eprintln!(
+                    "fawkes: not yet active in this version: {}. Remove them to serve without them \
+                     (`fawkes config check` accepts them).",
+                    config.not_yet_active.join(", ")
+                );
+                return ExitCode::from(2);
+            }
+            init_logging(config.log_format);
+            match serve(config).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }
 
-async fn serve(bind: SocketAddr, database: String, cluster: ClusterArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let pubsub = pubsub(&cluster)?;
-    let db = Db::connect(&database).await?;
+fn load(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
+    let file = match &args.config {
+        Some(path) => FileConfig::read(path)?,
+        None => FileConfig::default(),
+    };
+    ServeConfig::resolve(file, args)
+}
+
+fn check(file: &std::path::Path) -> ExitCode {
+    match FileConfig::read(file).and_then(|f| ServeConfig::resolve(f, &ServeArgs::default())) {
+        Ok(config) => {
+            println!("{}: ok", file.display());
+            if !config.not_yet_active.is_empty() {
+                println!("not yet active in this version (serve refuses them): {}", config.not_yet_active.join(", "));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fawkes: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Logs on stderr; colour only on a terminal (and not with NO_COLOR); sqlx quiet unless asked.
+fn init_logging(format: LogFormat) {
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(s) if s.contains("sqlx") => s,
+        Ok(s) if !s.trim().is_empty() => format!("{s},sqlx=warn,sqlx::postgres::notice=error"),
+        _ => "info,sqlx=warn,sqlx::postgres::notice=error".to_owned(),
+    };
+    let filter = EnvFilter::builder().parse_lossy(directives);
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(config: ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
+    // Listen first: a port in use is reported before anything is created.
+    let listener = listen(&config.bind).await?;
+    let addr = listener.local_addr()?;
+    let pubsub = pubsub(&config)?;
+    let db = connect_database(&config.database).await?;
     db.notify_on("fawkes_events").await?;
     let events = TableStream::start(db.clone(), StreamOptions::table("fawkes_events")).await?;
     let endpoint = Endpoint::builder()
         .router(fawkes_server::demo::router_with_events(events))
-        .config(Config::default())
+        .config(config.channel.clone())
         .pubsub(pubsub)
         .build();
     let _db_clients = DbClients::start(db, endpoint.clone(), DbClientsOptions::default()).await?;
     let mut longpoll = LongPollOptions::default();
-    if let Some(secret) = &cluster.secret {
+    if let Some(secret) = &config.secret {
         longpoll = longpoll.secret(secret.as_bytes());
     }
-    let listener = tokio::net::TcpListener::bind(bind).await?;
-    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}");
     tracing::info!(
         %addr,
-        database = %redact(&database),
-        pubsub = %cluster.pubsub.as_deref().map_or("none".into(), redact),
+        database = %redact(&config.database),
+        pubsub = %config.pubsub.as_deref().map_or("none".into(), redact),
         node = %endpoint.pubsub().node(),
-        "listening on http://{addr}"
+        "listening on {url}"
+    );
+    // One stdout line saying where, whatever the log settings (scripts wait for it).
+    println!(
+        "fawkes: listening on {url} (page {url}/, socket {url}/socket, metrics {url}/metrics, health {url}/health)"
     );
     let app = fawkes_server::app_with(endpoint.clone(), longpoll);
-    fawkes_server::serve(listener, app, endpoint, fawkes_server::shutdown_signal()).await?;
+    fawkes_server::serve_with(listener, app, endpoint, fawkes_server::shutdown_signal(), config.serve.clone()).await?;
     Ok(())
 }
 
-/// The PubSub `--pubsub` asks for: alone, or a node of a Redis or PostgreSQL cluster.
-fn pubsub(args: &ClusterArgs) -> Result<PubSub, Box<dyn std::error::Error>> {
-    let Some(url) = &args.pubsub else { return Ok(PubSub::new()) };
-    if args.secret.is_none() {
-        return Err("--pubsub needs --secret (or FAWKES_SECRET), the same on every node, so that any node \
-                    can read a long-poll token and forward the request to the node holding its session"
-            .into());
+/// Binds the first address `bind` resolves to; an error names the address and the way out.
+async fn listen(bind: &str) -> Result<tokio::net::TcpListener, String> {
+    let (host, port) = parse_bind(bind).map_err(|e| format!("--bind: {e}"))?;
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| format!("--bind {bind}: cannot resolve {host:?}: {e}"))?
+        .collect();
+    let mut last = None;
+    for addr in addrs {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some((addr, e)),
+        }
     }
-    let timeout = Duration::try_from_secs_f64(args.presence_timeout)
-        .map_err(|_| format!("--presence-timeout {}: not a number of seconds", args.presence_timeout))?;
-    let options = ClusterOptions::default().node_timeout(timeout);
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
-        let adapter = RedisAdapter::with_options(url, RedisOptions::default().cluster(&args.cluster))?;
-        Ok(PubSub::with_options(adapter, options))
-    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let adapter = PostgresAdapter::with_options(url, PostgresOptions::default().cluster(&args.cluster))?;
-        Ok(PubSub::with_options(adapter, options))
-    } else {
-        Err(format!("--pubsub {}: expected redis://... or postgres://...", redact(url)).into())
+    Err(match last {
+        Some((addr, e)) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            format!(
+                "cannot listen on {addr}: the address is already in use (another fawkes?); choose another with --bind"
+            )
+        }
+        Some((addr, e)) => format!("cannot listen on {addr}: {e}"),
+        None => format!("--bind {bind}: {host:?} resolves to no address"),
+    })
+}
+
+/// Connects the demo's database, first checking that a PostgreSQL server answers at all, so
+/// that an unreachable one is named at once rather than after the pool's timeout.
+async fn connect_database(url: &str) -> Result<Db, String> {
+    let shown = redact(url);
+    if let Some((host, port)) = postgres_host(url) {
+        let reach = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect((host.as_str(), port)));
+        match reach.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("database {shown}: cannot reach {host}:{port}: {e}")),
+            Err(_) => return Err(format!("database {shown}: no answer from {host}:{port} within 3 s")),
+        }
+    }
+    Db::connect(url).await.map_err(|e| format!("database {shown}: {e}"))
+}
+
+/// Host and port of a `postgres://` URL (default 5432); `None` for other URLs and socket paths.
+fn postgres_host(url: &str) -> Option<(String, u16)> {
+    let rest = url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://"))?;
+    let authority = rest.split(['/', '?']).next()?;
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if hostport.is_empty() || hostport.contains(',') {
+        return None;
+    }
+    if let Some(v6) = hostport.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None => 5432,
+        };
+        return Some((host.to_owned(), port));
+    }
+    match hostport.rsplit_once(':') {
+        Some((host, port)) => Some((host.to_owned(), port.parse().ok()?)),
+        None => Some((hostport.to_owned(), 5432)),
     }
 }
 
-/// The URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-            None => url.to_owned(),
-        },
-        _ => url.to_owned(),
+/// The PubSub `--pubsub` asks for: alone, or a node of a Redis or PostgreSQL cluster.
+fn pubsub(config: &ServeConfig) -> Result<PubSub, Box<dyn std::error::Error>> {
+    let Some(url) = &config.pubsub else { return Ok(PubSub::new()) };
+    let options = ClusterOptions::default().node_timeout(config.presence_timeout);
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        let adapter = RedisAdapter::with_options(url, RedisOptions::default().cluster(&config.cluster))
+            .map_err(|e| format!("pubsub {}: {e}", redact(url)))?;
+        Ok(PubSub::with_options(adapter, options))
+    } else {
+        let adapter = PostgresAdapter::with_options(url, PostgresOptions::default().cluster(&config.cluster))
+            .map_err(|e| format!("pubsub {}: {e}", redact(url)))?;
+        Ok(PubSub::with_options(adapter, options))
     }
 }

@@ -1,0 +1,638 @@
+//! The configuration of `fawkes serve`: one set of settings read from a TOML file, the
+//! environment (`FAWKES_…`) and flags, in that order of precedence from lowest to highest, over
+//! defaults that give the zero-config demo on SQLite.
+//!
+//! ```
+//! use fawkes_server::config::{FileConfig, ServeArgs, ServeConfig};
+//!
+//! let file: FileConfig = "bind = \"127.0.0.1:4100\"\n[limits]\nmax_frame_size = 65536\n".parse().unwrap();
+//! let config = ServeConfig::resolve(file, &ServeArgs::default()).unwrap();
+//! assert_eq!(config.bind, "127.0.0.1:4100");
+//! assert_eq!(config.channel.max_frame_size, 65536);
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+use fawkes::{Config, OriginCheck, SlowConsumerPolicy};
+
+use crate::server::ServeOptions;
+
+/// The file form of the settings; every key is optional. Unknown keys are refused.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `bind`: the address to listen on.
+    pub bind: Option<String>,
+    /// `allowed_origins`: browser origins that may connect.
+    pub allowed_origins: Option<Vec<String>>,
+    /// `database`: the demo app's database.
+    pub database: Option<String>,
+    /// `pubsub`: the cluster backend.
+    pub pubsub: Option<String>,
+    /// `cluster`: the cluster's name on the backend.
+    pub cluster: Option<String>,
+    /// `secret`: signs long-poll and SSE sessions.
+    pub secret: Option<String>,
+    /// `presence_timeout`: seconds without a word from a node before its presences go.
+    pub presence_timeout: Option<f64>,
+    /// `log_format`: `text` or `json`.
+    pub log_format: Option<LogFormat>,
+    /// `[auth]`.
+    #[serde(default)]
+    pub auth: AuthFile,
+    /// `[api]`.
+    #[serde(default)]
+    pub api: ApiFile,
+    /// `[[namespace]]` entries.
+    #[serde(default, rename = "namespace")]
+    pub namespaces: Vec<Namespace>,
+    /// `[limits]`.
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// `[drain]`.
+    #[serde(default)]
+    pub drain: DrainFile,
+    /// `[health]`.
+    #[serde(default)]
+    pub health: HealthFile,
+}
+
+impl FromStr for FileConfig {
+    type Err = toml::de::Error;
+
+    fn from_str(s: &str) -> Result<FileConfig, toml::de::Error> {
+        toml::from_str(s)
+    }
+}
+
+impl FileConfig {
+    /// Reads and parses a file.
+    pub fn read(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        text.parse().map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+    }
+}
+
+/// `[auth]`: token authentication (parsed and checked; not yet enforced).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    /// HS256 shared secret.
+    pub jwt_secret: Option<String>,
+    /// A PEM file with the RS256/ES256 public key.
+    pub jwt_public_key: Option<PathBuf>,
+    /// Whether clients without a token may connect.
+    pub anonymous: Option<bool>,
+}
+
+/// `[api]`: the HTTP publish API (parsed and checked; not yet served).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiFile {
+    /// The Bearer key for `/api/*`.
+    pub key: Option<String>,
+}
+
+/// Who may join a namespace's topics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinPolicy {
+    /// Anyone who connected.
+    Anyone,
+    /// Only clients with a valid token.
+    #[default]
+    Authenticated,
+    /// Only clients whose token's `channels` claim matches the topic.
+    Claim,
+}
+
+/// A `[[namespace]]` entry (parsed and checked; not yet enforced).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    /// A topic pattern; `*` at the end matches the rest of the topic.
+    pub pattern: String,
+    /// Who may join.
+    #[serde(default)]
+    pub join: JoinPolicy,
+    /// Whether clients may push any event to the topic.
+    #[serde(default)]
+    pub publish: bool,
+    /// Whether joins are tracked in Presence.
+    #[serde(default)]
+    pub presence: bool,
+}
+
+/// `[limits]`: the channel layer's limits ([`fawkes::Config`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Seconds of silence before a socket is closed.
+    pub heartbeat_timeout: Option<f64>,
+    /// Largest inbound frame, in bytes.
+    pub max_frame_size: Option<usize>,
+    /// Frames queued for one socket before `slow_consumer` applies.
+    pub outbound_queue_limit: Option<usize>,
+    /// `disconnect` or `drop_oldest`.
+    pub slow_consumer: Option<SlowConsumer>,
+    /// Channels one socket may have joined at once.
+    pub max_channels_per_socket: Option<usize>,
+    /// Joins per second regained by a socket.
+    pub join_rate: Option<u32>,
+    /// Joins a socket may make at once.
+    pub join_burst: Option<u32>,
+    /// Longest topic, in bytes.
+    pub max_topic_len: Option<usize>,
+    /// Sockets one IP address may hold at once.
+    pub max_connections_per_ip: Option<usize>,
+}
+
+/// `[drain]`: what SIGTERM does.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainFile {
+    /// Seconds over which sockets are closed.
+    pub duration: Option<f64>,
+    /// Batches the sockets are closed in.
+    pub batches: Option<u32>,
+    /// Seconds after SIGTERM when the process exits whatever the peers do.
+    pub deadline: Option<f64>,
+}
+
+/// `[health]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    /// Seconds the cluster backend may be unreachable before `/health` answers 503.
+    pub pubsub_outage: Option<f64>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (coloured only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `slow_consumer` policy names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumer {
+    /// Close the socket.
+    Disconnect,
+    /// Drop the oldest queued frames.
+    DropOldest,
+}
+
+/// The flags of `fawkes serve`; each also read from its environment variable.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// A TOML configuration file (see fawkes.example.toml). Flags and FAWKES_* variables override it.
+    #[arg(long, env = "FAWKES_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on: HOST:PORT, a host name (localhost:4001), or a bare PORT (on 127.0.0.1).
+    /// [default: 127.0.0.1:4000]
+    #[arg(long, env = "FAWKES_BIND", value_name = "ADDR")]
+    pub bind: Option<String>,
+    /// A browser origin allowed to connect (repeatable; comma-separated in the variable):
+    /// https://app.example.com, http://localhost:*, https://*.example.com, or * for any.
+    /// [default: the server's own host only]
+    #[arg(long = "allowed-origin", env = "FAWKES_ALLOWED_ORIGINS", value_name = "ORIGIN", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// The demo app's database: a SQLite file (fawkes.db or sqlite://fawkes.db, created if
+    /// missing) or postgres://USER@HOST/DB. [default: sqlite://fawkes.db]
+    #[arg(long, env = "FAWKES_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
+    /// Join a cluster through this backend: redis://HOST:PORT or postgres://... Nodes sharing it
+    /// (and --cluster) share broadcasts, Presence and long-poll sessions. Needs --secret.
+    #[arg(long, env = "FAWKES_PUBSUB", value_name = "URL")]
+    pub pubsub: Option<String>,
+    /// The cluster's name on the backend. [default: fawkes]
+    #[arg(long, env = "FAWKES_CLUSTER", value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// Key that signs long-poll and SSE sessions; the same on every node of a cluster.
+    #[arg(long, env = "FAWKES_SECRET", hide_env_values = true, value_name = "KEY")]
+    pub secret: Option<String>,
+    /// Seconds without a word from a node before its presences are removed. [default: 30]
+    #[arg(long, env = "FAWKES_PRESENCE_TIMEOUT", value_name = "SECS")]
+    pub presence_timeout: Option<f64>,
+    /// Log format on stderr. [default: text]
+    #[arg(long, env = "FAWKES_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// [auth] jwt_secret (NOT YET ACTIVE: refused by serve).
+    #[arg(long, env = "FAWKES_JWT_SECRET", hide_env_values = true, value_name = "KEY")]
+    pub jwt_secret: Option<String>,
+    /// [auth] jwt_public_key (NOT YET ACTIVE: refused by serve).
+    #[arg(long, env = "FAWKES_JWT_PUBLIC_KEY", value_name = "PEM")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// [auth] anonymous (NOT YET ACTIVE: refused by serve).
+    #[arg(long, env = "FAWKES_ANONYMOUS", value_name = "BOOL")]
+    pub anonymous: Option<bool>,
+    /// [api] key (NOT YET ACTIVE: refused by serve).
+    #[arg(long, env = "FAWKES_API_KEY", hide_env_values = true, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// [limits] Seconds of silence before a socket is closed. [default: 60]
+    #[arg(long, env = "FAWKES_HEARTBEAT_TIMEOUT", value_name = "SECS", help_heading = "Limits")]
+    pub heartbeat_timeout: Option<f64>,
+    /// [limits] Largest inbound frame in bytes. [default: 1048576]
+    #[arg(long, env = "FAWKES_MAX_FRAME_SIZE", value_name = "BYTES", help_heading = "Limits")]
+    pub max_frame_size: Option<usize>,
+    /// [limits] Frames queued for one socket before --slow-consumer applies. [default: 1024]
+    #[arg(long, env = "FAWKES_OUTBOUND_QUEUE_LIMIT", value_name = "FRAMES", help_heading = "Limits")]
+    pub outbound_queue_limit: Option<usize>,
+    /// [limits] What a full outbound queue does. [default: disconnect]
+    #[arg(long, env = "FAWKES_SLOW_CONSUMER", value_name = "POLICY", help_heading = "Limits")]
+    pub slow_consumer: Option<SlowConsumer>,
+    /// [limits] Channels one socket may have joined at once. [default: 100]
+    #[arg(long, env = "FAWKES_MAX_CHANNELS_PER_SOCKET", value_name = "N", help_heading = "Limits")]
+    pub max_channels_per_socket: Option<usize>,
+    /// [limits] Joins per second regained by a socket. [default: 50]
+    #[arg(long, env = "FAWKES_JOIN_RATE", value_name = "N", help_heading = "Limits")]
+    pub join_rate: Option<u32>,
+    /// [limits] Joins a socket may make at once. [default: 200]
+    #[arg(long, env = "FAWKES_JOIN_BURST", value_name = "N", help_heading = "Limits")]
+    pub join_burst: Option<u32>,
+    /// [limits] Longest topic in bytes (at most 255). [default: 255]
+    #[arg(long, env = "FAWKES_MAX_TOPIC_LEN", value_name = "BYTES", help_heading = "Limits")]
+    pub max_topic_len: Option<usize>,
+    /// [limits] Sockets one IP address may hold at once. [default: no limit]
+    #[arg(long, env = "FAWKES_MAX_CONNECTIONS_PER_IP", value_name = "N", help_heading = "Limits")]
+    pub max_connections_per_ip: Option<usize>,
+    /// [drain] Seconds over which SIGTERM closes the sockets, in batches. [default: 0, all at once]
+    #[arg(long, env = "FAWKES_DRAIN_DURATION", value_name = "SECS", help_heading = "Shutdown and health")]
+    pub drain_duration: Option<f64>,
+    /// [drain] Batches the sockets are closed in. [default: 10]
+    #[arg(long, env = "FAWKES_DRAIN_BATCHES", value_name = "N", help_heading = "Shutdown and health")]
+    pub drain_batches: Option<u32>,
+    /// [drain] Seconds after SIGTERM when the process exits whatever the peers do. [default: 30]
+    #[arg(long, env = "FAWKES_DRAIN_DEADLINE", value_name = "SECS", help_heading = "Shutdown and health")]
+    pub drain_deadline: Option<f64>,
+    /// [health] Seconds the cluster backend may be unreachable before /health answers 503.
+    /// [default: 10]
+    #[arg(long, env = "FAWKES_HEALTH_PUBSUB_OUTAGE", value_name = "SECS", help_heading = "Shutdown and health")]
+    pub health_pubsub_outage: Option<f64>,
+}
+
+/// The settings `fawkes serve` runs with, checked.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The listen address as given (resolved at start; see [`parse_bind`]).
+    pub bind: String,
+    /// The demo app's database URL (a bare path became `sqlite://PATH`).
+    pub database: String,
+    /// The cluster backend.
+    pub pubsub: Option<String>,
+    /// The cluster's name.
+    pub cluster: String,
+    /// The session-signing key.
+    pub secret: Option<String>,
+    /// A node not heard from this long has its presences removed.
+    pub presence_timeout: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// The channel layer's configuration: limits and the origin check.
+    pub channel: Config,
+    /// Drain and health settings.
+    pub serve: ServeOptions,
+    /// Settings given that this version parses but does not enforce yet.
+    pub not_yet_active: Vec<&'static str>,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a value of the wrong type.
+    #[error("{}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message: the line, the key and what is allowed.
+        source: Box<toml::de::Error>,
+    },
+    /// A value of the right type but not allowed.
+    #[error("invalid {key}: {message}")]
+    Invalid {
+        /// The key, as written in the file, with its flag.
+        key: &'static str,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+fn seconds(key: &'static str, value: f64, allow_zero: bool) -> Result<Duration, ConfigError> {
+    match Duration::try_from_secs_f64(value) {
+        Ok(d) if allow_zero || !d.is_zero() => Ok(d),
+        _ => Err(invalid(
+            key,
+            format!("{value}: expected a number of seconds{}", if allow_zero { "" } else { " greater than 0" }),
+        )),
+    }
+}
+
+fn positive(key: &'static str, value: usize) -> Result<usize, ConfigError> {
+    if value == 0 { Err(invalid(key, "0: expected a number greater than 0")) } else { Ok(value) }
+}
+
+impl ServeConfig {
+    /// Settles every setting: a flag or variable in `args` wins over `file`, which wins over the
+    /// default. Values are checked here, so that `fawkes serve` refuses them before it starts.
+    pub fn resolve(file: FileConfig, args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
+        let bind = args.bind.clone().or(file.bind).unwrap_or_else(|| "127.0.0.1:4000".into());
+        parse_bind(&bind).map_err(|e| invalid("bind (--bind, FAWKES_BIND)", e))?;
+
+        let origins =
+            if args.allowed_origins.is_empty() { file.allowed_origins } else { Some(args.allowed_origins.clone()) };
+        let check_origin = match origins {
+            None => OriginCheck::SameHost,
+            Some(list) if list.is_empty() => OriginCheck::SameHost,
+            Some(list) => OriginCheck::allow_list(list)
+                .map_err(|e| invalid("allowed_origins (--allowed-origin, FAWKES_ALLOWED_ORIGINS)", e.to_string()))?,
+        };
+
+        let database = args.database.clone().or(file.database).unwrap_or_else(|| "sqlite://fawkes.db".into());
+        let database = database_url(&database).map_err(|e| invalid("database (--database, FAWKES_DATABASE)", e))?;
+
+        let pubsub = args.pubsub.clone().or(file.pubsub);
+        let secret = args.secret.clone().or(file.secret);
+        if let Some(url) = &pubsub {
+            let known = ["redis://", "rediss://", "postgres://", "postgresql://"];
+            if !known.iter().any(|s| url.starts_with(s)) {
+                return Err(invalid(
+                    "pubsub (--pubsub, FAWKES_PUBSUB)",
+                    format!("{}: expected redis://HOST:PORT, rediss://... or postgres://...", redact(url)),
+                ));
+            }
+            if secret.is_none() {
+                return Err(invalid(
+                    "secret (--secret, FAWKES_SECRET)",
+                    "required with pubsub, the same on every node, so that any node can read a long-poll \
+                     token and forward the request to the node holding its session",
+                ));
+            }
+        }
+        if secret.as_deref() == Some("") {
+            return Err(invalid("secret (--secret, FAWKES_SECRET)", "empty"));
+        }
+        let cluster = args.cluster.clone().or(file.cluster).unwrap_or_else(|| "fawkes".into());
+        if cluster.is_empty() {
+            return Err(invalid("cluster (--cluster, FAWKES_CLUSTER)", "empty"));
+        }
+        let presence_timeout = seconds(
+            "presence_timeout (--presence-timeout, FAWKES_PRESENCE_TIMEOUT)",
+            args.presence_timeout.or(file.presence_timeout).unwrap_or(30.0),
+            false,
+        )?;
+        let log_format = args.log_format.or(file.log_format).unwrap_or_default();
+
+        let channel = limits(args, &file.limits)?.check_origin(check_origin);
+        let serve = serve_options(args, &file.drain, &file.health)?;
+
+        let mut not_yet_active = Vec::new();
+        let auth = &file.auth;
+        if let (Some(_), Some(_)) = (
+            args.jwt_secret.as_ref().or(auth.jwt_secret.as_ref()),
+            args.jwt_public_key.as_ref().or(auth.jwt_public_key.as_ref()),
+        ) {
+            return Err(invalid("[auth] jwt_secret, jwt_public_key", "give one of them, not both"));
+        }
+        if args.jwt_secret.as_ref().or(auth.jwt_secret.as_ref()).is_some() {
+            not_yet_active.push("[auth] jwt_secret");
+        }
+        if let Some(path) = args.jwt_public_key.as_ref().or(auth.jwt_public_key.as_ref()) {
+            if !path.is_file() {
+                return Err(invalid(
+                    "[auth] jwt_public_key (--jwt-public-key, FAWKES_JWT_PUBLIC_KEY)",
+                    format!("{}: no such file; expected a PEM file with an RS256 or ES256 public key", path.display()),
+                ));
+            }
+            not_yet_active.push("[auth] jwt_public_key");
+        }
+        if args.anonymous.or(auth.anonymous).is_some() {
+            not_yet_active.push("[auth] anonymous");
+        }
+        if args.api_key.as_ref().or(file.api.key.as_ref()).is_some() {
+            not_yet_active.push("[api] key");
+        }
+        for ns in &file.namespaces {
+            check_topic_pattern(&ns.pattern).map_err(|e| invalid("[[namespace]] pattern", e))?;
+        }
+        if !file.namespaces.is_empty() {
+            not_yet_active.push("[[namespace]]");
+        }
+
+        Ok(ServeConfig {
+            bind,
+            database,
+            pubsub,
+            cluster,
+            secret,
+            presence_timeout,
+            log_format,
+            channel,
+            serve,
+            not_yet_active,
+        })
+    }
+}
+
+fn limits(args: &ServeArgs, file: &LimitsFile) -> Result<Config, ConfigError> {
+    let d = Config::default();
+    let mut config = Config::default();
+    if let Some(s) = args.heartbeat_timeout.or(file.heartbeat_timeout) {
+        config = config.heartbeat_timeout(seconds("[limits] heartbeat_timeout (--heartbeat-timeout)", s, false)?);
+    }
+    let size = args.max_frame_size.or(file.max_frame_size).unwrap_or(d.max_frame_size);
+    config = config.max_frame_size(positive("[limits] max_frame_size (--max-frame-size)", size)?);
+    let queue = args.outbound_queue_limit.or(file.outbound_queue_limit).unwrap_or(d.outbound_queue_limit);
+    config = config.outbound_queue_limit(positive("[limits] outbound_queue_limit (--outbound-queue-limit)", queue)?);
+    if let Some(policy) = args.slow_consumer.or(file.slow_consumer) {
+        config = config.slow_consumer(match policy {
+            SlowConsumer::Disconnect => SlowConsumerPolicy::Disconnect,
+            SlowConsumer::DropOldest => SlowConsumerPolicy::DropOldest,
+        });
+    }
+    let channels = args.max_channels_per_socket.or(file.max_channels_per_socket).unwrap_or(d.max_channels_per_socket);
+    config = config
+        .max_channels_per_socket(positive("[limits] max_channels_per_socket (--max-channels-per-socket)", channels)?);
+    let rate = args.join_rate.or(file.join_rate).unwrap_or(d.join_rate.per_second);
+    let burst = args.join_burst.or(file.join_burst).unwrap_or(d.join_rate.burst);
+    positive("[limits] join_rate (--join-rate)", rate as usize)?;
+    positive("[limits] join_burst (--join-burst)", burst as usize)?;
+    config = config.join_rate(rate, burst);
+    let topic = args.max_topic_len.or(file.max_topic_len).unwrap_or(d.max_topic_len);
+    if topic == 0 || topic > 255 {
+        return Err(invalid(
+            "[limits] max_topic_len (--max-topic-len)",
+            format!("{topic}: expected 1 to 255 bytes (binary frames carry at most 255)"),
+        ));
+    }
+    config.max_topic_len = topic;
+    if let Some(n) = args.max_connections_per_ip.or(file.max_connections_per_ip) {
+        config = config.max_connections_per_ip(Some(positive("[limits] max_connections_per_ip", n)?));
+    }
+    Ok(config)
+}
+
+fn serve_options(args: &ServeArgs, drain: &DrainFile, health: &HealthFile) -> Result<ServeOptions, ConfigError> {
+    let d = ServeOptions::default();
+    let mut options = ServeOptions::default();
+    if let Some(s) = args.drain_duration.or(drain.duration) {
+        options.drain_duration = seconds("[drain] duration (--drain-duration)", s, true)?;
+    }
+    let batches = args.drain_batches.or(drain.batches).unwrap_or(d.drain_batches);
+    options.drain_batches = positive("[drain] batches (--drain-batches)", batches as usize)? as u32;
+    if let Some(s) = args.drain_deadline.or(drain.deadline) {
+        options.drain_deadline = seconds("[drain] deadline (--drain-deadline)", s, false)?;
+    }
+    if options.drain_deadline < options.drain_duration {
+        return Err(invalid(
+            "[drain] deadline (--drain-deadline)",
+            format!(
+                "{:?} is shorter than [drain] duration {:?}; expected at least the duration",
+                options.drain_deadline, options.drain_duration
+            ),
+        ));
+    }
+    if let Some(s) = args.health_pubsub_outage.or(health.pubsub_outage) {
+        options.pubsub_outage = seconds("[health] pubsub_outage (--health-pubsub-outage)", s, true)?;
+    }
+    Ok(options)
+}
+
+/// `bind` as a host and a port: `HOST:PORT`, `[V6]:PORT`, a bare `PORT` (on 127.0.0.1) or a bare
+/// `HOST` (port 4000). Host names are resolved when the server starts.
+pub fn parse_bind(bind: &str) -> Result<(String, u16), String> {
+    const FORMS: &str =
+        "expected HOST:PORT (127.0.0.1:4000, localhost:4001, [::1]:4000, 0.0.0.0:80), a bare PORT, or a HOST";
+    let bind = bind.trim();
+    let port = |p: &str| p.parse::<u16>().map_err(|_| format!("{bind:?}: {p:?} is not a port number; {FORMS}"));
+    if bind.is_empty() {
+        return Err(format!("empty; {FORMS}"));
+    }
+    if bind.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(("127.0.0.1".into(), port(bind)?));
+    }
+    if let Some(rest) = bind.strip_prefix('[') {
+        let Some((host, after)) = rest.split_once(']') else { return Err(format!("{bind:?}: no closing ]; {FORMS}")) };
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("{bind:?}: {host:?} is not an IPv6 address; {FORMS}"));
+        }
+        return match after.strip_prefix(':') {
+            Some(p) => Ok((host.into(), port(p)?)),
+            None if after.is_empty() => Ok((host.into(), 4000)),
+            None => Err(format!("{bind:?}: {FORMS}")),
+        };
+    }
+    if bind.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok((bind.into(), 4000));
+    }
+    let (host, p) = match bind.rsplit_once(':') {
+        Some((host, p)) => (host, port(p)?),
+        None => (bind, 4000),
+    };
+    let host_ok = !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if !host_ok {
+        return Err(format!("{bind:?}: {host:?} is not a host name or address; {FORMS}"));
+    }
+    Ok((host.into(), p))
+}
+
+/// The database setting as a URL: `sqlite:`/`postgres:` URLs as they are, a bare path as SQLite.
+fn database_url(database: &str) -> Result<String, String> {
+    const FORMS: &str =
+        "expected a SQLite file (fawkes.db, sqlite://fawkes.db) or postgres://USER[:PASSWORD]@HOST[:PORT]/DB";
+    if database.starts_with("sqlite:") || database.starts_with("postgres://") || database.starts_with("postgresql://") {
+        Ok(database.to_owned())
+    } else if database.is_empty() {
+        Err(format!("empty; {FORMS}"))
+    } else if database.contains("://") {
+        Err(format!("{}: unsupported; {FORMS}", redact(database)))
+    } else {
+        Ok(format!("sqlite://{database}"))
+    }
+}
+
+/// A topic pattern: a prefix, with `*` only at the end.
+fn check_topic_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("empty; expected a topic (\"lobby\") or a prefix ending in * (\"chat:*\")".into());
+    }
+    if pattern.trim_end_matches('*').contains('*') || pattern.ends_with("**") {
+        return Err(format!("{pattern:?}: * may only end the pattern, as in \"chat:*\""));
+    }
+    Ok(())
+}
+
+/// The URL without its password, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_takes_addresses_host_names_and_bare_ports() {
+        assert_eq!(parse_bind("127.0.0.1:4000"), Ok(("127.0.0.1".into(), 4000)));
+        assert_eq!(parse_bind("localhost:4001"), Ok(("localhost".into(), 4001)));
+        assert_eq!(parse_bind("4001"), Ok(("127.0.0.1".into(), 4001)));
+        assert_eq!(parse_bind("127.0.0.1"), Ok(("127.0.0.1".into(), 4000)));
+        assert_eq!(parse_bind("[::1]:4002"), Ok(("::1".into(), 4002)));
+        assert_eq!(parse_bind("::1"), Ok(("::1".into(), 4000)));
+        for bad in ["", "localhost:http", "99999", "exa mple:4000", "http://localhost:4000"] {
+            let e = parse_bind(bad).expect_err(bad);
+            assert!(e.contains("expected HOST:PORT"), "{e}");
+        }
+    }
+
+    #[test]
+    fn database_takes_a_bare_sqlite_path() {
+        assert_eq!(database_url("fawkes.db").as_deref(), Ok("sqlite://fawkes.db"));
+        assert_eq!(database_url("sqlite::memory:").as_deref(), Ok("sqlite::memory:"));
+        assert!(database_url("mysql://u:pw@h/db").expect_err("mysql").contains("u:***@h"));
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file: FileConfig =
+            "bind = \"4100\"\ndatabase = \"a.db\"\n[limits]\nheartbeat_timeout = 5\n".parse().expect("valid");
+        let args = ServeArgs { bind: Some("4200".into()), ..ServeArgs::default() };
+        let config = ServeConfig::resolve(file, &args).expect("valid");
+        assert_eq!(config.bind, "4200");
+        assert_eq!(config.database, "sqlite://a.db");
+        assert_eq!(config.channel.heartbeat_timeout, Duration::from_secs(5));
+        assert_eq!(config.channel.max_frame_size, Config::default().max_frame_size);
+    }
+}
