@@ -411,3 +411,32 @@ pub fn next_ping(at: tokio::time::Instant, every: Duration) -> tokio::time::Inst
     }
     next
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_opens_only_as_the_oldest_broadcast_reaches_every_subscriber() {
+        let ctx = Ctx::new(Target::local(([127, 0, 0, 1], 1).into()), 2, 10, 1, false);
+        let mut oldest = 0;
+        assert_eq!(ctx.window_room(&mut oldest, 0, 4), 4);
+        assert_eq!(ctx.window_room(&mut oldest, 4, 4), 0);
+        ctx.delivered_seq(0, 0);
+        assert_eq!(ctx.window_room(&mut oldest, 4, 4), 0, "one of two subscribers has broadcast 0");
+        ctx.delivered_seq(0, 0);
+        assert_eq!(ctx.window_room(&mut oldest, 4, 4), 1);
+        assert_eq!(oldest, 1);
+        // A later broadcast complete before the oldest does not open the window.
+        ctx.delivered_seq(2, 0);
+        ctx.delivered_seq(2, 0);
+        assert_eq!(ctx.window_room(&mut oldest, 4, 4), 1);
+        ctx.delivered_seq(1, 0);
+        ctx.delivered_seq(1, 0);
+        assert_eq!(ctx.window_room(&mut oldest, 4, 4), 3);
+        assert_eq!(oldest, 3);
+        // Past the tracked broadcasts the window stays shut.
+        let mut oldest = 10;
+        assert_eq!(ctx.window_room(&mut oldest, 11, 4), 0);
+    }
+}

@@ -211,6 +211,8 @@ struct Report {
     in_flight_window: Option<u64>,
     /// CPU the server process used from before the first client connected until all had joined.
     connect_server_cpu: Option<Duration>,
+    /// CPU the load generator's threads used over the same time.
+    connect_client_cpu: Option<Duration>,
     /// Presence: clients whose list ended complete, clients that joined, and when (since the
     /// first connect) every list was complete, if it was.
     presence: Option<(usize, usize, Option<Duration>)>,
@@ -301,6 +303,9 @@ impl Report {
         line += &format!("  connect={:.2}s", self.connect.as_secs_f64());
         if let Some(cpu) = self.connect_server_cpu {
             line += &format!("  connect_server_cpu={:.2}s", cpu.as_secs_f64());
+        }
+        if let Some(cpu) = self.connect_client_cpu {
+            line += &format!("  connect_client_cpu={:.2}s", cpu.as_secs_f64());
         }
         if let Some(kib) = self.rss_per_client_kib {
             let whose = if self.in_process { "client+server" } else { "client" };
@@ -476,6 +481,7 @@ async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: 
     let How { ramp_seconds, in_process, protocol, server_pid } = how;
     let server_rss_before = server_pid.and_then(net::process_rss_kib);
     let connect_cpu_before = server_pid.and_then(net::process_cpu);
+    let connect_client_cpu_before = net::thread_cpu("bench-client");
     let rss_before = net::rss_kib();
     let ramp_start = Instant::now();
     let label = match transport {
@@ -566,6 +572,9 @@ async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: 
     let mut server_rss_after = server_pid.and_then(net::process_rss_kib);
     let connect_server_cpu = connect_cpu_before
         .zip(server_pid.and_then(net::process_cpu))
+        .map(|(before, after)| after.saturating_sub(before));
+    let connect_client_cpu = connect_client_cpu_before
+        .zip(net::thread_cpu("bench-client"))
         .map(|(before, after)| after.saturating_sub(before));
     eprintln!("fawkes-bench: {expected_joins} joined in {:.2} s; measuring", connect.as_secs_f64());
 
@@ -665,6 +674,7 @@ async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: 
         last_subscriber: ctx.last_subscriber(clients),
         in_flight_window: run.window,
         connect_server_cpu,
+        connect_client_cpu,
         presence,
     })
 }
