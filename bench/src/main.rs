@@ -593,7 +593,7 @@ async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: 
     };
     let mut lists_done = None;
     while Instant::now() < window_end && ctx.phase() == Phase::Measure && !all_delivered(&ctx) {
-        if lists_complete(&ctx).2 {
+        if run.mode == Mode::Presence && lists_complete(&ctx).2 {
             lists_done = Some(ramp_start.elapsed());
             break;
         }
