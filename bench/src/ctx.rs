@@ -9,7 +9,7 @@ use bytes::Bytes;
 use fawkes_serializer::{Frame, Message, Payload, Ref, Reply, ReplyStatus, Serializer, ServerMessage};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::net::Target;
 
@@ -25,7 +25,7 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECTING_AT_ONCE: usize = 128;
 /// Broadcasts whose delivery to every subscriber is tracked one by one (for the time until the
 /// last subscriber has each); later ones are still counted and checked.
-const TRACKED_BROADCASTS: usize = 1 << 20;
+pub const TRACKED_BROADCASTS: usize = 1 << 20;
 /// Padding in each broadcast body, so a broadcast frame is about 100 bytes on the wire.
 const BROADCAST_PAD: &str = "0123456789abcdef01234567";
 
@@ -69,6 +69,10 @@ pub struct Ctx {
     pub failed: AtomicUsize,
     /// Count connect and join failures instead of failing the run.
     pub count_failures: bool,
+    /// Woken each time a broadcast has reached every subscriber (the paced publisher waits on it).
+    pub broadcast_done: Notify,
+    /// Presence: how many keys each client's list holds (`u32::MAX` until it joined).
+    presence_keys: Box<[AtomicU32]>,
     latency: Mutex<Histogram<u64>>,
     failure: Mutex<Option<String>>,
 }
@@ -100,6 +104,8 @@ impl Ctx {
             last_delivery_us: AtomicU64::new(0),
             failed: AtomicUsize::new(0),
             count_failures,
+            broadcast_done: Notify::new(),
+            presence_keys: (0..clients).map(|_| AtomicU32::new(u32::MAX)).collect(),
             latency: Mutex::new(histogram),
             failure: Mutex::new(None),
         }
@@ -192,9 +198,52 @@ impl Ctx {
             self.record_latency(Duration::from_micros(latency));
         }
         if let (Some(count), Some(last)) = (self.seq_count.get(seq as usize), self.seq_last_us.get(seq as usize)) {
-            count.fetch_add(1, Ordering::Relaxed);
+            // The latency first, so whoever sees the count complete sees the latest latency.
             last.fetch_max(latency, Ordering::Relaxed);
+            if count.fetch_add(1, Ordering::AcqRel) as usize + 1 == self.per_client.len() {
+                self.broadcast_done.notify_one();
+            }
         }
+    }
+
+    /// Paced fan-out: how many more broadcasts the publisher may send now, having sent
+    /// `published`, so that at most `window` are in flight end to end. `oldest` is the first
+    /// broadcast not yet known to have reached every subscriber; it moves on as they complete.
+    pub fn window_room(&self, oldest: &mut u64, published: u64, window: u64) -> u64 {
+        let subscribers = self.per_client.len();
+        while *oldest < published {
+            let Some(count) = self.seq_count.get(*oldest as usize) else {
+                // Past the tracked broadcasts nothing can be waited on: the window stays shut.
+                return 0;
+            };
+            if (count.load(Ordering::Acquire) as usize) < subscribers {
+                break;
+            }
+            *oldest += 1;
+        }
+        window.saturating_sub(published - *oldest)
+    }
+
+    /// Presence: client `id`'s list now holds `keys` keys.
+    pub fn presence_keys(&self, id: usize, keys: usize) {
+        if let Some(n) = self.presence_keys.get(id) {
+            n.store(keys.min(u32::MAX as usize - 1) as u32, Ordering::Relaxed);
+        }
+    }
+
+    /// Presence: of the clients that joined, how many hold exactly `expected` keys, and how many
+    /// joined.
+    pub fn presence_complete(&self, expected: usize) -> (usize, usize) {
+        let mut complete = 0;
+        let mut joined = 0;
+        for n in &self.presence_keys {
+            let n = n.load(Ordering::Relaxed);
+            if n != u32::MAX {
+                joined += 1;
+                complete += usize::from(n as usize == expected);
+            }
+        }
+        (complete, joined)
     }
 
     /// Deliveries per second from the first broadcast's stamp to the last delivery.
@@ -361,4 +410,33 @@ pub fn next_ping(at: tokio::time::Instant, every: Duration) -> tokio::time::Inst
         next += every;
     }
     next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_opens_only_as_the_oldest_broadcast_reaches_every_subscriber() {
+        let ctx = Ctx::new(Target::local(([127, 0, 0, 1], 1).into()), 2, 10, 1, false);
+        let mut oldest = 0;
+        assert_eq!(ctx.window_room(&mut oldest, 0, 4), 4);
+        assert_eq!(ctx.window_room(&mut oldest, 4, 4), 0);
+        ctx.delivered_seq(0, 0);
+        assert_eq!(ctx.window_room(&mut oldest, 4, 4), 0, "one of two subscribers has broadcast 0");
+        ctx.delivered_seq(0, 0);
+        assert_eq!(ctx.window_room(&mut oldest, 4, 4), 1);
+        assert_eq!(oldest, 1);
+        // A later broadcast complete before the oldest does not open the window.
+        ctx.delivered_seq(2, 0);
+        ctx.delivered_seq(2, 0);
+        assert_eq!(ctx.window_room(&mut oldest, 4, 4), 1);
+        ctx.delivered_seq(1, 0);
+        ctx.delivered_seq(1, 0);
+        assert_eq!(ctx.window_room(&mut oldest, 4, 4), 3);
+        assert_eq!(oldest, 3);
+        // Past the tracked broadcasts the window stays shut.
+        let mut oldest = 10;
+        assert_eq!(ctx.window_room(&mut oldest, 11, 4), 0);
+    }
 }

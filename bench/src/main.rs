@@ -8,6 +8,7 @@
 mod ctx;
 mod longpoll;
 mod net;
+mod presence;
 mod sio;
 mod sse;
 mod ws;
@@ -105,6 +106,11 @@ struct RunArgs {
     /// subscriber has them all (or --seconds pass).
     #[arg(long)]
     count: Option<u64>,
+    /// broadcast (ws only, with --count): instead of --rate, keep at most this many broadcasts in
+    /// flight end to end; the publisher sends the next only once the oldest has reached every
+    /// subscriber.
+    #[arg(long)]
+    window: Option<u64>,
     /// echo: each client pings once per this many milliseconds instead of again as soon as the
     /// reply comes.
     #[arg(long)]
@@ -119,6 +125,10 @@ enum Mode {
     Idle,
     /// Every client connects and joins at once; failures are counted, not fatal: time to all joined.
     Storm,
+    /// Every client joins as its own user (`{"user": "u<i>"}`, tracked in presence), --connect-at-once
+    /// at a time; failures are counted, and each client keeps its presence list as phoenix.js does:
+    /// time to all joined, and whether every list ends complete.
+    Presence,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -197,6 +207,15 @@ struct Report {
     /// time until the last subscriber had each broadcast (p50, p99, max µs, broadcasts).
     fanout_rate: Option<f64>,
     last_subscriber: (u64, u64, u64, usize),
+    /// Broadcast: the most broadcasts in flight end to end (instead of a rate).
+    in_flight_window: Option<u64>,
+    /// CPU the server process used from before the first client connected until all had joined.
+    connect_server_cpu: Option<Duration>,
+    /// CPU the load generator's threads used over the same time.
+    connect_client_cpu: Option<Duration>,
+    /// Presence: clients whose list ended complete, clients that joined, and when (since the
+    /// first connect) every list was complete, if it was.
+    presence: Option<(usize, usize, Option<Duration>)>,
 }
 
 impl Report {
@@ -208,6 +227,7 @@ impl Report {
             Mode::Broadcast => "broadcast",
             Mode::Idle => "idle",
             Mode::Storm => "storm",
+            Mode::Presence => "presence",
         };
         let transport = match (self.transport, self.protocol) {
             (Transport::WebSocket, Protocol::Socketio) => "socketio",
@@ -220,8 +240,10 @@ impl Report {
             self.clients,
             self.window.as_secs_f64().round(),
         );
-        if self.mode == Mode::Broadcast {
-            line += &format!("  rate={}/s", self.rate);
+        match (self.mode, self.in_flight_window) {
+            (Mode::Broadcast, Some(window)) => line += &format!("  window={window}"),
+            (Mode::Broadcast, None) => line += &format!("  rate={}/s", self.rate),
+            _ => {}
         }
         if matches!(self.mode, Mode::Echo | Mode::Broadcast) {
             line += &format!(
@@ -234,6 +256,13 @@ impl Report {
         match self.mode {
             Mode::Idle => {}
             Mode::Storm => line += &format!("  joined={}  failed={}", self.clients - self.failed, self.failed),
+            Mode::Presence => {
+                line += &format!("  joined={}  failed={}", self.clients.saturating_sub(self.failed), self.failed);
+                if let Some((complete, joined, done)) = self.presence {
+                    let done = done.map_or_else(|| "never".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()));
+                    line += &format!("  lists_complete={complete}/{joined}  lists_done={done}");
+                }
+            }
             Mode::Echo => {
                 let (fewest, median, most) = self.spread;
                 line += &format!("  answered={}  per-client=min:{fewest}/median:{median}/max:{most}", self.counted);
@@ -259,7 +288,11 @@ impl Report {
             line += &format!("  server_cpu={:.0}%", cpu * 100.0);
         }
         if let Some((cpu, wall)) = self.server_process_cpu {
-            line += &format!("  server_cpu={:.0}%", cpu.as_secs_f64() / wall.as_secs_f64().max(1e-3) * 100.0);
+            line += &format!(
+                "  server_cpu={:.0}%  server_cpu_s={:.2}",
+                cpu.as_secs_f64() / wall.as_secs_f64().max(1e-3) * 100.0,
+                cpu.as_secs_f64()
+            );
             if self.mode == Mode::Broadcast && cpu > Duration::ZERO {
                 line += &format!("  fanout/server_cpu_s={:.0}", self.delivered as f64 / cpu.as_secs_f64());
             }
@@ -268,6 +301,12 @@ impl Report {
             line += &format!("  client_cpu={:.0}%", cpu * 100.0);
         }
         line += &format!("  connect={:.2}s", self.connect.as_secs_f64());
+        if let Some(cpu) = self.connect_server_cpu {
+            line += &format!("  connect_server_cpu={:.2}s", cpu.as_secs_f64());
+        }
+        if let Some(cpu) = self.connect_client_cpu {
+            line += &format!("  connect_client_cpu={:.2}s", cpu.as_secs_f64());
+        }
         if let Some(kib) = self.rss_per_client_kib {
             let whose = if self.in_process { "client+server" } else { "client" };
             line += &format!("  rss/client={kib:.1}KiB({whose})");
@@ -348,7 +387,8 @@ fn main() -> ExitCode {
     };
     let storm = run.mode == Mode::Storm;
     let at_once = if storm { clients } else { cli.connect_at_once };
-    let ctx = Arc::new(Ctx::new(target, clients, broadcasts, at_once, storm));
+    let count_failures = matches!(run.mode, Mode::Storm | Mode::Presence);
+    let ctx = Arc::new(Ctx::new(target, clients, broadcasts, at_once, count_failures));
     let in_process = matches!(server, Server::InProcess(_));
     let how = How { ramp_seconds: cli.ramp_seconds, in_process, protocol: cli.protocol, server_pid: cli.server_pid };
     let result = runtime.block_on(run_workload(ctx, transport, clients, run, how));
@@ -385,14 +425,29 @@ fn check_args(cli: &Cli, transport: Transport, clients: usize, run: &RunArgs) ->
     if run.count == Some(0) {
         return Err("expected --count of at least 1".to_owned());
     }
+    if let Some(window) = run.window {
+        if run.mode != Mode::Broadcast || transport != Transport::WebSocket {
+            return Err("--window is for the ws workload in --mode broadcast".to_owned());
+        }
+        if window == 0 {
+            return Err("expected --window of at least 1".to_owned());
+        }
+        match run.count {
+            Some(count) if count <= ctx::TRACKED_BROADCASTS as u64 => {}
+            _ => return Err(format!("--window needs --count, at most {}", ctx::TRACKED_BROADCASTS)),
+        }
+    }
+    if run.mode == Mode::Presence && cli.protocol != Protocol::Phoenix {
+        return Err("the presence mode needs Phoenix presence (--protocol phoenix)".to_owned());
+    }
     if run.ping_every_ms == Some(0) {
         return Err("expected --ping-every-ms of at least 1".to_owned());
     }
     if cli.protocol == Protocol::Socketio && (transport != Transport::WebSocket || cli.url.is_none()) {
         return Err("--protocol socketio needs the ws workload and --url of a Socket.IO server".to_owned());
     }
-    if transport != Transport::WebSocket && matches!(run.mode, Mode::Idle | Mode::Storm) {
-        return Err("the idle and storm modes are for the ws workload".to_owned());
+    if transport != Transport::WebSocket && matches!(run.mode, Mode::Idle | Mode::Storm | Mode::Presence) {
+        return Err("the idle, storm and presence modes are for the ws workload".to_owned());
     }
     let client_sockets = transport.client_sockets(clients, run.mode);
     let in_process = cli.url.is_none();
@@ -425,6 +480,8 @@ struct How {
 async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: RunArgs, how: How) -> Res<Report> {
     let How { ramp_seconds, in_process, protocol, server_pid } = how;
     let server_rss_before = server_pid.and_then(net::process_rss_kib);
+    let connect_cpu_before = server_pid.and_then(net::process_cpu);
+    let connect_client_cpu_before = net::thread_cpu("bench-client");
     let rss_before = net::rss_kib();
     let ramp_start = Instant::now();
     let label = match transport {
@@ -435,7 +492,7 @@ async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: 
     let role = match run.mode {
         Mode::Echo => ws::Role::Echo { every: run.ping_every_ms.map(Duration::from_millis) },
         Mode::Broadcast => ws::Role::Subscriber,
-        Mode::Idle | Mode::Storm => ws::Role::Idle,
+        Mode::Idle | Mode::Storm | Mode::Presence => ws::Role::Idle,
     };
     for id in 0..clients {
         let c = ctx.clone();
@@ -444,6 +501,9 @@ async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: 
                 spawn_client(&ctx, label, id, longpoll::subscriber_session(c, id))
             }
             (Transport::LongPoll, _, _) => spawn_client(&ctx, label, id, longpoll::echo_session(c, id)),
+            (Transport::WebSocket, Mode::Presence, _) => {
+                spawn_client(&ctx, label, id, presence::client(c, id, clients))
+            }
             (Transport::WebSocket, _, Protocol::Phoenix) => {
                 spawn_client(&ctx, label, id, ws::client(c, id, clients, role))
             }
@@ -470,7 +530,7 @@ async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: 
         if joined == clients && run.mode == Mode::Broadcast && !publisher_spawned {
             publisher_spawned = true;
             let (c, id, rate) = (ctx.clone(), clients, run.rate);
-            let publisher = ws::Role::Publisher { rate, count: run.count };
+            let publisher = ws::Role::Publisher { rate, count: run.count, window: run.window };
             match (transport, protocol) {
                 (Transport::LongPoll, _) => {
                     spawn_client(&ctx, "publisher", id, longpoll::publisher_session(c, id, rate, run.count))
@@ -509,7 +569,13 @@ async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: 
     }
     let connect = ramp_start.elapsed();
     let rss_after = net::rss_kib();
-    let server_rss_after = server_pid.and_then(net::process_rss_kib);
+    let mut server_rss_after = server_pid.and_then(net::process_rss_kib);
+    let connect_server_cpu = connect_cpu_before
+        .zip(server_pid.and_then(net::process_cpu))
+        .map(|(before, after)| after.saturating_sub(before));
+    let connect_client_cpu = connect_client_cpu_before
+        .zip(net::thread_cpu("bench-client"))
+        .map(|(before, after)| after.saturating_sub(before));
     eprintln!("fawkes-bench: {expected_joins} joined in {:.2} s; measuring", connect.as_secs_f64());
 
     // Measure.
@@ -520,8 +586,26 @@ async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: 
     let window_end = window_start + Duration::from_secs(run.seconds);
     let all_delivered =
         |ctx: &Ctx| run.count.is_some_and(|count| ctx.delivered.load(Ordering::Relaxed) >= count * clients as u64);
+    // Presence: the window ends once every client that joined holds every one of them.
+    let lists_complete = |ctx: &Ctx| {
+        let (complete, joined) = ctx.presence_complete(ctx.joined.load(Ordering::Relaxed));
+        (complete, joined, run.mode == Mode::Presence && complete == joined)
+    };
+    let mut lists_done = None;
     while Instant::now() < window_end && ctx.phase() == Phase::Measure && !all_delivered(&ctx) {
+        if run.mode == Mode::Presence && lists_complete(&ctx).2 {
+            lists_done = Some(ramp_start.elapsed());
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(20).min(window_end.saturating_duration_since(Instant::now()))).await;
+    }
+    let presence = (run.mode == Mode::Presence).then(|| {
+        let (complete, joined, _) = lists_complete(&ctx);
+        (complete, joined, lists_done)
+    });
+    if run.mode == Mode::Presence {
+        // While holding: every client joined, and the lists as complete as they got.
+        server_rss_after = server_pid.and_then(net::process_rss_kib);
     }
     let window = window_start.elapsed();
     ctx.set_phase(Phase::Drain);
@@ -544,7 +628,7 @@ async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: 
                 let expected = ctx.published.load(Ordering::Relaxed) * clients as u64;
                 ctx.delivered.load(Ordering::Relaxed) >= expected || drain_start.elapsed() >= BROADCAST_DRAIN
             }
-            Mode::Idle | Mode::Storm => true,
+            Mode::Idle | Mode::Storm | Mode::Presence => true,
         };
         if drained {
             break;
@@ -588,6 +672,10 @@ async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: 
         failed: ctx.failed.load(Ordering::Relaxed),
         fanout_rate: if run.mode == Mode::Broadcast { ctx.fanout_rate() } else { None },
         last_subscriber: ctx.last_subscriber(clients),
+        in_flight_window: run.window,
+        connect_server_cpu,
+        connect_client_cpu,
+        presence,
     })
 }
 

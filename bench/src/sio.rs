@@ -158,6 +158,8 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, clients: usize, role: Role) -> Res
     let mut publishing_since: Option<Instant> = None;
     let mut published = 0u64;
     let mut publish_answered = 0u64;
+    // Windowed publisher: the oldest broadcast not yet known to have reached every subscriber.
+    let mut oldest_in_flight = 0u64;
     let mut next_ping: Option<tokio::time::Instant> = None;
 
     loop {
@@ -184,7 +186,15 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, clients: usize, role: Role) -> Res
         if let (Role::Publisher { .. }, true, None) = (role, measuring, publishing_since) {
             publishing_since = Some(Instant::now());
         }
-        let publishing = matches!(role, Role::Publisher { .. }) && measuring;
+        let publishing = matches!(role, Role::Publisher { window: None, .. }) && measuring;
+        let windowed = matches!(role, Role::Publisher { window: Some(_), .. }) && measuring;
+        if let (true, Role::Publisher { count, window: Some(window), .. }) = (windowed, role) {
+            let room = ctx.window_room(&mut oldest_in_flight, published, window);
+            let due = room.min(count.unwrap_or(u64::MAX).saturating_sub(published));
+            publish(&ctx, &mut ws, published, due).await?;
+            published += due;
+            ctx.published.store(published, Ordering::Relaxed);
+        }
         let reply_deadline = pending.as_ref().map(|(_, _, sent)| *sent + REPLY_TIMEOUT);
         let ping_wake = if measuring && pending.is_none() { next_ping.map(Instant::from) } else { None };
 
@@ -195,19 +205,13 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, clients: usize, role: Role) -> Res
                 }
             }
             () = sleep_until_opt(ping_wake) => {}
+            () = ctx.broadcast_done.notified(), if windowed => {}
             _ = publish_tick.tick(), if publishing => {
-                if let (Role::Publisher { rate, count }, Some(since)) = (role, publishing_since) {
+                if let (Role::Publisher { rate, count, .. }, Some(since)) = (role, publishing_since) {
                     let due = due(since, rate).min(count.unwrap_or(u64::MAX)).saturating_sub(published);
-                    for seq in published..published + due {
-                        let data = json!({ "room": TOPIC, "body": broadcast_body(&ctx, seq) });
-                        let frame = event(seq + 1, "new_msg", &data);
-                        ws.feed(WsMessage::text(frame)).await.map_err(|e| format!("cannot send a frame: {e}"))?;
-                    }
-                    if due > 0 {
-                        ws.flush().await.map_err(|e| format!("cannot send a frame: {e}"))?;
-                        published += due;
-                        ctx.published.store(published, Ordering::Relaxed);
-                    }
+                    publish(&ctx, &mut ws, published, due).await?;
+                    published += due;
+                    ctx.published.store(published, Ordering::Relaxed);
                 }
             }
             () = sleep_until_opt(reply_deadline) => {
@@ -245,6 +249,20 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, clients: usize, role: Role) -> Res
             }
         }
     }
+}
+
+/// Sends `new_msg` for broadcasts `first..first + n`, flushed together.
+async fn publish(ctx: &Ctx, ws: &mut Ws, first: u64, n: u64) -> Res<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    for seq in first..first + n {
+        let data = json!({ "room": TOPIC, "body": broadcast_body(ctx, seq) });
+        ws.feed(WsMessage::text(event(seq + 1, "new_msg", &data)))
+            .await
+            .map_err(|e| format!("cannot send a frame: {e}"))?;
+    }
+    ws.flush().await.map_err(|e| format!("cannot send a frame: {e}"))
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

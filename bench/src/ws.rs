@@ -20,7 +20,7 @@ use crate::ctx::{
     publish_payload,
 };
 
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(25);
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(25);
 
 /// What a client does once joined.
 #[derive(Debug, Clone, Copy)]
@@ -30,8 +30,10 @@ pub enum Role {
     Echo { every: Option<Duration> },
     /// Receives `new_msg` broadcasts.
     Subscriber,
-    /// Sends `rate` `new_msg` per second while measuring, `count` in all if given.
-    Publisher { rate: u32, count: Option<u64> },
+    /// Sends `rate` `new_msg` per second while measuring, `count` in all if given. With a
+    /// `window`, it ignores the rate and keeps at most `window` broadcasts in flight end to end:
+    /// the next goes only once the oldest in flight has reached every subscriber.
+    Publisher { rate: u32, count: Option<u64>, window: Option<u64> },
     /// Joined and otherwise quiet (heartbeats only).
     Idle,
 }
@@ -43,9 +45,9 @@ impl Role {
     }
 }
 
-type Ws = WebSocketStream<TcpStream>;
+pub type Ws = WebSocketStream<TcpStream>;
 
-async fn send(ws: &mut Ws, text: String) -> Res<()> {
+pub async fn send(ws: &mut Ws, text: String) -> Res<()> {
     ws.send(WsMessage::text(text)).await.map_err(|e| format!("cannot send a frame: {e}"))
 }
 
@@ -96,14 +98,20 @@ async fn recv_or_broadcast(ws: &mut Ws, subscriber: bool) -> Res<Incoming> {
     }
 }
 
-pub async fn client(ctx: Arc<Ctx>, id: usize, clients: usize, role: Role) -> Res<()> {
-    let permit = ctx.gate.acquire().await.map_err(|e| e.to_string())?;
+/// Connects client `id` and upgrades to a WebSocket (`/websocket?vsn=2.0.0`).
+pub async fn connect(ctx: &Ctx, id: usize) -> Res<Ws> {
     let stream = ctx.target.connect(ctx.target.source_addr(id)).await?;
     let url = format!("ws://{}{}/websocket?vsn=2.0.0", ctx.target.authority, ctx.target.path);
     let config = WebSocketConfig::default().read_buffer_size(4096);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(config))
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(config))
         .await
         .map_err(|e| format!("expected the WebSocket upgrade of {url} to succeed, got: {e}"))?;
+    Ok(ws)
+}
+
+pub async fn client(ctx: Arc<Ctx>, id: usize, clients: usize, role: Role) -> Res<()> {
+    let permit = ctx.gate.acquire().await.map_err(|e| e.to_string())?;
+    let mut ws = connect(&ctx, id).await?;
     send(&mut ws, join_frame()).await?;
     let joined = async {
         match recv(&mut ws).await? {
@@ -129,6 +137,8 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, clients: usize, role: Role) -> Res
     let mut publishing_since: Option<Instant> = None;
     let mut published = 0u64;
     let mut publish_answered = 0u64;
+    // Windowed publisher: the oldest broadcast not yet known to have reached every subscriber.
+    let mut oldest_in_flight = 0u64;
     // Paced echo: when the next ping is due.
     let mut next_ping: Option<tokio::time::Instant> = None;
 
@@ -157,7 +167,21 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, clients: usize, role: Role) -> Res
         if let (Role::Publisher { .. }, true, None) = (role, measuring, publishing_since) {
             publishing_since = Some(Instant::now());
         }
-        let publishing = matches!(role, Role::Publisher { .. }) && measuring;
+        let publishing = matches!(role, Role::Publisher { window: None, .. }) && measuring;
+        let windowed = matches!(role, Role::Publisher { window: Some(_), .. }) && measuring;
+        if let (true, Role::Publisher { count, window: Some(window), .. }) = (windowed, role) {
+            let room = ctx.window_room(&mut oldest_in_flight, published, window);
+            let due = room.min(count.unwrap_or(u64::MAX).saturating_sub(published));
+            for seq in published..published + due {
+                let frame = encode(Some("1"), &(seq + 2).to_string(), TOPIC, "new_msg", publish_payload(&ctx, seq));
+                ws.feed(WsMessage::text(frame)).await.map_err(|e| format!("cannot send a frame: {e}"))?;
+            }
+            if due > 0 {
+                ws.flush().await.map_err(|e| format!("cannot send a frame: {e}"))?;
+                published += due;
+                ctx.published.store(published, Ordering::Relaxed);
+            }
+        }
         let reply_deadline = pending.as_ref().map(|(_, _, sent)| *sent + REPLY_TIMEOUT);
         let ping_wake = if measuring && pending.is_none() { next_ping.map(Instant::from) } else { None };
 
@@ -172,8 +196,9 @@ pub async fn client(ctx: Arc<Ctx>, id: usize, clients: usize, role: Role) -> Res
                 send(&mut ws, encode(None, &format!("hb{heartbeats}"), "phoenix", "heartbeat", json!({}))).await?;
             }
             () = sleep_until_opt(ping_wake) => {}
+            () = ctx.broadcast_done.notified(), if windowed => {}
             _ = publish_tick.tick(), if publishing => {
-                if let (Role::Publisher { rate, count }, Some(since)) = (role, publishing_since) {
+                if let (Role::Publisher { rate, count, .. }, Some(since)) = (role, publishing_since) {
                     let due = due(since, rate).min(count.unwrap_or(u64::MAX)).saturating_sub(published);
                     for seq in published..published + due {
                         let frame = encode(Some("1"), &(seq + 2).to_string(), TOPIC, "new_msg", publish_payload(&ctx, seq));
