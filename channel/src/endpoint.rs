@@ -107,12 +107,14 @@ impl EndpointBuilder {
     /// The endpoint.
     pub fn build(self) -> Endpoint {
         let pubsub = self.pubsub.unwrap_or_default();
-        if !self.histories.is_empty() || self.history_store.is_some() {
+        let histories =
+            self.histories.iter().map(|(p, o)| (&**p, o)).chain(self.router.histories.iter().map(|(p, o)| (&**p, o)));
+        if histories.clone().next().is_some() || self.history_store.is_some() {
             let history = pubsub.history();
             if let Some(store) = self.history_store {
                 history.set_store(store);
             }
-            for (pattern, options) in &self.histories {
+            for (pattern, options) in histories {
                 history.keep(pattern, *options);
             }
         }

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod demo;
+pub mod feed;
 mod server;
 
 pub use server::{SOCKET_PATH, app, app_with, serve, shutdown_signal, sockets};
