@@ -218,6 +218,8 @@ pub struct SocketRef {
     pub(crate) presence: Option<crate::presence::Owner>,
     /// Set by [`SocketRef::recover`] in `join`: the history to deliver after the join reply.
     pub(crate) replay: Option<Vec<Arc<Broadcast>>>,
+    /// True once `join` has returned: [`SocketRef::recover`] belongs in `join` only.
+    pub(crate) joined: bool,
 }
 
 impl fmt::Debug for SocketRef {
@@ -300,8 +302,11 @@ impl SocketRef {
     /// the join's ok reply, in order, before any live broadcast, with no gap and no duplicate.
     /// `since` absent, malformed, from another epoch or topic, or older than the history keeps:
     /// `recovered` is false and nothing is replayed. A failing store is logged and answers
-    /// `recovered: false` (live broadcasts still arrive).
+    /// `recovered: false` (live broadcasts still arrive). Outside `join` it is an error.
     pub async fn recover(&mut self, since: Option<&str>) -> Result<Recovery, HistoryError> {
+        if self.joined {
+            return Err(HistoryError::AfterJoin);
+        }
         let since = match since.map(str::parse::<Position>) {
             Some(Ok(p)) => Some(p),
             Some(Err(_)) => {

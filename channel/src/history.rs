@@ -146,6 +146,9 @@ pub enum HistoryError {
     /// The topic matches no pattern given a history.
     #[error("topic {0:?} keeps no history")]
     NoHistory(String),
+    /// [`SocketRef::recover`](crate::SocketRef::recover) was called after `join` returned.
+    #[error("recovery is only possible in Channel::join")]
+    AfterJoin,
     /// The store failed (unreachable, say).
     #[error("history store failed: {0}")]
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -52,9 +52,11 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
         alive: Arc::new(()),
         presence: None,
         replay: None,
+        joined: false,
     };
 
     let joined = AssertUnwindSafe(channel.join(params, &mut socket)).catch_unwind().await;
+    socket.joined = true;
     let (status, response) = match joined {
         Ok(Ok(response)) => (ReplyStatus::Ok, response),
         Ok(Err(response)) => (ReplyStatus::Error, response),

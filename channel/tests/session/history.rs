@@ -236,3 +236,16 @@ async fn a_new_store_has_a_new_epoch_and_does_not_recover_old_positions() {
     );
     assert!(back.is_quiet());
 }
+
+#[tokio::test(start_paused = true)]
+async fn recovery_outside_join_is_refused_and_leaves_the_subscription_alone() {
+    let ep = feed_endpoint();
+    let mut c = connect(&ep, "vsn=2.0.0").await;
+    join(&mut c, 1, "feed:a", json!({})).await;
+    c.send(r#"["1","2","feed:a","recover",{}]"#).await;
+    let r = c.reply().await;
+    assert_eq!(r.status, ReplyStatus::Error);
+    assert_eq!(r.response.as_json().expect("json")["reason"], "recovery is only possible in Channel::join");
+    let live = publish(&mut c, "feed:a", 0..1).await;
+    assert_eq!(pos_of(&live[0]).split_once(':').map(|p| p.1), Some("1"));
+}

@@ -155,6 +155,7 @@ impl Channel for Probe {
 ///   `{"pos": POS_NOW, "recovered": bool}`. With `{"hold": true}` the join waits, after
 ///   subscribing and reading history, pushes `holding` and waits until something is broadcast on topic `gate`.
 /// - `new_msg` `{"body"}` broadcasts `new_msg` `{"body", "user", "pos"}` and replies ok `{"pos"}`.
+/// - `recover` calls `SocketRef::recover` outside `join` and replies with the outcome.
 struct Feed {
     user: String,
 }
@@ -175,6 +176,12 @@ impl Channel for Feed {
     }
 
     async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> HandleIn {
+        if event == "recover" {
+            return match socket.recover(None).await {
+                Ok(_) => HandleIn::ok(json!({})),
+                Err(e) => HandleIn::error(reason(&e.to_string())),
+            };
+        }
         if event != "new_msg" {
             return HandleIn::error(reason("unknown event"));
         }
