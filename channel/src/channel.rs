@@ -8,9 +8,10 @@ use fawkes_serializer::{Broadcast, Payload, Push, Ref, ReplyStatus};
 
 use serde_json::Value;
 
+use crate::history::{HistoryError, Position, Recovery};
 use crate::outbox::Outbox;
 use crate::presence::PresenceError;
-use crate::pubsub::{PubSub, SubscriberId};
+use crate::pubsub::{Held, PubSub, Subscriber, SubscriberId};
 use crate::socket::SocketInfo;
 
 /// One joined topic on one socket: the server half of a client's `channel(topic)`.
@@ -215,6 +216,10 @@ pub struct SocketRef {
     pub(crate) alive: Arc<()>,
     /// The presences this channel tracks; untracked when the channel ends.
     pub(crate) presence: Option<crate::presence::Owner>,
+    /// Set by [`SocketRef::recover`] in `join`: the history to deliver after the join reply.
+    pub(crate) replay: Option<Vec<Arc<Broadcast>>>,
+    /// True once `join` has returned: [`SocketRef::recover`] belongs in `join` only.
+    pub(crate) joined: bool,
 }
 
 impl fmt::Debug for SocketRef {
@@ -279,6 +284,69 @@ impl SocketRef {
     pub fn broadcast_from(&self, event: &str, payload: impl Into<Payload>) -> usize {
         let b = Broadcast { topic: self.topic.to_string(), event: event.to_owned(), payload: payload.into() };
         self.pubsub.publish(b, self.subscriber)
+    }
+
+    /// Broadcasts `event` to every subscriber of this topic, this client included, after writing
+    /// it to the topic's history; `make` builds the payload from the broadcast's position (to put
+    /// it in the payload). Fails when the topic keeps no history or the store fails.
+    pub async fn broadcast_with_position(
+        &self,
+        event: &str,
+        make: impl FnMut(&Position) -> Payload + Send,
+    ) -> Result<Position, HistoryError> {
+        self.pubsub.history().broadcast(&self.topic, event, make).await
+    }
+
+    /// In [`Channel::join`] on a topic with history: subscribes now, and arranges for every
+    /// broadcast after `since` (the last position the client saw) to be delivered right after
+    /// the join's ok reply, in order, before any live broadcast, with no gap and no duplicate.
+    /// `since` absent, malformed, from another epoch or topic, or older than the history keeps:
+    /// `recovered` is false and nothing is replayed. A failing store is logged and answers
+    /// `recovered: false` (live broadcasts still arrive). Outside `join` it is an error.
+    pub async fn recover(&mut self, since: Option<&str>) -> Result<Recovery, HistoryError> {
+        if self.joined {
+            return Err(HistoryError::AfterJoin);
+        }
+        let since = match since.map(str::parse::<Position>) {
+            Some(Ok(p)) => Some(p),
+            Some(Err(_)) => {
+                tracing::debug!(topic = %self.topic, "join with a malformed position: not recovered");
+                None
+            }
+            None => None,
+        };
+        if let Some(old) = self.subscriber.take() {
+            self.pubsub.remove(&self.topic, old);
+        }
+        let history = self.pubsub.history();
+        if history.options(&self.topic).is_none() {
+            return Err(HistoryError::NoHistory(self.topic.to_string()));
+        }
+        let held = || {
+            let held = Held { outbox: self.outbox.clone(), limit: self.outbox.limit(), waiting: Vec::new() };
+            self.pubsub.insert(&self.topic, Subscriber::Held(parking_lot::Mutex::new(held)))
+        };
+        match history.subscribe_and_read(&self.topic, since, held).await {
+            Ok((id, read)) if read.entries.len() >= self.outbox.limit() => {
+                // A replay larger than the outbound queue would close the socket as a slow
+                // consumer on every rejoin: the client refetches instead.
+                tracing::info!(topic = %self.topic, missed = read.entries.len(), "too much to replay: not recovered");
+                self.subscriber = Some(id);
+                self.replay = Some(Vec::new());
+                Ok(Recovery { recovered: false, position: Some(read.current) })
+            }
+            Ok((id, read)) => {
+                self.subscriber = Some(id);
+                self.replay = Some(read.entries.into_iter().map(|e| e.broadcast).collect());
+                Ok(Recovery { recovered: read.recovered, position: Some(read.current) })
+            }
+            Err((id, e)) => {
+                tracing::error!(topic = %self.topic, error = %e, "history unavailable: join not recovered");
+                self.subscriber = Some(id);
+                self.replay = Some(Vec::new());
+                Ok(Recovery { recovered: false, position: None })
+            }
+        }
     }
 
     /// The endpoint's PubSub, to broadcast to other topics.

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::history::{History, HistoryOptions, HistoryStore};
 use crate::outbox::{CloseReason, Outbox};
 use crate::pubsub::PubSub;
 use crate::registry::{Live, REGISTRY_SHARDS, Shared};
@@ -54,6 +55,8 @@ pub struct EndpointBuilder {
     config: Config,
     pubsub: Option<PubSub>,
     handler: Box<dyn DynSocketHandler>,
+    histories: Vec<(String, HistoryOptions)>,
+    history_store: Option<Arc<dyn HistoryStore>>,
 }
 
 impl fmt::Debug for EndpointBuilder {
@@ -78,6 +81,17 @@ impl EndpointBuilder {
         self.pubsub = Some(pubsub);
         self
     }
+    /// Topics matching `pattern` (an exact topic or a prefix followed by `*`) keep a history of
+    /// their broadcasts, so joins can recover what a client missed (see [`History`]).
+    pub fn history(mut self, pattern: &str, options: HistoryOptions) -> Self {
+        self.histories.push((pattern.to_owned(), options));
+        self
+    }
+    /// Where histories are kept (default: a [`MemoryHistory`](crate::MemoryHistory)).
+    pub fn history_store(mut self, store: impl HistoryStore) -> Self {
+        self.history_store = Some(Arc::new(store));
+        self
+    }
     /// The connect callback (default: accept everyone).
     pub fn socket_handler(mut self, handler: impl SocketHandler) -> Self {
         self.handler = Box::new(handler);
@@ -92,10 +106,22 @@ impl EndpointBuilder {
     }
     /// The endpoint.
     pub fn build(self) -> Endpoint {
+        let pubsub = self.pubsub.unwrap_or_default();
+        let histories =
+            self.histories.iter().map(|(p, o)| (&**p, o)).chain(self.router.histories.iter().map(|(p, o)| (&**p, o)));
+        if histories.clone().next().is_some() || self.history_store.is_some() {
+            let history = pubsub.history();
+            if let Some(store) = self.history_store {
+                history.set_store(store);
+            }
+            for (pattern, options) in histories {
+                history.keep(pattern, *options);
+            }
+        }
         Endpoint(Arc::new(Shared {
             router: self.router,
             config: self.config,
-            pubsub: self.pubsub.unwrap_or_default(),
+            pubsub,
             handler: self.handler,
             live: (0..REGISTRY_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_id: AtomicU64::new(1),
@@ -115,6 +141,8 @@ impl Endpoint {
             config: Config::default(),
             pubsub: None,
             handler: Box::new(ConnectFn(|_: &ConnectInfo| Ok(Accept::new()))),
+            histories: Vec::new(),
+            history_store: None,
         }
     }
 
@@ -156,6 +184,11 @@ impl Endpoint {
     /// The endpoint's PubSub, to broadcast from outside any channel.
     pub fn pubsub(&self) -> &PubSub {
         &self.0.pubsub
+    }
+
+    /// Topics' histories: broadcast from server code with a position.
+    pub fn history(&self) -> History {
+        self.0.pubsub.history()
     }
 
     /// The configuration.

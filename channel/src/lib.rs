@@ -132,6 +132,7 @@ mod channel;
 mod cluster;
 mod config;
 mod endpoint;
+mod history;
 mod origin;
 mod outbox;
 mod presence;
@@ -150,6 +151,10 @@ pub use fawkes_pubsub_core::{
     ServiceGuard,
 };
 pub use fawkes_serializer::{Broadcast, Frame, Payload, Ref, ReplyStatus, Serializer};
+pub use history::{
+    Entry, History, HistoryError, HistoryOptions, HistoryStore, MalformedPosition, MemoryHistory, Position, ReadAfter,
+    Recovery,
+};
 pub use origin::{OriginCheck, OriginPatternError};
 pub use outbox::{CloseReason, Outbound};
 pub use presence::{ClusterOptions, Presence, PresenceError};

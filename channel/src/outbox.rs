@@ -143,6 +143,11 @@ impl Outbox {
         wake(waker);
     }
 
+    /// Frames queued before the slow-consumer policy applies.
+    pub(crate) fn limit(&self) -> usize {
+        self.0.limit
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.0.state.lock().closed.is_some()
     }

@@ -30,8 +30,21 @@ pub(crate) struct Intercept {
 }
 
 pub(crate) enum Subscriber {
-    Socket { outbox: Outbox, serializer: Serializer, intercept: Option<Intercept> },
+    Socket {
+        outbox: Outbox,
+        serializer: Serializer,
+        intercept: Option<Intercept>,
+    },
     Stream(mpsc::Sender<Arc<Broadcast>>),
+    /// A socket whose join is recovering history: live broadcasts wait here until the replay
+    /// is delivered (see [`PubSub::release`]).
+    Held(Mutex<Held>),
+}
+
+pub(crate) struct Held {
+    pub(crate) outbox: Outbox,
+    pub(crate) limit: usize,
+    pub(crate) waiting: Vec<Arc<Broadcast>>,
 }
 
 type Topics = HashMap<Box<str>, HashMap<u64, Subscriber>>;
@@ -148,6 +161,32 @@ impl PubSub {
         n
     }
 
+    /// [`PubSub::publish`] of a broadcast already shared (kept in history, say).
+    pub(crate) fn publish_shared(&self, broadcast: Arc<Broadcast>, from: Option<SubscriberId>) -> usize {
+        let n = self.0.dispatch(&broadcast, from);
+        if self.is_clustered() {
+            self.0.cluster.send(None, &Body::Broadcast(Arc::unwrap_or_clone(broadcast)));
+        }
+        n
+    }
+
+    /// Turns the held subscription `id` into `sub`: first `replay` is delivered to it, then the
+    /// broadcasts that waited, with no broadcast in between (fan-out to the topic waits).
+    pub(crate) fn release(&self, topic: &str, id: SubscriberId, replay: &[Arc<Broadcast>], sub: Subscriber) {
+        let mut shard = self.0.shard(topic).write();
+        let Some(slot) = shard.get_mut(topic).and_then(|subs| subs.get_mut(&id.0)) else {
+            return;
+        };
+        let waiting = match slot {
+            Subscriber::Held(held) => std::mem::take(&mut held.get_mut().waiting),
+            _ => Vec::new(),
+        };
+        for b in replay.iter().chain(&waiting) {
+            deliver(&sub, b, &BroadcastFrames::new(b));
+        }
+        *slot = sub;
+    }
+
     /// Broadcasts to this node's subscribers only.
     pub fn local_broadcast(&self, broadcast: Broadcast) -> usize {
         self.0.dispatch(&Arc::new(broadcast), None)
@@ -232,26 +271,41 @@ impl Inner {
                 continue;
             }
             reached += 1;
-            match sub {
-                Subscriber::Socket { outbox, serializer, intercept } => {
-                    if let Some(i) = intercept.as_ref().filter(|i| i.events.contains(&&*b.event)) {
-                        if i.tx.try_send(b.clone()).is_err() {
-                            tracing::warn!(topic = %b.topic, event = %b.event, "intercepted broadcast dropped: channel busy");
-                        }
-                        continue;
-                    }
-                    if let Some(frame) = frames.frame(*serializer) {
-                        outbox.push(frame.clone());
-                    }
-                }
-                Subscriber::Stream(tx) => {
-                    if tx.try_send(b.clone()).is_err() && !tx.is_closed() {
-                        tracing::warn!(topic = %b.topic, "broadcast dropped: subscription receiver full");
-                    }
-                }
-            }
+            deliver(sub, b, &frames);
         }
         reached
+    }
+}
+
+#[inline]
+fn deliver(sub: &Subscriber, b: &Arc<Broadcast>, frames: &BroadcastFrames<'_>) {
+    match sub {
+        Subscriber::Socket { outbox, serializer, intercept } => {
+            if let Some(i) = intercept.as_ref().filter(|i| i.events.contains(&&*b.event)) {
+                if i.tx.try_send(b.clone()).is_err() {
+                    tracing::warn!(topic = %b.topic, event = %b.event, "intercepted broadcast dropped: channel busy");
+                }
+                return;
+            }
+            if let Some(frame) = frames.frame(*serializer) {
+                outbox.push(frame.clone());
+            }
+        }
+        Subscriber::Stream(tx) => {
+            if tx.try_send(b.clone()).is_err() && !tx.is_closed() {
+                tracing::warn!(topic = %b.topic, "broadcast dropped: subscription receiver full");
+            }
+        }
+        Subscriber::Held(held) => {
+            let mut held = held.lock();
+            if held.waiting.len() >= held.limit {
+                // Delivering the rest would leave a gap: the client must rejoin.
+                tracing::warn!(topic = %b.topic, "recovering socket fell behind its outbound limit; closing it");
+                held.outbox.close(crate::outbox::CloseReason::SlowConsumer);
+                return;
+            }
+            held.waiting.push(b.clone());
+        }
     }
 }
 

@@ -55,6 +55,7 @@ struct Route {
 #[derive(Default, Clone)]
 pub struct Router {
     routes: Vec<Arc<Route>>,
+    pub(crate) histories: Vec<(Box<str>, crate::HistoryOptions)>,
 }
 
 impl fmt::Debug for Router {
@@ -76,6 +77,14 @@ impl Router {
         F: Fn() -> C + Send + Sync + 'static,
     {
         self.routes.push(Arc::new(Route { pattern: pattern.into(), starter: Arc::new(FnStarter(make, PhantomData)) }));
+        self
+    }
+
+    /// Topics matching `pattern` keep a history of their broadcasts (see
+    /// [`History`](crate::History)); the same as [`EndpointBuilder::history`](crate::EndpointBuilder::history),
+    /// next to the channel that serves them.
+    pub fn history(mut self, pattern: &str, options: crate::HistoryOptions) -> Router {
+        self.histories.push((pattern.into(), options));
         self
     }
 

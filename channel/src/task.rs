@@ -42,10 +42,21 @@ pub(crate) struct JoinRequest {
 pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
     let JoinRequest { topic, join_ref, msg_ref, params, replaces, outbox, info, pubsub, mut mailbox, mailbox_capacity } =
         req;
-    let mut socket =
-        SocketRef { topic, join_ref, outbox, info, pubsub, subscriber: None, alive: Arc::new(()), presence: None };
+    let mut socket = SocketRef {
+        topic,
+        join_ref,
+        outbox,
+        info,
+        pubsub,
+        subscriber: None,
+        alive: Arc::new(()),
+        presence: None,
+        replay: None,
+        joined: false,
+    };
 
     let joined = AssertUnwindSafe(channel.join(params, &mut socket)).catch_unwind().await;
+    socket.joined = true;
     let (status, response) = match joined {
         Ok(Ok(response)) => (ReplyStatus::Ok, response),
         Ok(Err(response)) => (ReplyStatus::Error, response),
@@ -56,22 +67,44 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
     };
 
     // Subscribe before the reply goes out, so every broadcast after the client sees "ok" reaches it.
+    // A recovering join (`SocketRef::recover`) subscribed already, holding live broadcasts back
+    // until its replay is delivered after the reply.
     let mut intercepted = None;
-    let _subscription = (status == ReplyStatus::Ok).then(|| {
+    let held = socket.subscriber.filter(|_| socket.replay.is_some());
+    let mut make_sub = || {
         let intercept = (!C::INTERCEPT.is_empty()).then(|| {
             let (tx, rx) = mpsc::channel(mailbox_capacity);
             intercepted = Some(rx);
             Intercept { events: C::INTERCEPT, tx }
         });
-        let sub = Subscriber::Socket { outbox: socket.outbox.clone(), serializer: socket.info.serializer, intercept };
-        let id = socket.pubsub.insert(&socket.topic, sub);
-        socket.subscriber = Some(id);
-        SubscriptionGuard { pubsub: socket.pubsub.clone(), topic: (*socket.topic).into(), id }
-    });
+        Subscriber::Socket { outbox: socket.outbox.clone(), serializer: socket.info.serializer, intercept }
+    };
+    let mut release = None;
+    let _subscription = match (status == ReplyStatus::Ok, held) {
+        (true, Some(id)) => {
+            release = Some(make_sub());
+            Some(SubscriptionGuard { pubsub: socket.pubsub.clone(), topic: (*socket.topic).into(), id })
+        }
+        (true, None) => {
+            let id = socket.pubsub.insert(&socket.topic, make_sub());
+            socket.subscriber = Some(id);
+            Some(SubscriptionGuard { pubsub: socket.pubsub.clone(), topic: (*socket.topic).into(), id })
+        }
+        (false, held) => {
+            if let Some(id) = held {
+                socket.pubsub.remove(&socket.topic, id);
+            }
+            None
+        }
+    };
 
     reply(&socket, msg_ref, status, Payload::Json(response));
     if let Some(old) = replaces {
         control(&socket, Some(old), "phx_close");
+    }
+    if let (Some(sub), Some(id)) = (release, held) {
+        let replay = socket.replay.take().unwrap_or_default();
+        socket.pubsub.release(&socket.topic, id, &replay, sub);
     }
     if status != ReplyStatus::Ok {
         // Pushes the client sent before it saw the refusal get what a push to an unjoined topic gets.

@@ -84,12 +84,18 @@ impl Channel for Admin {
 
 /// The demo's routes.
 pub fn router() -> Router {
-    Router::new().channel("room:*", Room::default).channel("admin:*", || Admin)
+    Router::new()
+        .channel("room:*", Room::default)
+        .channel("feed:*", crate::feed::Feed::default)
+        .history("feed:*", crate::feed::history_options())
+        .channel("admin:*", || Admin)
 }
 
 /// The demo's routes, with rooms fed by the `fawkes_events` table stream.
 pub fn router_with_events(events: TableStream) -> Router {
     Router::new()
         .channel("room:*", move || Room { events: Some(events.clone()), ..Room::default() })
+        .channel("feed:*", crate::feed::Feed::default)
+        .history("feed:*", crate::feed::history_options())
         .channel("admin:*", || Admin)
 }

@@ -20,6 +20,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod feed;
 mod server;
 
 pub use server::{SOCKET_PATH, ServeOptions, app, app_with, serve, serve_with, shutdown_signal, sockets};

@@ -6,5 +6,6 @@
 //! else can happen), never by waiting, so the suite is deterministic and takes no real time.
 
 mod channels;
+mod history;
 mod lifecycle;
 mod support;

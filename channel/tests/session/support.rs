@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use fawkes_channel::{
-    Accept, Channel, CloseReason, Config, ConnectError, ConnectInfo, Endpoint, Frame, HandleIn, Outbound, Payload,
-    ReplyStatus, Router, Serializer, Session, SocketRef, StopReason, Terminate, reason,
+    Accept, Channel, CloseReason, Config, ConnectError, ConnectInfo, Endpoint, Frame, HandleIn, HistoryOptions,
+    Outbound, Payload, ReplyStatus, Router, Serializer, Session, SocketRef, StopReason, Terminate, reason,
 };
 use fawkes_serializer::{Reply, ServerMessage};
 use futures_util::FutureExt as _;
@@ -149,6 +149,56 @@ impl Channel for Probe {
     }
 }
 
+/// The channel behind `feed:*`, whose topics keep a history of 5 broadcasts for a minute.
+///
+/// - join params `{"user": U, "since": POS}` recover from POS; the reply is ok
+///   `{"pos": POS_NOW, "recovered": bool}`. With `{"hold": true}` the join waits, after
+///   subscribing and reading history, pushes `holding` and waits until something is broadcast on topic `gate`.
+/// - `new_msg` `{"body"}` broadcasts `new_msg` `{"body", "user", "pos"}` and replies ok `{"pos"}`.
+/// - `recover` calls `SocketRef::recover` outside `join` and replies with the outcome.
+struct Feed {
+    user: String,
+}
+
+impl Channel for Feed {
+    async fn join(&mut self, params: Payload, socket: &mut SocketRef) -> Result<Value, Value> {
+        self.user = field(&params, "user").and_then(Value::as_str).unwrap_or("anonymous").to_owned();
+        let since = field(&params, "since").and_then(Value::as_str);
+        let mut gate =
+            (field(&params, "hold") == Some(&Value::Bool(true))).then(|| socket.pubsub().subscribe("gate", 1));
+        let recovery = socket.recover(since).await.map_err(|e| reason(&e.to_string()))?;
+        if let Some(gate) = &mut gate {
+            socket.push("holding", json!({}));
+            let _ = gate.recv().await;
+        }
+        let pos = recovery.position.map(|p| p.to_string());
+        Ok(json!({ "pos": pos, "recovered": recovery.recovered }))
+    }
+
+    async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> HandleIn {
+        if event == "recover" {
+            return match socket.recover(None).await {
+                Ok(_) => HandleIn::ok(json!({})),
+                Err(e) => HandleIn::error(reason(&e.to_string())),
+            };
+        }
+        if event != "new_msg" {
+            return HandleIn::error(reason("unknown event"));
+        }
+        let body = field(&payload, "body").cloned().unwrap_or(Value::Null);
+        let user = self.user.clone();
+        let sent = socket
+            .broadcast_with_position("new_msg", |pos| {
+                json!({ "body": body, "user": user, "pos": pos.to_string() }).into()
+            })
+            .await;
+        match sent {
+            Ok(pos) => HandleIn::ok(json!({ "pos": pos.to_string() })),
+            Err(e) => HandleIn::error(reason(&e.to_string())),
+        }
+    }
+}
+
 /// The channel behind `admin:*`: refuses every join.
 struct Admin;
 
@@ -169,9 +219,14 @@ impl Channel for Admin {
 pub fn endpoint(config: Config) -> (Endpoint, mpsc::UnboundedReceiver<Ended>) {
     let (ended, ends) = mpsc::unbounded_channel();
     let probe = move || Probe { user: String::new(), track: false, welcome: false, ended: ended.clone() };
-    let router = Router::new().channel("room:*", probe.clone()).channel("test:*", probe).channel("admin:*", || Admin);
+    let router = Router::new()
+        .channel("room:*", probe.clone())
+        .channel("test:*", probe)
+        .channel("admin:*", || Admin)
+        .channel("feed:*", || Feed { user: String::new() });
     let endpoint = Endpoint::builder()
         .router(router)
+        .history("feed:*", HistoryOptions::default().max_len(5).max_age(Duration::from_secs(60)))
         .config(config)
         .on_connect(|info: &ConnectInfo| {
             if info.params.get("reject").map(String::as_str) == Some("true") {
