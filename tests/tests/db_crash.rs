@@ -7,7 +7,7 @@
 //! Sized to take a few seconds; the full load (20 clients x 500 messages, one room:
 //! ~210,000 outbox rows) is the ignored `*_full_load` tests:
 //! `cargo test -p fawkes-tests --test db_crash -- --ignored --test-threads 1`.
-//! PostgreSQL as in `db.rs` (`FAWKES_TEST_POSTGRES`; SKIP unless `CI=true` when unreachable).
+//! PostgreSQL as in `transport-db/tests/common` (`FAWKES_TEST_POSTGRES`; SKIP unless `CI=true` when unreachable).
 
 use std::collections::HashMap;
 use std::io::BufRead as _;
