@@ -160,7 +160,9 @@ impl<T: HttpTransport> Sessions<T> {
     }
 }
 
-/// The value of the query param `name`, decoded.
+/// The value of the query param `name`, decoded; the last one when it is given more than once
+/// (phoenix.js appends the transport's session `token` after the app's connect params, which may
+/// carry a `token` of their own).
 pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    fawkes_channel::parse_query(query?).find(|(k, _)| k == name).map(|(_, v)| v)
+    fawkes_channel::parse_query(query?).filter(|(k, _)| k == name).last().map(|(_, v)| v)
 }

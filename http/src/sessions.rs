@@ -444,7 +444,10 @@ impl<T: HttpTransport> Sessions<T> {
     /// [`token`](DetachedSession::token) names it from now on.
     pub async fn open(&self, parts: &mut Parts) -> Result<DetachedSession<T::State>, HttpError> {
         self.start_reaper();
-        let info = connect_info(T::NAME, parts, T::OWN_PARAMS);
+        let mut info = connect_info(T::NAME, parts, T::OWN_PARAMS);
+        if let Some(token) = app_token(parts.uri.query(), |t| self.0.signer.verify(t).is_some()) {
+            info.params.insert("token".into(), token);
+        }
         let session = self.0.endpoint.connect(info).await.map_err(|e| {
             tracing::info!(transport = T::NAME, error = %e, "connect refused");
             HttpError::from(e)
@@ -513,6 +516,16 @@ pub fn connect_info(transport: &'static str, parts: &mut Parts, own_params: &[&s
     info.peer_addr = parts.extensions.get::<PeerAddr>().map(|p| p.0);
     info.headers = std::mem::take(&mut parts.headers);
     info
+}
+
+/// The app's own connect param `token`, which shares its name with the transport's session
+/// token: phoenix.js sends `?token=APP&vsn=2.0.0&token=SESSION` (the session's last, `null` on
+/// the first request). When `token` is given more than once, the first is the app's; given once,
+/// it is the app's unless it is one of this transport's session tokens (`is_session`).
+fn app_token(query: Option<&str>, is_session: impl Fn(&str) -> bool) -> Option<String> {
+    let mut tokens = fawkes_channel::parse_query(query?).filter(|(k, _)| k == "token").map(|(_, v)| v);
+    let first = tokens.next()?;
+    if tokens.next().is_some() || !is_session(&first) { Some(first) } else { None }
 }
 
 #[cfg(test)]
@@ -596,6 +609,17 @@ mod tests {
         assert!(matches!(refused, Err(HttpError::Refused(_))), "{refused:?}");
         sessions.endpoint().shutdown();
         assert!(matches!(open(&sessions, "vsn=2.0.0").await, Err(HttpError::ShuttingDown)));
+    }
+
+    #[test]
+    fn the_apps_token_param_is_told_from_the_session_token() {
+        let session = |t: &str| t.starts_with("S");
+        assert_eq!(app_token(Some("token=jwt&vsn=2.0.0&token=null"), session).as_deref(), Some("jwt"));
+        assert_eq!(app_token(Some("token=jwt&vsn=2.0.0&token=S1"), session).as_deref(), Some("jwt"));
+        assert_eq!(app_token(Some("token=jwt&vsn=2.0.0"), session).as_deref(), Some("jwt"));
+        assert_eq!(app_token(Some("vsn=2.0.0&token=S1"), session), None);
+        assert_eq!(app_token(Some("vsn=2.0.0"), session), None);
+        assert_eq!(crate::query_param(Some("token=jwt&vsn=2.0.0&token=S1"), "token").as_deref(), Some("S1"));
     }
 
     #[test]
