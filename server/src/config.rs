@@ -51,6 +51,9 @@ pub struct FileConfig {
     /// `[[namespace]]` entries.
     #[serde(default, rename = "namespace")]
     pub namespaces: Vec<Namespace>,
+    /// `[proxy]`: the connect and join hooks.
+    #[serde(default)]
+    pub proxy: ProxyFile,
     /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsFile,
@@ -79,7 +82,7 @@ impl FileConfig {
     }
 }
 
-/// `[auth]`: token authentication (parsed and checked; not yet enforced).
+/// `[auth]`: token authentication (see [`crate::auth`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthFile {
@@ -91,12 +94,26 @@ pub struct AuthFile {
     pub anonymous: Option<bool>,
 }
 
-/// `[api]`: the HTTP publish API (parsed and checked; not yet served).
+/// `[api]`: the HTTP API (see [`crate::api`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiFile {
     /// The Bearer key for `/api/*`.
     pub key: Option<String>,
+    /// Largest `POST /api/broadcast` body, in bytes.
+    pub max_body_size: Option<usize>,
+}
+
+/// `[proxy]`: the connect and join hooks (see [`crate::proxy`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyFile {
+    /// `http://...` asked at every connect.
+    pub connect_url: Option<String>,
+    /// `http://...` asked at every join of a namespace's topic.
+    pub join_url: Option<String>,
+    /// Seconds a hook may take before the request is refused.
+    pub timeout: Option<f64>,
 }
 
 /// Who may join a namespace's topics.
@@ -112,7 +129,7 @@ pub enum JoinPolicy {
     Claim,
 }
 
-/// A `[[namespace]]` entry (parsed and checked; not yet enforced).
+/// A `[[namespace]]` entry (see [`crate::namespace`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Namespace {
@@ -127,6 +144,16 @@ pub struct Namespace {
     /// Whether joins are tracked in Presence.
     #[serde(default)]
     pub presence: bool,
+    /// Broadcasts kept per topic for joins that recover with `since`.
+    pub history_size: Option<usize>,
+    /// Seconds a broadcast stays in history.
+    pub history_age: Option<f64>,
+    /// Largest client push payload, in bytes of JSON.
+    pub max_message_size: Option<usize>,
+    /// Client pushes per second regained, per socket on a topic.
+    pub message_rate: Option<u32>,
+    /// Client pushes a socket may make at once on a topic (default: `message_rate`).
+    pub message_burst: Option<u32>,
 }
 
 /// `[limits]`: the channel layer's limits ([`fawkes::Config`]).
@@ -229,18 +256,32 @@ pub struct ServeArgs {
     /// Log format on stderr. [default: text]
     #[arg(long, env = "FAWKES_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// [auth] jwt_secret (NOT YET ACTIVE: refused by serve).
-    #[arg(long, env = "FAWKES_JWT_SECRET", hide_env_values = true, value_name = "KEY")]
+    /// [auth] HS256 secret: clients connect with a JWT (connect param `token` or phoenix.js
+    /// `authToken`) whose `sub` is the user id.
+    #[arg(long, env = "FAWKES_JWT_SECRET", hide_env_values = true, value_name = "KEY", help_heading = "Auth and API")]
     pub jwt_secret: Option<String>,
-    /// [auth] jwt_public_key (NOT YET ACTIVE: refused by serve).
-    #[arg(long, env = "FAWKES_JWT_PUBLIC_KEY", value_name = "PEM")]
+    /// [auth] A PEM file with the RS256 or ES256 public key tokens are checked with (instead of
+    /// --jwt-secret).
+    #[arg(long, env = "FAWKES_JWT_PUBLIC_KEY", value_name = "PEM", help_heading = "Auth and API")]
     pub jwt_public_key: Option<PathBuf>,
-    /// [auth] anonymous (NOT YET ACTIVE: refused by serve).
-    #[arg(long, env = "FAWKES_ANONYMOUS", value_name = "BOOL")]
+    /// [auth] Let clients without a token connect, with no user. [default: false]
+    #[arg(long, env = "FAWKES_ANONYMOUS", value_name = "BOOL", help_heading = "Auth and API")]
     pub anonymous: Option<bool>,
-    /// [api] key (NOT YET ACTIVE: refused by serve).
-    #[arg(long, env = "FAWKES_API_KEY", hide_env_values = true, value_name = "KEY")]
+    /// [api] Bearer key for POST /api/broadcast and GET /api/presence (no key: no API).
+    #[arg(long, env = "FAWKES_API_KEY", hide_env_values = true, value_name = "KEY", help_heading = "Auth and API")]
     pub api_key: Option<String>,
+    /// [api] Largest POST /api/broadcast body in bytes. [default: 65536]
+    #[arg(long, env = "FAWKES_API_MAX_BODY_SIZE", value_name = "BYTES", help_heading = "Auth and API")]
+    pub api_max_body_size: Option<usize>,
+    /// [proxy] http:// URL the server POSTs every connect to, for allow/deny.
+    #[arg(long, env = "FAWKES_PROXY_CONNECT_URL", value_name = "URL", help_heading = "Auth and API")]
+    pub proxy_connect_url: Option<String>,
+    /// [proxy] http:// URL the server POSTs every namespace join to, for allow/deny.
+    #[arg(long, env = "FAWKES_PROXY_JOIN_URL", value_name = "URL", help_heading = "Auth and API")]
+    pub proxy_join_url: Option<String>,
+    /// [proxy] Seconds a hook may take before the connect or join is refused. [default: 5]
+    #[arg(long, env = "FAWKES_PROXY_TIMEOUT", value_name = "SECS", help_heading = "Auth and API")]
+    pub proxy_timeout: Option<f64>,
     /// [limits] Seconds of silence before a socket is closed. [default: 60]
     #[arg(long, env = "FAWKES_HEARTBEAT_TIMEOUT", value_name = "SECS", help_heading = "Limits")]
     pub heartbeat_timeout: Option<f64>,
@@ -306,6 +347,39 @@ pub struct ServeConfig {
     pub serve: ServeOptions,
     /// Settings given that this version parses but does not enforce yet.
     pub not_yet_active: Vec<&'static str>,
+    /// Token auth: the verifier (none: tokens are not read) and whether sockets without a user
+    /// may connect.
+    pub auth: AuthConfig,
+    /// The HTTP API, when a key is set.
+    pub api: Option<ApiConfig>,
+    /// The connect and join hooks, when a URL is set.
+    pub proxy: Option<crate::proxy::Proxy>,
+    /// The namespaces; none: the demo app's topics.
+    pub namespaces: Vec<crate::namespace::Rules>,
+}
+
+/// `[auth]`, checked.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// How tokens are checked.
+    pub jwt: Option<crate::auth::JwtVerifier>,
+    /// Whether sockets without a token (or a user from the connect hook) may connect.
+    pub anonymous: bool,
+}
+
+/// `[api]`, checked.
+#[derive(Clone)]
+pub struct ApiConfig {
+    /// The Bearer key.
+    pub key: String,
+    /// Largest broadcast body, in bytes.
+    pub max_body_size: usize,
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig").field("key", &"***").field("max_body_size", &self.max_body_size).finish()
+    }
 }
 
 /// Why the configuration cannot be used.
@@ -409,38 +483,12 @@ impl ServeConfig {
         let channel = limits(args, &file.limits)?.check_origin(check_origin);
         let serve = serve_options(args, &file.drain, &file.health)?;
 
-        let mut not_yet_active = Vec::new();
-        let auth = &file.auth;
-        if let (Some(_), Some(_)) = (
-            args.jwt_secret.as_ref().or(auth.jwt_secret.as_ref()),
-            args.jwt_public_key.as_ref().or(auth.jwt_public_key.as_ref()),
-        ) {
-            return Err(invalid("[auth] jwt_secret, jwt_public_key", "give one of them, not both"));
-        }
-        if args.jwt_secret.as_ref().or(auth.jwt_secret.as_ref()).is_some() {
-            not_yet_active.push("[auth] jwt_secret");
-        }
-        if let Some(path) = args.jwt_public_key.as_ref().or(auth.jwt_public_key.as_ref()) {
-            if !path.is_file() {
-                return Err(invalid(
-                    "[auth] jwt_public_key (--jwt-public-key, FAWKES_JWT_PUBLIC_KEY)",
-                    format!("{}: no such file; expected a PEM file with an RS256 or ES256 public key", path.display()),
-                ));
-            }
-            not_yet_active.push("[auth] jwt_public_key");
-        }
-        if args.anonymous.or(auth.anonymous).is_some() {
-            not_yet_active.push("[auth] anonymous");
-        }
-        if args.api_key.as_ref().or(file.api.key.as_ref()).is_some() {
-            not_yet_active.push("[api] key");
-        }
-        for ns in &file.namespaces {
-            check_topic_pattern(&ns.pattern).map_err(|e| invalid("[[namespace]] pattern", e))?;
-        }
-        if !file.namespaces.is_empty() {
-            not_yet_active.push("[[namespace]]");
-        }
+        let not_yet_active = Vec::new();
+        let auth = auth_config(args, &file.auth)?;
+        let api = api_config(args, &file.api)?;
+        let proxy = proxy_config(args, &file.proxy)?;
+        let who = auth.jwt.is_some() || proxy.as_ref().is_some_and(crate::proxy::Proxy::has_connect);
+        let namespaces = namespaces(&file.namespaces, who)?;
 
         Ok(ServeConfig {
             bind,
@@ -453,8 +501,104 @@ impl ServeConfig {
             channel,
             serve,
             not_yet_active,
+            auth,
+            api,
+            proxy,
+            namespaces,
         })
     }
+}
+
+fn auth_config(args: &ServeArgs, file: &AuthFile) -> Result<AuthConfig, ConfigError> {
+    let secret = args.jwt_secret.as_ref().or(file.jwt_secret.as_ref());
+    let public_key = args.jwt_public_key.as_ref().or(file.jwt_public_key.as_ref());
+    let jwt = match (secret, public_key) {
+        (Some(_), Some(_)) => return Err(invalid("[auth] jwt_secret, jwt_public_key", "give one of them, not both")),
+        (Some(secret), None) if secret.is_empty() => {
+            return Err(invalid("[auth] jwt_secret (--jwt-secret, FAWKES_JWT_SECRET)", "empty"));
+        }
+        (Some(secret), None) => Some(crate::auth::JwtVerifier::hs256(secret.as_bytes())),
+        (None, Some(path)) => {
+            const KEY: &str = "[auth] jwt_public_key (--jwt-public-key, FAWKES_JWT_PUBLIC_KEY)";
+            let pem = std::fs::read(path).map_err(|e| {
+                invalid(KEY, format!("{}: {e}; expected a PEM file with an RS256 or ES256 public key", path.display()))
+            })?;
+            Some(
+                crate::auth::JwtVerifier::from_pem(&pem)
+                    .map_err(|e| invalid(KEY, format!("{}: {e}", path.display())))?,
+            )
+        }
+        (None, None) => None,
+    };
+    Ok(AuthConfig { jwt, anonymous: args.anonymous.or(file.anonymous).unwrap_or(false) })
+}
+
+fn api_config(args: &ServeArgs, file: &ApiFile) -> Result<Option<ApiConfig>, ConfigError> {
+    let max = args.api_max_body_size.or(file.max_body_size).unwrap_or(crate::api::DEFAULT_MAX_BODY);
+    let max_body_size = positive("[api] max_body_size (--api-max-body-size)", max)?;
+    match args.api_key.as_ref().or(file.key.as_ref()) {
+        Some(key) if key.trim().is_empty() => Err(invalid("[api] key (--api-key, FAWKES_API_KEY)", "empty")),
+        Some(key) => Ok(Some(ApiConfig { key: key.clone(), max_body_size })),
+        None => Ok(None),
+    }
+}
+
+fn proxy_config(args: &ServeArgs, file: &ProxyFile) -> Result<Option<crate::proxy::Proxy>, ConfigError> {
+    let url = |key: &'static str, value: Option<&String>| {
+        value.map(|u| crate::proxy::parse_url(u).map_err(|e| invalid(key, e))).transpose()
+    };
+    let connect = url(
+        "[proxy] connect_url (--proxy-connect-url)",
+        args.proxy_connect_url.as_ref().or(file.connect_url.as_ref()),
+    )?;
+    let join = url("[proxy] join_url (--proxy-join-url)", args.proxy_join_url.as_ref().or(file.join_url.as_ref()))?;
+    let timeout =
+        seconds("[proxy] timeout (--proxy-timeout)", args.proxy_timeout.or(file.timeout).unwrap_or(5.0), false)?;
+    if connect.is_none() && join.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(crate::proxy::Proxy::new(connect, join, timeout)))
+}
+
+fn namespaces(entries: &[Namespace], who: bool) -> Result<Vec<crate::namespace::Rules>, ConfigError> {
+    let mut rules = Vec::new();
+    for ns in entries {
+        check_topic_pattern(&ns.pattern).map_err(|e| invalid("[[namespace]] pattern", e))?;
+        if ns.join != JoinPolicy::Anyone && !who {
+            return Err(invalid(
+                "[[namespace]] join",
+                format!(
+                    "{:?} for {:?}: no socket has a user without [auth] jwt_secret or jwt_public_key, or [proxy] \
+                     connect_url; expected join = \"anyone\", or one of those",
+                    match ns.join {
+                        JoinPolicy::Claim => "claim",
+                        _ => "authenticated",
+                    },
+                    ns.pattern
+                ),
+            ));
+        }
+        if let Some(n) = ns.history_size {
+            positive("[[namespace]] history_size", n)?;
+        }
+        if let Some(age) = ns.history_age {
+            seconds("[[namespace]] history_age", age, false)?;
+        }
+        if let Some(n) = ns.max_message_size {
+            positive("[[namespace]] max_message_size", n)?;
+        }
+        if let Some(n) = ns.message_rate {
+            positive("[[namespace]] message_rate", n as usize)?;
+        }
+        if let Some(n) = ns.message_burst {
+            positive("[[namespace]] message_burst", n as usize)?;
+            if ns.message_rate.is_none() {
+                return Err(invalid("[[namespace]] message_burst", "given without message_rate"));
+            }
+        }
+        rules.push(crate::namespace::Rules::from_config(ns));
+    }
+    Ok(rules)
 }
 
 fn limits(args: &ServeArgs, file: &LimitsFile) -> Result<Config, ConfigError> {

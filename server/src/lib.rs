@@ -18,9 +18,15 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod feed;
+pub mod namespace;
+pub mod proxy;
 mod server;
 
-pub use server::{SOCKET_PATH, ServeOptions, app, app_with, serve, serve_with, shutdown_signal, sockets};
+pub use server::{
+    SOCKET_PATH, ServeOptions, app, app_with, app_with_metrics, serve, serve_with, shutdown_signal, sockets,
+};

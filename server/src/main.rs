@@ -5,6 +5,7 @@ use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -13,7 +14,9 @@ use fawkes::longpoll::LongPollOptions;
 use fawkes::pubsub_postgres::{PostgresAdapter, PostgresOptions};
 use fawkes::pubsub_redis::{RedisAdapter, RedisOptions};
 use fawkes::{ClusterOptions, Endpoint, PubSub};
+use fawkes_server::auth::Auth;
 use fawkes_server::config::{ConfigError, FileConfig, LogFormat, ServeArgs, ServeConfig, parse_bind, redact};
+use fawkes_server::namespace::NamespaceStats;
 use tracing_subscriber::EnvFilter;
 
 const SERVE_HELP: &str = "\
@@ -23,9 +26,11 @@ Once started, the server prints the URL it serves. With the defaults:
   /metrics                        Prometheus metrics
   /health                         200 while serving, 503 while draining or when --pubsub is unreachable
 
-Settings come from --config FILE, then FAWKES_* variables, then flags (flags win). Not yet active:
-[auth] (jwt_secret, jwt_public_key, anonymous), [api] key and [[namespace]] are parsed and checked,
-but serve refuses to start with them rather than run without the protection they ask for.
+  /api/broadcast, /api/presence the HTTP API, with --api-key (Authorization: Bearer KEY)
+
+Settings come from --config FILE, then FAWKES_* variables, then flags (flags win). With
+[[namespace]] entries in the file, the topics are exactly those namespaces (the demo app's topics
+are served only when none is declared); namespaces exist only in the file.
 
 Logs go to stderr; RUST_LOG sets the level (RUST_LOG=debug for per-socket logs; sqlx's own query
 logs stay at warn unless RUST_LOG names sqlx). SIGTERM or Ctrl-C drains: /health answers 503 at
@@ -40,7 +45,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the demo app: chat rooms at /socket, a chat page at /.
+    /// Serve the demo app (chat rooms at /socket, a chat page at /), or the [[namespace]] topics of
+    /// --config.
     #[command(after_help = SERVE_HELP)]
     Serve(Box<ServeArgs>),
     /// Configuration files.
@@ -137,10 +143,18 @@ async fn serve(config: ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
     let db = connect_database(&config.database).await?;
     db.notify_on("fawkes_events").await?;
     let events = TableStream::start(db.clone(), StreamOptions::table("fawkes_events")).await?;
+    let auth = Auth::new(config.auth.jwt.clone(), config.auth.anonymous, config.proxy.clone());
+    let namespace_stats = Arc::new(NamespaceStats::default());
+    let router = if config.namespaces.is_empty() {
+        fawkes_server::demo::router_with_events(events)
+    } else {
+        fawkes_server::namespace::router(&config.namespaces, config.proxy.clone(), namespace_stats.clone())
+    };
     let endpoint = Endpoint::builder()
-        .router(fawkes_server::demo::router_with_events(events))
+        .router(router)
         .config(config.channel.clone())
         .pubsub(pubsub)
+        .socket_handler(auth.clone())
         .build();
     let _db_clients = DbClients::start(db, endpoint.clone(), DbClientsOptions::default()).await?;
     let mut longpoll = LongPollOptions::default();
@@ -159,7 +173,18 @@ async fn serve(config: ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "fawkes: listening on {url} (page {url}/, socket {url}/socket, metrics {url}/metrics, health {url}/health)"
     );
-    let app = fawkes_server::app_with(endpoint.clone(), longpoll);
+    let (auth_stats, proxy) = (auth.stats(), config.proxy.clone());
+    let more = move || {
+        let mut text = auth_stats.prometheus() + &namespace_stats.prometheus();
+        if let Some(proxy) = &proxy {
+            text.push_str(&proxy.prometheus());
+        }
+        text
+    };
+    let mut app = fawkes_server::app_with_metrics(endpoint.clone(), longpoll, more);
+    if let Some(api) = &config.api {
+        app = app.merge(fawkes_server::api::router(endpoint.clone(), api.key.clone(), api.max_body_size));
+    }
     fawkes_server::serve_with(listener, app, endpoint, fawkes_server::shutdown_signal(), config.serve.clone()).await?;
     Ok(())
 }

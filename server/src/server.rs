@@ -29,10 +29,19 @@ pub fn app(endpoint: Endpoint) -> axum::Router {
 
 /// [`app`] with long-poll options.
 pub fn app_with(endpoint: Endpoint, longpoll: LongPollOptions) -> axum::Router {
+    app_with_metrics(endpoint, longpoll, String::new)
+}
+
+/// [`app_with`], with `more` appended to `/metrics` (Prometheus text with `# HELP` lines).
+pub fn app_with_metrics(
+    endpoint: Endpoint,
+    longpoll: LongPollOptions,
+    more: impl Fn() -> String + Clone + Send + Sync + 'static,
+) -> axum::Router {
     let socket_routes = sockets(SOCKET_PATH, endpoint.clone(), longpoll);
     axum::Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
-        .route("/metrics", get(move || std::future::ready(metrics(&endpoint))))
+        .route("/metrics", get(move || std::future::ready(metrics(&endpoint, more()))))
         .route(
             "/assets/phoenix.min.js",
             get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], PHOENIX_JS).into_response() }),
@@ -57,7 +66,7 @@ pub fn sockets(path: &str, endpoint: Endpoint, longpoll: LongPollOptions) -> axu
 }
 
 /// Prometheus text: open sockets and the cluster link.
-fn metrics(endpoint: &Endpoint) -> impl IntoResponse + use<> {
+fn metrics(endpoint: &Endpoint, more: String) -> impl IntoResponse + use<> {
     let c = endpoint.pubsub().stats();
     let body = format!(
         "# HELP fawkes_sockets Open sockets.\n# TYPE fawkes_sockets gauge\nfawkes_sockets {}\n\
@@ -83,7 +92,7 @@ fn metrics(endpoint: &Endpoint) -> impl IntoResponse + use<> {
         c.dropped,
         c.malformed,
         u8::from(endpoint.is_shutting_down()),
-    );
+    ) + &more;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 

@@ -193,10 +193,7 @@ presence = true
 "#;
     let (ok, out) = check(issue);
     assert!(ok, "{out}");
-    assert!(
-        out.contains("not yet active") && out.contains("[auth] jwt_secret") && out.contains("[[namespace]]"),
-        "{out}"
-    );
+    assert!(!out.contains("not yet active"), "{out}");
 }
 
 #[test]
@@ -310,7 +307,8 @@ fn serve_help_says_where_things_are() {
         "--config",
         "--allowed-origin",
         "sqlite",
-        "NOT YET ACTIVE",
+        "--jwt-secret",
+        "/api/broadcast",
     ] {
         assert!(help.contains(needle), "{needle:?} not in serve --help");
     }
