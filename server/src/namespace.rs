@@ -300,3 +300,57 @@ impl Channel for Topic {
         HandleIn::ok(json!({}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(rate: Option<(u32, u32)>) -> Topic {
+        let rules = Rules {
+            pattern: "chat:*".into(),
+            join: JoinPolicy::Anyone,
+            publish: true,
+            presence: false,
+            history: None,
+            max_message_size: None,
+            message_rate: rate,
+        };
+        Topic::new(Arc::new(rules), None, Arc::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pushes_past_the_rate_wait_for_the_bucket_to_refill() {
+        let mut t = topic(Some((2, 3)));
+        assert!((0..3).all(|_| t.take_token()), "a burst of 3");
+        assert!(!t.take_token());
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(t.take_token(), "2 per second: one more after half a second");
+        assert!(!t.take_token());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!((0..3).all(|_| t.take_token()), "never more than the burst");
+        assert!(!t.take_token());
+        let mut unlimited = topic(None);
+        assert!((0..1000).all(|_| unlimited.take_token()));
+    }
+
+    #[test]
+    fn joins_follow_the_policy() {
+        let mut t = topic(None);
+        let anonymous = Identity::default();
+        let ann = Identity { user: Some("ann".into()), ..Identity::default() };
+        let claimed =
+            Identity { user: Some("bob".into()), channels: Some(vec!["chat:b*".into()]), ..Identity::default() };
+        let cases = [
+            (JoinPolicy::Anyone, &anonymous, true),
+            (JoinPolicy::Authenticated, &anonymous, false),
+            (JoinPolicy::Authenticated, &ann, true),
+            (JoinPolicy::Claim, &ann, false),
+            (JoinPolicy::Claim, &claimed, true),
+        ];
+        for (policy, identity, allowed) in cases {
+            Arc::make_mut(&mut t.rules).join = policy;
+            t.identity = identity.clone();
+            assert_eq!(t.may_join("chat:bob"), allowed, "{policy:?} {identity:?}");
+        }
+    }
+}

@@ -683,3 +683,26 @@ fn the_readme_config_for_any_backend_passes_config_check() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn namespace_limits_refuse_large_and_rapid_pushes() {
+    let config = "[[namespace]]\npattern = \"chat:*\"\njoin = \"anyone\"\npublish = true\n\
+                  max_message_size = 64\nmessage_rate = 1\nmessage_burst = 2\n";
+    let server = Server::start(config);
+    let mut c = server.client(None).await;
+    assert_eq!(c.join("chat:a", json!({})).await.0, "ok");
+    let big = c.push("chat:a", "say", json!({"text": "x".repeat(100)})).await;
+    assert_eq!(big, ("error".into(), json!({"reason": "message too large"})));
+    // A burst of 2, then 1 per second: of 4 pushes sent at once, the first 2 pass and a later
+    // one is refused.
+    let mut replies = Vec::new();
+    for n in 0..4 {
+        replies.push(c.push("chat:a", "say", json!({"n": n})).await);
+    }
+    assert_eq!(replies[0].0, "ok");
+    assert_eq!(replies[1].0, "ok");
+    assert!(replies.contains(&("error".into(), json!({"reason": "rate limited"}))), "{replies:?}");
+    let m = server.metrics();
+    assert_eq!(counter(&m, r#"fawkes_client_publish_refused_total{reason="too_large"}"#), 1);
+    assert!(counter(&m, r#"fawkes_client_publish_refused_total{reason="rate_limited"}"#) >= 1);
+}
