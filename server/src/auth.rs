@@ -15,6 +15,10 @@
 //! another algorithm refuses the socket: 403 at connect on every transport, counted in
 //! `fawkes_connects_refused_total` by reason.
 //!
+//! Database clients (the `db` transport: rows of `fawkes_inbox`) are not asked for a token nor
+//! sent to the connect hook: whoever writes to the database is already on the server's side.
+//! They connect with no user.
+//!
 //! ```
 //! use fawkes_server::auth::JwtVerifier;
 //!
@@ -219,6 +223,9 @@ impl Auth {
 impl SocketHandler for Auth {
     async fn connect(&self, info: &ConnectInfo) -> Result<Accept, ConnectError> {
         let s = &self.stats;
+        if info.transport == "db" {
+            return Ok(Accept::new().assign(Identity::default()));
+        }
         let mut identity = Identity {
             params: info.params.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect(),
             headers: crate::proxy::forwarded_headers(&info.headers),
@@ -310,6 +317,30 @@ mod tests {
         assert_eq!(v.verify(&hs(json!({"exp": now() + 60}), b"k")), Err(TokenError::Malformed), "sub is required");
         assert_eq!(v.verify(&hs(json!({"sub": 7, "exp": now() + 60}), b"k")), Err(TokenError::Malformed));
         assert_eq!(v.verify("garbage"), Err(TokenError::Malformed));
+    }
+
+    fn info(transport: &'static str, query: &str) -> ConnectInfo {
+        ConnectInfo::new(transport, false).with_query(Some(query))
+    }
+
+    #[tokio::test]
+    async fn database_clients_need_no_token_and_others_do() {
+        let auth = Auth::new(Some(JwtVerifier::hs256(b"k")), false, None);
+        assert!(matches!(auth.connect(&info("websocket", "vsn=2.0.0")).await, Err(ConnectError::Refused(_))));
+        let db = auth.connect(&info("db", "vsn=2.0.0&client_id=bot")).await.expect("a database client connects");
+        drop(db);
+        let token = hs(json!({"sub": "ann", "exp": now() + 60}), b"k");
+        auth.connect(&info("websocket", &format!("vsn=2.0.0&token={token}"))).await.expect("a token connects");
+        assert!(auth.stats().prometheus().contains("fawkes_connects_refused_total{reason=\"missing_token\"} 1"));
+
+        let anonymous = Auth::new(Some(JwtVerifier::hs256(b"k")), true, None);
+        anonymous.connect(&info("websocket", "vsn=2.0.0")).await.expect("no token, anonymous = true");
+        let forged = hs(json!({"sub": "ann", "exp": now() + 60}), b"other");
+        let refused = anonymous.connect(&info("websocket", &format!("vsn=2.0.0&token={forged}"))).await;
+        assert!(
+            matches!(refused, Err(ConnectError::Refused(_))),
+            "a bad token is refused even when anonymous is allowed"
+        );
     }
 
     #[test]

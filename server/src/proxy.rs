@@ -256,7 +256,7 @@ impl Proxy {
 
 /// One `POST` on a fresh HTTP/1.1 connection: the status and at most [`MAX_ANSWER`] bytes of body.
 async fn post(url: &Uri, body: Vec<u8>) -> Result<(StatusCode, Bytes), String> {
-    let host = url.host().unwrap_or_default();
+    let host = url.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
     let port = url.port_u16().unwrap_or(80);
     let stream = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| format!("{host}:{port}: {e}"))?;
     let (mut sender, conn) =
