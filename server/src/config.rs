@@ -779,4 +779,39 @@ mod tests {
         assert_eq!(config.channel.heartbeat_timeout, Duration::from_secs(5));
         assert_eq!(config.channel.max_frame_size, Config::default().max_frame_size);
     }
+
+    #[test]
+    fn auth_api_proxy_and_namespaces_are_checked() {
+        let resolve = |text: &str, args: &ServeArgs| {
+            ServeConfig::resolve(text.parse().expect("valid TOML"), args).map_err(|e| e.to_string())
+        };
+        let flags = ServeArgs { jwt_secret: Some("k".into()), api_key: Some("a".into()), ..ServeArgs::default() };
+        let config = resolve("[[namespace]]\npattern = \"chat:*\"\n", &flags).expect("valid");
+        assert!(config.auth.jwt.is_some() && !config.auth.anonymous);
+        assert_eq!(config.api.as_ref().map(|a| a.max_body_size), Some(crate::api::DEFAULT_MAX_BODY));
+        assert_eq!(config.namespaces.len(), 1);
+        assert!(!format!("{config:?}").contains("\"a\""), "the API key is not shown");
+
+        let errors = [
+            ("[auth]\njwt_secret = \"k\"\njwt_public_key = \"k.pem\"\n", "not both"),
+            ("[auth]\njwt_public_key = \"/nonexistent/k.pem\"\n", "jwt_public_key"),
+            ("[proxy]\nconnect_url = \"https://backend/connect\"\n", "[proxy] connect_url"),
+            ("[proxy]\njoin_url = \"http://b/j\"\ntimeout = 0\n", "[proxy] timeout"),
+            ("[api]\nkey = \"\"\n", "[api] key"),
+            ("[[namespace]]\npattern = \"chat:*\"\n", "[[namespace]] join"),
+            ("[[namespace]]\npattern = \"a*b\"\njoin = \"anyone\"\n", "[[namespace]] pattern"),
+            ("[[namespace]]\npattern = \"a\"\njoin = \"anyone\"\nmessage_burst = 3\n", "without message_rate"),
+            ("[[namespace]]\npattern = \"a\"\njoin = \"anyone\"\nhistory_size = 0\n", "history_size"),
+        ];
+        for (text, expected) in errors {
+            let e = resolve(text, &ServeArgs::default()).expect_err(text);
+            assert!(e.contains(expected), "{text}: {e}");
+        }
+        let bad_pem = std::env::temp_dir().join(format!("fawkes-bad-{}.pem", std::process::id()));
+        std::fs::write(&bad_pem, "not a key").expect("write");
+        let args = ServeArgs { jwt_public_key: Some(bad_pem.clone()), ..ServeArgs::default() };
+        let e = resolve("", &args).expect_err("not a key");
+        assert!(e.contains("not an RSA or EC"), "{e}");
+        let _ = std::fs::remove_file(bad_pem);
+    }
 }

@@ -525,8 +525,8 @@ type Asked = Arc<Mutex<Vec<(String, Value)>>>;
 
 /// A small application backend answering the connect and join hooks: connect params
 /// `user=deny` are denied, `user=slow` answered after 5 s, `user=broken` answered 500; other
-/// users allowed with data `{"role": "member"}`. Joins of `chat:secret` are denied, others
-/// allowed with data `{"welcome": TOPIC}`.
+/// users allowed with data `{"role": "member"}`. Joins of `chat:secret` are denied, of
+/// `chat:slow` answered after 5 s, others allowed with data `{"welcome": TOPIC}`.
 async fn backend() -> (SocketAddr, Asked) {
     use http_body_util::BodyExt as _;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -557,6 +557,10 @@ async fn backend() -> (SocketAddr, Asked) {
                                     (200, json!({"result": {"user": user, "data": {"role": "member"}}}))
                                 }
                                 ("/join", _, Some("chat:secret")) => (200, json!({"error": {"message": "not you"}})),
+                                ("/join", _, Some("chat:slow")) => {
+                                    tokio::time::sleep(Duration::from_secs(5)).await;
+                                    (200, json!({"result": {}}))
+                                }
                                 ("/join", _, Some(topic)) => (200, json!({"result": {"data": {"welcome": topic}}})),
                                 _ => (404, json!({})),
                             };
@@ -600,6 +604,7 @@ async fn the_connect_and_join_hooks_allow_deny_and_fail_safely() {
     let state = ann.event("presence_state").await;
     assert_eq!(state[4]["ann"]["metas"][0]["data"], json!({"role": "member"}), "{state}");
     assert_eq!(ann.join("chat:secret", json!({})).await, ("error".into(), json!({"reason": "unauthorized"})));
+    assert_eq!(ann.join("chat:slow", json!({})).await, ("error".into(), json!({"reason": "unauthorized"})));
 
     let seen = asked.lock().expect("log").clone();
     let (_, connect) = seen.iter().find(|(p, _)| p == "/connect").expect("connect asked");
@@ -632,6 +637,8 @@ async fn the_connect_and_join_hooks_allow_deny_and_fail_safely() {
     assert_eq!(counter(&m, r#"fawkes_hook_requests_total{hook="connect",outcome="failed"}"#), 1);
     assert_eq!(counter(&m, r#"fawkes_hook_requests_total{hook="connect",outcome="timeout"}"#), 1);
     assert_eq!(counter(&m, r#"fawkes_hook_requests_total{hook="join",outcome="denied"}"#), 1);
+    assert_eq!(counter(&m, r#"fawkes_hook_requests_total{hook="join",outcome="timeout"}"#), 1);
+    assert_eq!(counter(&m, r#"fawkes_namespace_joins_refused_total{reason="hook_failed"}"#), 1);
     assert_eq!(counter(&m, r#"fawkes_connects_refused_total{reason="hook_failed"}"#), 2);
 }
 
