@@ -249,3 +249,18 @@ async fn recovery_outside_join_is_refused_and_leaves_the_subscription_alone() {
     let live = publish(&mut c, "feed:a", 0..1).await;
     assert_eq!(pos_of(&live[0]).split_once(':').map(|p| p.1), Some("1"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_plain_broadcast_on_a_topic_with_history_is_refused_and_reaches_no_one() {
+    let ep = feed_endpoint();
+    let mut c = connect(&ep, "vsn=2.0.0").await;
+    join(&mut c, 1, "feed:a", json!({})).await;
+    // It would carry no position and be missing from every replay: refused, sent nowhere.
+    assert_eq!(ep.pubsub().broadcast("feed:a", "new_msg", json!({"body": "no position"})), 0);
+    // Topics without history are untouched.
+    assert_eq!(ep.pubsub().broadcast("room:a", "new_msg", json!({})), 0);
+    let live = publish(&mut c, "feed:a", 0..1).await;
+    assert_eq!(pos_of(&live[0]).split_once(':').map(|p| p.1), Some("1"), "only the positioned broadcast arrived");
+    assert!(c.is_quiet());
+    assert_eq!(ep.history().stats(), Default::default(), "the memory store never fails");
+}
