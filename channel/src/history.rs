@@ -5,6 +5,11 @@
 //! a topic with history is appended to the [`HistoryStore`] first and delivered after, under a
 //! per-topic lock, so positions increase in the order subscribers receive broadcasts and a client
 //! can never have seen a broadcast that history lacks.
+//!
+//! A store shared by several nodes (Redis Streams) cannot be ordered by a node's locks: it
+//! delivers instead ([`HistoryStore::deliver_to`]). Every node then delivers entries as the store
+//! hands them over, per topic in position order, dropping repeats and reading gaps back from the
+//! store; a recovering join drops live broadcasts its replay already holds, by position.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
