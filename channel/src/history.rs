@@ -179,8 +179,8 @@ struct Delivered {
     waiters: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
-/// Most entries kept while a gap is read back; past it, the topic's subscribers are resynced
-/// from the store when the read ends (what did not fit is read back too).
+/// Most entries kept while a gap is read back. What does not fit is dropped here, which shows as
+/// the next gap when the following entry arrives, and is read back then.
 const FILL_BUFFER: usize = 100_000;
 /// How long a recovering join waits for a gap being filled before it goes ahead.
 const FILL_WAIT: Duration = Duration::from_secs(5);
