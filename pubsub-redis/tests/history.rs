@@ -300,3 +300,71 @@ async fn an_unreachable_redis_answers_not_recovered_and_is_counted() {
     let stats = endpoint.history().stats();
     assert_eq!((stats.append_errors, stats.read_errors), (1, 1));
 }
+
+/// A private redis-server on a free port (its connections can be cut without touching other
+/// tests), killed when dropped.
+struct PrivateRedis(std::process::Child);
+
+impl PrivateRedis {
+    async fn start() -> (PrivateRedis, String) {
+        let port = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (it is installed with Redis)");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        // A port has no event to await: poll until it accepts.
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "redis-server did not start on {port}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (PrivateRedis(child), format!("redis://127.0.0.1:{port}"))
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcasts_a_node_missed_while_its_subscription_was_down_are_read_back() {
+    if redis_url().await.is_none() {
+        return;
+    }
+    let (_redis, url) = PrivateRedis::start().await;
+    let cluster = unique_cluster();
+    let (a, b) = (node(&url, &cluster), node(&url, &cluster));
+    let topic = "feed:gap";
+    let mut publisher = Client::connect(&a).await;
+    publisher.join(topic, json!({})).await;
+    let mut on_b = Client::connect(&b).await;
+    on_b.join(topic, json!({})).await;
+    let (mut own, mut seen) = (Vec::new(), Vec::new());
+    publisher.publish(topic, json!(0), &mut own).await;
+    on_b.broadcasts(1, &mut seen).await;
+
+    // Every node's subscriptions are cut; what is published before they are back (they wait
+    // 100 ms first) reaches nobody through them, and is read back from the stream.
+    let mut admin =
+        redis::Client::open(url.as_str()).expect("url").get_multiplexed_async_connection().await.expect("redis");
+    let killed: i64 =
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut admin).await.expect("kill");
+    assert!(killed >= 2, "cut {killed} subscriptions");
+    for n in 1..4 {
+        let (status, _) = publisher.publish(topic, json!(n), &mut own).await;
+        assert_eq!(status, "ok");
+    }
+    let got = on_b.broadcasts(3, &mut seen).await;
+    let bodies: Vec<Value> =
+        got.iter().map(|f| serde_json::from_str::<Value>(f).expect("json")[4]["body"].clone()).collect();
+    assert_eq!(bodies, [json!(1), json!(2), json!(3)], "in order");
+    assert_eq!(publisher.broadcasts(4, &mut own).await[1..], got[..], "the publisher's node too");
+    // Then live again, each once.
+    publisher.publish(topic, json!(4), &mut own).await;
+    assert_eq!(on_b.broadcasts(1, &mut seen).await, publisher.broadcasts(1, &mut own).await);
+    assert!(on_b.is_quiet().await);
+}
