@@ -218,6 +218,8 @@ pub struct SocketRef {
     pub(crate) presence: Option<crate::presence::Owner>,
     /// Set by [`SocketRef::recover`] in `join`: the history to deliver after the join reply.
     pub(crate) replay: Option<Vec<Arc<Broadcast>>>,
+    /// The position the replay reaches: live broadcasts at or before it are dropped.
+    pub(crate) replay_after: Option<Position>,
     /// True once `join` has returned: [`SocketRef::recover`] belongs in `join` only.
     pub(crate) joined: bool,
 }
@@ -333,11 +335,13 @@ impl SocketRef {
                 tracing::info!(topic = %self.topic, missed = read.entries.len(), "too much to replay: not recovered");
                 self.subscriber = Some(id);
                 self.replay = Some(Vec::new());
+                self.replay_after = Some(read.current);
                 Ok(Recovery { recovered: false, position: Some(read.current) })
             }
             Ok((id, read)) => {
                 self.subscriber = Some(id);
                 self.replay = Some(read.entries.into_iter().map(|e| e.broadcast).collect());
+                self.replay_after = Some(read.current);
                 Ok(Recovery { recovered: read.recovered, position: Some(read.current) })
             }
             Err((id, e)) => {

@@ -5,236 +5,29 @@
 //! a topic with history is appended to the [`HistoryStore`] first and delivered after, under a
 //! per-topic lock, so positions increase in the order subscribers receive broadcasts and a client
 //! can never have seen a broadcast that history lacks.
+//!
+//! A store shared by several nodes (Redis Streams) cannot be ordered by a node's locks: it
+//! delivers instead ([`HistoryStore::deliver_to`]). Every node then delivers entries as the store
+//! hands them over, per topic in position order, dropping repeats and reading gaps back from the
+//! store; a recovering join drops live broadcasts its replay already holds, by position.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
+pub use fawkes_pubsub_core::{
+    Entry, HistoryError, HistoryOptions, HistorySink, HistoryStore, MalformedPosition, Position, ReadAfter,
+};
 use fawkes_serializer::{Broadcast, Payload};
 use futures_util::future::BoxFuture;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
 use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 
 use crate::pubsub::PubSub;
-
-/// Where a broadcast sits in its topic's history: an epoch (which changes whenever the history
-/// was lost or reset, and differs between topics) and an offset that increases by one per
-/// broadcast. Clients see it as an opaque string, `"<epoch in hex>:<offset>"`.
-///
-/// ```
-/// use fawkes_channel::Position;
-///
-/// let p: Position = "9f3a:42".parse().unwrap();
-/// assert_eq!((p.epoch(), p.offset()), (0x9f3a, 42));
-/// assert_eq!(p.to_string(), "9f3a:42");
-/// assert!("42".parse::<Position>().is_err());
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Position {
-    epoch: u64,
-    offset: u64,
-}
-
-impl Position {
-    /// A position; `offset` 0 is "before the first broadcast".
-    pub fn new(epoch: u64, offset: u64) -> Position {
-        Position { epoch, offset }
-    }
-    /// The epoch of the history this position belongs to.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-    /// The number of broadcasts in this epoch up to and including this one.
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-}
-
-impl fmt::Display for Position {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:x}:{}", self.epoch, self.offset)
-    }
-}
-
-/// A string that is not a [`Position`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed position")]
-pub struct MalformedPosition;
-
-impl FromStr for Position {
-    type Err = MalformedPosition;
-    fn from_str(s: &str) -> Result<Position, MalformedPosition> {
-        let (epoch, offset) = s.split_once(':').ok_or(MalformedPosition)?;
-        let digits = |s: &str, hex: bool| {
-            !s.is_empty()
-                && s.len() <= 20
-                && s.bytes().all(|b| if hex { b.is_ascii_hexdigit() } else { b.is_ascii_digit() })
-        };
-        if !digits(epoch, true) || !digits(offset, false) {
-            return Err(MalformedPosition);
-        }
-        let epoch = u64::from_str_radix(epoch, 16).map_err(|_| MalformedPosition)?;
-        let offset = offset.parse().map_err(|_| MalformedPosition)?;
-        Ok(Position { epoch, offset })
-    }
-}
-
-/// How much history a topic keeps: at most `max_len` broadcasts, none older than `max_age`.
-///
-/// ```
-/// use std::time::Duration;
-/// use fawkes_channel::HistoryOptions;
-///
-/// let options = HistoryOptions::default().max_len(10_000).max_age(Duration::from_secs(3600));
-/// assert_eq!(options.max_len, 10_000);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct HistoryOptions {
-    /// Broadcasts kept per topic (default 1,000).
-    pub max_len: usize,
-    /// Age after which a broadcast is dropped from history (default 5 minutes).
-    pub max_age: Duration,
-}
-
-impl Default for HistoryOptions {
-    fn default() -> HistoryOptions {
-        HistoryOptions { max_len: 1000, max_age: Duration::from_secs(300) }
-    }
-}
-
-impl HistoryOptions {
-    /// Sets [`HistoryOptions::max_len`] (at least 1).
-    pub fn max_len(mut self, n: usize) -> Self {
-        self.max_len = n.max(1);
-        self
-    }
-    /// Sets [`HistoryOptions::max_age`].
-    pub fn max_age(mut self, age: Duration) -> Self {
-        self.max_age = age;
-        self
-    }
-}
-
-/// One broadcast kept in history, at its position.
-#[derive(Debug, Clone)]
-pub struct Entry {
-    /// Its position.
-    pub position: Position,
-    /// The broadcast, exactly as delivered.
-    pub broadcast: Arc<Broadcast>,
-}
-
-/// What a store knows after a position (see [`HistoryStore::read_after`]).
-#[derive(Debug, Clone)]
-pub struct ReadAfter {
-    /// The topic's latest position (offset 0 before any broadcast).
-    pub current: Position,
-    /// True when `entries` are every broadcast after the position asked for.
-    pub recovered: bool,
-    /// The broadcasts after the position, oldest first; empty unless `recovered`.
-    pub entries: Vec<Entry>,
-}
-
-/// Why history could not be written or read.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum HistoryError {
-    /// The topic matches no pattern given a history.
-    #[error("topic {0:?} keeps no history")]
-    NoHistory(String),
-    /// [`SocketRef::recover`](crate::SocketRef::recover) was called after `join` returned.
-    #[error("recovery is only possible in Channel::join")]
-    AfterJoin,
-    /// The store failed (unreachable, say).
-    #[error("history store failed: {0}")]
-    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
-
-/// Where topics' histories are kept. [`MemoryHistory`] is the default; a durable or shared store
-/// (SQL, Redis Streams) implements the same three steps: append returning a position, read after a
-/// position, and an epoch per topic that changes whenever the history was lost.
-///
-/// Appends to one topic are never concurrent on one node (the caller holds a per-topic lock), so a
-/// store only has to order appends from several nodes.
-///
-/// ```
-/// use std::sync::Arc;
-/// use fawkes_channel::{Broadcast, Entry, HistoryError, HistoryOptions, HistoryStore, Position, ReadAfter};
-/// use futures_util::future::BoxFuture;
-/// use parking_lot::Mutex;
-///
-/// /// Keeps every broadcast of every topic forever, in one list per topic, epoch 1.
-/// #[derive(Default)]
-/// struct Forever(Mutex<std::collections::HashMap<String, Vec<Arc<Broadcast>>>>);
-///
-/// impl HistoryStore for Forever {
-///     fn append<'a>(
-///         &'a self,
-///         topic: &'a str,
-///         _: &'a HistoryOptions,
-///         make: &'a mut (dyn FnMut(Position) -> Broadcast + Send),
-///     ) -> BoxFuture<'a, Result<Entry, HistoryError>> {
-///         let mut topics = self.0.lock();
-///         let list = topics.entry(topic.to_owned()).or_default();
-///         let position = Position::new(1, list.len() as u64 + 1);
-///         let broadcast = Arc::new(make(position));
-///         list.push(broadcast.clone());
-///         Box::pin(std::future::ready(Ok(Entry { position, broadcast })))
-///     }
-///
-///     fn read_after<'a>(
-///         &'a self,
-///         topic: &'a str,
-///         _: &'a HistoryOptions,
-///         since: Option<Position>,
-///     ) -> BoxFuture<'a, Result<ReadAfter, HistoryError>> {
-///         let topics = self.0.lock();
-///         let list = topics.get(topic).map_or(&[][..], Vec::as_slice);
-///         let current = Position::new(1, list.len() as u64);
-///         let read = match since {
-///             Some(p) if p.epoch() == 1 && p.offset() <= current.offset() => {
-///                 let entries = (p.offset()..current.offset())
-///                     .map(|i| Entry { position: Position::new(1, i + 1), broadcast: list[i as usize].clone() })
-///                     .collect();
-///                 ReadAfter { current, recovered: true, entries }
-///             }
-///             _ => ReadAfter { current, recovered: false, entries: Vec::new() },
-///         };
-///         Box::pin(std::future::ready(Ok(read)))
-///     }
-/// }
-///
-/// let endpoint = fawkes_channel::Endpoint::builder()
-///     .history_store(Forever::default())
-///     .history("feed:*", HistoryOptions::default())
-///     .build();
-/// # let _ = endpoint;
-/// ```
-pub trait HistoryStore: Send + Sync + 'static {
-    /// Appends the broadcast `make` builds from its position, and returns it at that position.
-    /// A store may call `make` more than once (retrying a conflicting append); only the
-    /// broadcast it returns is delivered.
-    fn append<'a>(
-        &'a self,
-        topic: &'a str,
-        options: &'a HistoryOptions,
-        make: &'a mut (dyn FnMut(Position) -> Broadcast + Send),
-    ) -> BoxFuture<'a, Result<Entry, HistoryError>>;
-
-    /// The broadcasts after `since`. `recovered` is false (and nothing is returned) when any of
-    /// them may be missing: `since` is absent, from another epoch or topic, past the latest
-    /// position, or older than what is kept.
-    fn read_after<'a>(
-        &'a self,
-        topic: &'a str,
-        options: &'a HistoryOptions,
-        since: Option<Position>,
-    ) -> BoxFuture<'a, Result<ReadAfter, HistoryError>>;
-}
 
 /// The in-memory [`HistoryStore`]: per topic, the last broadcasts within the topic's
 /// [`HistoryOptions`]. Its epochs are random per store and per topic, so a restart (a new store)
@@ -314,7 +107,7 @@ impl MemoryHistory {
         let mut shard = self.shard(topic).lock();
         let stream = shard.entry(topic.into()).or_insert_with(|| Stream { last: 0, entries: VecDeque::new() });
         stream.last += 1;
-        let position = Position { epoch: self.epoch(topic), offset: stream.last };
+        let position = Position::new(self.epoch(topic), stream.last);
         let entry = Entry { position, broadcast: Arc::new(make(position)) };
         stream.entries.push_back((now, entry.clone()));
         stream.trim(options, now);
@@ -325,15 +118,15 @@ impl MemoryHistory {
         let epoch = self.epoch(topic);
         let mut shard = self.shard(topic).lock();
         let Some(stream) = shard.get_mut(topic) else {
-            let current = Position { epoch, offset: 0 };
+            let current = Position::new(epoch, 0);
             return ReadAfter { current, recovered: since == Some(current), entries: Vec::new() };
         };
         stream.trim(options, Instant::now());
-        let current = Position { epoch, offset: stream.last };
-        let first_kept = stream.entries.front().map_or(stream.last + 1, |(_, e)| e.position.offset);
+        let current = Position::new(epoch, stream.last);
+        let first_kept = stream.entries.front().map_or(stream.last + 1, |(_, e)| e.position.offset());
         match since {
-            Some(p) if p.epoch == epoch && p.offset <= stream.last && p.offset + 1 >= first_kept => {
-                let skip = (p.offset + 1 - first_kept) as usize;
+            Some(p) if p.epoch() == epoch && p.offset() <= stream.last && p.offset() + 1 >= first_kept => {
+                let skip = (p.offset() + 1 - first_kept) as usize;
                 let entries = stream.entries.iter().skip(skip).map(|(_, e)| e.clone()).collect();
                 ReadAfter { current, recovered: true, entries }
             }
@@ -369,7 +162,28 @@ pub(crate) struct Layer {
     /// Held across append and delivery, so positions increase in delivery order, and across a
     /// recovering join's subscribe and read, so the seam has no gap and no duplicate.
     locks: Box<[tokio::sync::Mutex<()>]>,
+    /// True when the store delivers broadcasts itself ([`HistoryStore::deliver_to`]).
+    delivers: AtomicBool,
+    /// With a delivering store: per topic with local subscribers, the last position delivered.
+    delivered: Mutex<HashMap<Box<str>, Delivered>>,
+    append_errors: AtomicU64,
+    read_errors: AtomicU64,
 }
+
+/// What a delivering store last delivered on one topic, here.
+struct Delivered {
+    last: Position,
+    /// While a gap is read back from the store: what arrived meanwhile, in order.
+    filling: Option<Vec<Entry>>,
+    /// Recovering joins waiting for the gap to be filled.
+    waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Most entries kept while a gap is read back. What does not fit is dropped here, which shows as
+/// the next gap when the following entry arrives, and is read back then.
+const FILL_BUFFER: usize = 100_000;
+/// How long a recovering join waits for a gap being filled before it goes ahead.
+const FILL_WAIT: Duration = Duration::from_secs(5);
 
 impl Layer {
     fn new() -> Layer {
@@ -377,6 +191,131 @@ impl Layer {
             store: RwLock::new(Arc::new(MemoryHistory::new())),
             patterns: RwLock::new(Vec::new()),
             locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+            delivers: AtomicBool::new(false),
+            delivered: Mutex::new(HashMap::new()),
+            append_errors: AtomicU64::new(0),
+            read_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether `topic` keeps a history.
+    pub(crate) fn keeps(&self, topic: &str) -> bool {
+        let patterns = self.patterns.read();
+        !patterns.is_empty() && patterns.iter().any(|(p, _)| matches(p, topic))
+    }
+
+    /// An entry the store delivered: to this node's subscribers, once, in position order.
+    fn on_delivered(self: &Arc<Layer>, pubsub: &PubSub, entry: Entry) {
+        let broadcast = entry.broadcast.clone();
+        let topic = broadcast.topic.as_str();
+        let mut delivered = self.delivered.lock();
+        if pubsub.subscriber_count(topic) == 0 {
+            // Nobody here to keep in order; a later subscriber starts from its own read.
+            delivered.remove(topic);
+            return;
+        }
+        let Some(state) = delivered.get_mut(topic) else {
+            pubsub.0.dispatch_at(&entry.broadcast, None, Some(entry.position));
+            delivered.insert(topic.into(), Delivered { last: entry.position, filling: None, waiters: Vec::new() });
+            return;
+        };
+        if let Some(buffer) = &mut state.filling {
+            if buffer.len() < FILL_BUFFER {
+                buffer.push(entry);
+            }
+            return;
+        }
+        let (last, at) = (state.last, entry.position);
+        if at.epoch() != last.epoch() {
+            tracing::warn!(topic, from = %last, to = %at, "history reset (new epoch): delivering from its start");
+        } else if at.offset() <= last.offset() {
+            return;
+        } else if at.offset() > last.offset() + 1 {
+            tracing::warn!(topic, after = %last, next = %at, "broadcasts missed here; reading them back from history");
+            state.filling = Some(vec![entry]);
+            drop(delivered);
+            self.fill(pubsub, topic.to_owned(), last);
+            return;
+        }
+        pubsub.0.dispatch_at(&entry.broadcast, None, Some(at));
+        state.last = at;
+    }
+
+    /// Reads back what `topic`'s subscribers missed after `last`, then delivers it and what
+    /// arrived meanwhile.
+    fn fill(self: &Arc<Layer>, pubsub: &PubSub, topic: String, last: Position) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(topic, "no tokio runtime: missed broadcasts not read back");
+            return;
+        };
+        let (layer, pubsub) = (self.clone(), pubsub.downgrade());
+        rt.spawn(async move {
+            let store = layer.store.read().clone();
+            let read = match layer.options(&topic) {
+                Some(options) => store.read_after(&topic, &options, Some(last)).await,
+                None => Err(HistoryError::NoHistory(topic.clone())),
+            };
+            let Some(pubsub) = pubsub.upgrade() else { return };
+            let mut delivered = layer.delivered.lock();
+            let Some(state) = delivered.get_mut(topic.as_str()) else { return };
+            let missed = match read {
+                Ok(read) if read.recovered => read.entries,
+                Ok(_) => {
+                    layer.read_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(topic, after = %last, "missed broadcasts are no longer in history: subscribers here lost them");
+                    Vec::new()
+                }
+                Err(e) => {
+                    layer.read_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(topic, after = %last, error = %e, "missed broadcasts could not be read back: subscribers here lost them");
+                    Vec::new()
+                }
+            };
+            let buffered = state.filling.take().unwrap_or_default();
+            for entry in missed.into_iter().chain(buffered) {
+                let at = entry.position;
+                if at.epoch() == state.last.epoch() && at.offset() <= state.last.offset() {
+                    continue;
+                }
+                pubsub.0.dispatch_at(&entry.broadcast, None, Some(at));
+                state.last = at;
+            }
+            for waiter in state.waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        });
+    }
+
+    /// The store's delivery connection is back: read back what every topic here may have missed.
+    fn resync(self: &Arc<Layer>, pubsub: &PubSub) {
+        let mut delivered = self.delivered.lock();
+        let mut fills = Vec::new();
+        for (topic, state) in delivered.iter_mut() {
+            if state.filling.is_none() {
+                state.filling = Some(Vec::new());
+                fills.push((topic.to_string(), state.last));
+            }
+        }
+        drop(delivered);
+        for (topic, last) in fills {
+            self.fill(pubsub, topic, last);
+        }
+    }
+
+    /// Waits (a while at most) until no gap of `topic` is being read back.
+    async fn filled(&self, topic: &str) {
+        let wait = {
+            let mut delivered = self.delivered.lock();
+            delivered.get_mut(topic).filter(|s| s.filling.is_some()).map(|state| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                state.waiters.push(tx);
+                rx
+            })
+        };
+        if let Some(rx) = wait
+            && tokio::time::timeout(FILL_WAIT, rx).await.is_err()
+        {
+            tracing::warn!(topic, "missed broadcasts still being read back; recovering join goes ahead");
         }
     }
 
@@ -437,7 +376,40 @@ impl fmt::Debug for History {
 impl PubSub {
     /// Topics' histories on this PubSub.
     pub fn history(&self) -> History {
-        History { pubsub: self.clone(), layer: self.layer(Layer::new) }
+        History { pubsub: self.clone(), layer: self.0.history.get_or_init(|| Arc::new(Layer::new())).clone() }
+    }
+}
+
+/// What a [`History`] counts (see [`History::stats`]): store failures, each also logged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HistoryStats {
+    /// Broadcasts not sent because the store could not write them.
+    pub append_errors: u64,
+    /// Reads that failed: joins answered `recovered: false`, and broadcasts this node missed
+    /// that could not be read back.
+    pub read_errors: u64,
+}
+
+/// Hands what a delivering store delivers to a PubSub's history layer.
+struct Sink {
+    pubsub: crate::pubsub::WeakPubSub,
+    layer: std::sync::Weak<Layer>,
+}
+
+impl HistorySink for Sink {
+    fn deliver(&self, entry: Entry) {
+        if let (Some(pubsub), Some(layer)) = (self.pubsub.upgrade(), self.layer.upgrade()) {
+            layer.on_delivered(&pubsub, entry);
+        }
+    }
+    fn resync(&self) {
+        if let (Some(pubsub), Some(layer)) = (self.pubsub.upgrade(), self.layer.upgrade()) {
+            layer.resync(&pubsub);
+        }
+    }
+    fn is_closed(&self) -> bool {
+        self.pubsub.upgrade().is_none() || self.layer.strong_count() == 0
     }
 }
 
@@ -448,9 +420,22 @@ impl History {
         self.layer.patterns.write().push((pattern.into(), options));
     }
 
-    /// Keeps histories in `store` from now on (the default is a [`MemoryHistory`]).
+    /// Keeps histories in `store` from now on (the default is a [`MemoryHistory`]). A store
+    /// shared by several nodes (Redis Streams) delivers the broadcasts itself, to every node in
+    /// one order (see [`HistoryStore::deliver_to`]).
     pub fn set_store(&self, store: Arc<dyn HistoryStore>) {
+        let sink = Arc::new(Sink { pubsub: self.pubsub.downgrade(), layer: Arc::downgrade(&self.layer) });
+        let delivers = store.deliver_to(sink);
         *self.layer.store.write() = store;
+        self.layer.delivers.store(delivers, Ordering::Release);
+    }
+
+    /// Store failures so far (also logged).
+    pub fn stats(&self) -> HistoryStats {
+        HistoryStats {
+            append_errors: self.layer.append_errors.load(Ordering::Relaxed),
+            read_errors: self.layer.read_errors.load(Ordering::Relaxed),
+        }
     }
 
     /// The options of `topic`'s history, if it keeps one.
@@ -482,9 +467,12 @@ impl History {
         let mut build =
             |pos: Position| Broadcast { topic: topic.to_owned(), event: event.to_owned(), payload: make(&pos) };
         let entry = store.append(topic, &options, &mut build).await.inspect_err(|e| {
+            self.layer.append_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(topic, error = %e, "history append failed: broadcast not sent");
         })?;
-        self.pubsub.publish_shared(entry.broadcast, from);
+        if !self.layer.delivers.load(Ordering::Acquire) {
+            self.pubsub.publish_shared(entry.broadcast, from);
+        }
         Ok(entry.position)
     }
 
@@ -503,9 +491,19 @@ impl History {
         };
         let _order = self.layer.lock(topic).lock().await;
         let subscribed = subscribe();
-        match store.read_after(topic, &options, since).await {
+        // A delivering store's read returns once everything up to `current` reached this node
+        // (and a gap being read back is waited for): later arrivals are after `current`, and
+        // those up to it that wait in the new subscription are dropped as replayed.
+        let read = store.read_after(topic, &options, since).await;
+        if read.is_ok() && self.layer.delivers.load(Ordering::Acquire) {
+            self.layer.filled(topic).await;
+        }
+        match read {
             Ok(read) => Ok((subscribed, read)),
-            Err(e) => Err((subscribed, e)),
+            Err(e) => {
+                self.layer.read_errors.fetch_add(1, Ordering::Relaxed);
+                Err((subscribed, e))
+            }
         }
     }
 }

@@ -152,8 +152,8 @@ pub use fawkes_pubsub_core::{
 };
 pub use fawkes_serializer::{Broadcast, Frame, Payload, Ref, ReplyStatus, Serializer};
 pub use history::{
-    Entry, History, HistoryError, HistoryOptions, HistoryStore, MalformedPosition, MemoryHistory, Position, ReadAfter,
-    Recovery,
+    Entry, History, HistoryError, HistoryOptions, HistorySink, HistoryStats, HistoryStore, MalformedPosition,
+    MemoryHistory, Position, ReadAfter, Recovery,
 };
 pub use origin::{OriginCheck, OriginPatternError};
 pub use outbox::{CloseReason, Outbound};

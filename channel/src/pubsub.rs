@@ -17,6 +17,7 @@ use fawkes_serializer::{Broadcast, Frame, Payload, Serializer};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 
+use crate::history::Position;
 use crate::outbox::Outbox;
 
 /// Identifies one subscription, so a broadcast can skip its sender (`broadcast_from`).
@@ -44,7 +45,9 @@ pub(crate) enum Subscriber {
 pub(crate) struct Held {
     pub(crate) outbox: Outbox,
     pub(crate) limit: usize,
-    pub(crate) waiting: Vec<Arc<Broadcast>>,
+    /// Broadcasts that arrived meanwhile, with their position when a shared history store
+    /// delivered them (see [`PubSub::release`]).
+    pub(crate) waiting: Vec<(Option<Position>, Arc<Broadcast>)>,
 }
 
 type Topics = HashMap<Box<str>, HashMap<u64, Subscriber>>;
@@ -56,6 +59,8 @@ pub(crate) struct Inner {
     cluster: Cluster,
     /// The state of the layers built on this PubSub (presence), one per type, made on first use.
     layers: Mutex<Vec<Arc<dyn Any + Send + Sync>>>,
+    /// The history layer, once asked for: plain broadcasts check it (see [`PubSub::publish`]).
+    pub(crate) history: OnceLock<Arc<crate::history::Layer>>,
 }
 
 /// Topic subscriptions on this node and broadcast fan-out, Presence, and the
@@ -99,6 +104,7 @@ impl PubSub {
             next_id: AtomicU64::new(1),
             cluster,
             layers: Mutex::new(Vec::new()),
+            history: OnceLock::new(),
         });
         let weak = Arc::downgrade(&inner);
         inner.cluster.on_broadcast(move |_origin, broadcast| {
@@ -147,12 +153,27 @@ impl PubSub {
 
     /// Broadcasts to every subscriber of `topic`, on every node. Returns the number of local
     /// subscribers reached.
+    ///
+    /// A topic that keeps a history (see [`History`](crate::History)) refuses plain broadcasts:
+    /// one would reach subscribers without a position and be missing from every replay, so it is
+    /// logged as an error and sent nowhere (0 is returned). Use
+    /// [`History::broadcast`](crate::History::broadcast) or
+    /// [`SocketRef::broadcast_with_position`](crate::SocketRef::broadcast_with_position) there.
     pub fn broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) -> usize {
         self.publish(Broadcast { topic: topic.into(), event: event.into(), payload: payload.into() }, None)
     }
 
     /// Broadcasts a prepared message to every node, skipping the local subscriber `from` (if any).
+    /// Refused on a topic that keeps a history, as [`PubSub::broadcast`] is.
     pub fn publish(&self, broadcast: Broadcast, from: Option<SubscriberId>) -> usize {
+        if self.0.history.get().is_some_and(|h| h.keeps(&broadcast.topic)) {
+            tracing::error!(
+                topic = %broadcast.topic,
+                event = %broadcast.event,
+                "plain broadcast refused: the topic keeps a history, broadcast through History::broadcast"
+            );
+            return 0;
+        }
         let broadcast = Arc::new(broadcast);
         let n = self.0.dispatch(&broadcast, from);
         if self.is_clustered() {
@@ -171,8 +192,16 @@ impl PubSub {
     }
 
     /// Turns the held subscription `id` into `sub`: first `replay` is delivered to it, then the
-    /// broadcasts that waited, with no broadcast in between (fan-out to the topic waits).
-    pub(crate) fn release(&self, topic: &str, id: SubscriberId, replay: &[Arc<Broadcast>], sub: Subscriber) {
+    /// broadcasts that waited, with no broadcast in between (fan-out to the topic waits). Waiting
+    /// broadcasts at or before `after` (of its epoch) are dropped: the replay has them.
+    pub(crate) fn release(
+        &self,
+        topic: &str,
+        id: SubscriberId,
+        replay: &[Arc<Broadcast>],
+        after: Option<Position>,
+        sub: Subscriber,
+    ) {
         let mut shard = self.0.shard(topic).write();
         let Some(slot) = shard.get_mut(topic).and_then(|subs| subs.get_mut(&id.0)) else {
             return;
@@ -181,8 +210,13 @@ impl PubSub {
             Subscriber::Held(held) => std::mem::take(&mut held.get_mut().waiting),
             _ => Vec::new(),
         };
-        for b in replay.iter().chain(&waiting) {
-            deliver(&sub, b, &BroadcastFrames::new(b));
+        let replayed = |p: &Option<Position>| match (p, after) {
+            (Some(p), Some(after)) => p.epoch() == after.epoch() && p.offset() <= after.offset(),
+            _ => false,
+        };
+        let waiting = waiting.iter().filter(|(p, _)| !replayed(p)).map(|(_, b)| b);
+        for b in replay.iter().chain(waiting) {
+            deliver(&sub, b, None, &BroadcastFrames::new(b));
         }
         *slot = sub;
     }
@@ -260,6 +294,11 @@ impl Inner {
     }
 
     pub(crate) fn dispatch(&self, b: &Arc<Broadcast>, from: Option<SubscriberId>) -> usize {
+        self.dispatch_at(b, from, None)
+    }
+
+    /// [`Inner::dispatch`] of a broadcast at a position in its topic's history.
+    pub(crate) fn dispatch_at(&self, b: &Arc<Broadcast>, from: Option<SubscriberId>, at: Option<Position>) -> usize {
         let frames = BroadcastFrames::new(b);
         let shard = self.shard(&b.topic).read();
         let Some(subs) = shard.get(&*b.topic) else {
@@ -271,14 +310,14 @@ impl Inner {
                 continue;
             }
             reached += 1;
-            deliver(sub, b, &frames);
+            deliver(sub, b, at, &frames);
         }
         reached
     }
 }
 
 #[inline]
-fn deliver(sub: &Subscriber, b: &Arc<Broadcast>, frames: &BroadcastFrames<'_>) {
+fn deliver(sub: &Subscriber, b: &Arc<Broadcast>, at: Option<Position>, frames: &BroadcastFrames<'_>) {
     match sub {
         Subscriber::Socket { outbox, serializer, intercept } => {
             if let Some(i) = intercept.as_ref().filter(|i| i.events.contains(&&*b.event)) {
@@ -304,7 +343,7 @@ fn deliver(sub: &Subscriber, b: &Arc<Broadcast>, frames: &BroadcastFrames<'_>) {
                 held.outbox.close(crate::outbox::CloseReason::SlowConsumer);
                 return;
             }
-            held.waiting.push(b.clone());
+            held.waiting.push((at, b.clone()));
         }
     }
 }

@@ -52,6 +52,7 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
         alive: Arc::new(()),
         presence: None,
         replay: None,
+        replay_after: None,
         joined: false,
     };
 
@@ -104,7 +105,7 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
     }
     if let (Some(sub), Some(id)) = (release, held) {
         let replay = socket.replay.take().unwrap_or_default();
-        socket.pubsub.release(&socket.topic, id, &replay, sub);
+        socket.pubsub.release(&socket.topic, id, &replay, socket.replay_after, sub);
     }
     if status != ReplyStatus::Ok {
         // Pushes the client sent before it saw the refusal get what a push to an unjoined topic gets.

@@ -11,6 +11,7 @@
 //! | [`RemoteInbound`] | where an adapter hands what arrives, and reports its backend's state |
 //! | [`OutgoingQueue`], [`Outgoing`], [`Backoff`] | the bounded send queue and reconnect delay a network adapter needs |
 //! | [`envelope`] | the bytes nodes exchange: [`Envelope`], [`Body`], their codec, [`EnvelopeError`] |
+//! | [`HistoryStore`], [`HistorySink`], [`Position`], [`Entry`] | topics' histories as a store sees them (the history layer is in `fawkes-channel`) |
 //! | [`Cluster`] | a node's link through its adapter: sends envelopes, answers requests ([`RequestError`], [`ServiceGuard`]), counts ([`ClusterStats`]) |
 //!
 //! Topic subscriptions, fan-out to sockets and presence live above, in `fawkes-channel`, whose
@@ -75,6 +76,7 @@
 mod adapter;
 mod cluster;
 pub mod envelope;
+mod history;
 mod node;
 mod outgoing;
 mod stats;
@@ -82,6 +84,9 @@ mod stats;
 pub use adapter::{Adapter, RemoteInbound};
 pub use cluster::{Cluster, RequestError, ServiceGuard};
 pub use envelope::{Body, Envelope, EnvelopeError};
+pub use history::{
+    Entry, HistoryError, HistoryOptions, HistorySink, HistoryStore, MalformedPosition, Position, ReadAfter,
+};
 pub use node::NodeId;
 pub use outgoing::{Backoff, Outgoing, OutgoingQueue};
 pub use stats::ClusterStats;

@@ -14,6 +14,10 @@
 //! queued while the publisher is disconnected (up to [`RedisOptions::queue`]) are sent once it
 //! is back; past that they are dropped and counted.
 //!
+//! History: [`RedisHistory`] keeps topics' histories in Redis Streams for the whole cluster (one
+//! position space, any node recovers any client), and puts every node's subscribers in the
+//! stream's order.
+//!
 //! ```no_run
 //! use fawkes_channel::PubSub;
 //! use fawkes_pubsub_redis::RedisAdapter;
@@ -24,6 +28,10 @@
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
+
+mod history;
+
+pub use history::{RedisHistory, RedisHistoryError};
 
 use std::fmt;
 use std::time::Duration;

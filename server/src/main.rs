@@ -156,6 +156,9 @@ async fn serve(config: ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
         .pubsub(pubsub)
         .socket_handler(auth.clone())
         .build();
+    if let Some(store) = fawkes_server::feed::history_store(config.pubsub.as_deref(), &config.cluster)? {
+        endpoint.history().set_store(store);
+    }
     let _db_clients = DbClients::start(db, endpoint.clone(), DbClientsOptions::default()).await?;
     let mut longpoll = LongPollOptions::default();
     if let Some(secret) = &config.secret {

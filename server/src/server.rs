@@ -68,6 +68,7 @@ pub fn sockets(path: &str, endpoint: Endpoint, longpoll: LongPollOptions) -> axu
 /// Prometheus text: open sockets and the cluster link.
 fn metrics(endpoint: &Endpoint, more: String) -> impl IntoResponse + use<> {
     let c = endpoint.pubsub().stats();
+    let h = endpoint.history().stats();
     let body = format!(
         "# HELP fawkes_sockets Open sockets.\n# TYPE fawkes_sockets gauge\nfawkes_sockets {}\n\
          # HELP fawkes_pubsub_connected Whether the PubSub backend is reachable (1 on a single node).\n\
@@ -83,7 +84,10 @@ fn metrics(endpoint: &Endpoint, more: String) -> impl IntoResponse + use<> {
          # HELP fawkes_pubsub_malformed_total Messages from the backend that could not be read.\n\
          # TYPE fawkes_pubsub_malformed_total counter\nfawkes_pubsub_malformed_total {}\n\
          # HELP fawkes_draining Whether the server is draining (1 from the first moment of SIGTERM).\n\
-         # TYPE fawkes_draining gauge\nfawkes_draining {}\n",
+         # TYPE fawkes_draining gauge\nfawkes_draining {}\n\
+         # HELP fawkes_history_errors_total History store failures: broadcasts not sent (append), joins not recovered or missed broadcasts not read back (read).\n\
+         # TYPE fawkes_history_errors_total counter\n\
+         fawkes_history_errors_total{{op=\"append\"}} {}\nfawkes_history_errors_total{{op=\"read\"}} {}\n",
         endpoint.connected(),
         u8::from(c.connected),
         c.disconnects,
@@ -92,6 +96,8 @@ fn metrics(endpoint: &Endpoint, more: String) -> impl IntoResponse + use<> {
         c.dropped,
         c.malformed,
         u8::from(endpoint.is_shutting_down()),
+        h.append_errors,
+        h.read_errors,
     ) + &more;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

@@ -325,6 +325,9 @@ async fn every_metric_has_a_help_line() {
         .filter_map(|l| l.split([' ', '{']).next())
         .collect();
     assert!(names.len() >= 3, "{body}");
+    for op in ["append", "read"] {
+        assert!(body.contains(&format!("fawkes_history_errors_total{{op=\"{op}\"}} 0\n")), "{body}");
+    }
     for name in names {
         assert!(body.contains(&format!("# HELP {name} ")), "no HELP for {name}: {body}");
     }

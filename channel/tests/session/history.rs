@@ -2,10 +2,16 @@
 //! rejoins with the last position it saw gets what it missed, byte for byte, in order, exactly
 //! once; a position that cannot be honoured answers `recovered: false` and replays nothing.
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fawkes_channel::{Config, Endpoint, ReplyStatus};
+use fawkes_channel::{
+    Broadcast, Config, Endpoint, Entry, HistoryError, HistoryOptions, HistorySink, HistoryStore, MemoryHistory,
+    Position, ReadAfter, ReplyStatus,
+};
 use fawkes_serializer::ServerMessage;
+use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 
 use crate::support::{Client, connect, endpoint};
@@ -248,4 +254,131 @@ async fn recovery_outside_join_is_refused_and_leaves_the_subscription_alone() {
     assert_eq!(r.response.as_json().expect("json")["reason"], "recovery is only possible in Channel::join");
     let live = publish(&mut c, "feed:a", 0..1).await;
     assert_eq!(pos_of(&live[0]).split_once(':').map(|p| p.1), Some("1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plain_broadcast_on_a_topic_with_history_is_refused_and_reaches_no_one() {
+    let ep = feed_endpoint();
+    let mut c = connect(&ep, "vsn=2.0.0").await;
+    join(&mut c, 1, "feed:a", json!({})).await;
+    // It would carry no position and be missing from every replay: refused, sent nowhere.
+    assert_eq!(ep.pubsub().broadcast("feed:a", "new_msg", json!({"body": "no position"})), 0);
+    // Topics without history are untouched.
+    assert_eq!(ep.pubsub().broadcast("room:a", "new_msg", json!({})), 0);
+    let live = publish(&mut c, "feed:a", 0..1).await;
+    assert_eq!(pos_of(&live[0]).split_once(':').map(|p| p.1), Some("1"), "only the positioned broadcast arrived");
+    assert!(c.is_quiet());
+    assert_eq!(ep.history().stats(), Default::default(), "the memory store never fails");
+}
+
+/// A store shared by nodes, simulated: entries are kept in a [`MemoryHistory`] and handed to the
+/// sink only when the test says so (or dropped, or handed twice), as a lossy link would.
+#[derive(Default)]
+struct Wired {
+    memory: MemoryHistory,
+    sink: Mutex<Option<Arc<dyn HistorySink>>>,
+    wire: Mutex<VecDeque<Entry>>,
+}
+
+impl Wired {
+    fn sink(&self) -> Arc<dyn HistorySink> {
+        self.sink.lock().expect("sink").clone().expect("delivering")
+    }
+    /// Hands the next entry on the wire to the sink; returns it.
+    fn deliver(&self) -> Entry {
+        let entry = self.wire.lock().expect("wire").pop_front().expect("an entry on the wire");
+        self.sink().deliver(entry.clone());
+        entry
+    }
+    /// Loses the next entry on the wire.
+    fn lose(&self) {
+        self.wire.lock().expect("wire").pop_front().expect("an entry on the wire");
+    }
+}
+
+impl HistoryStore for Wired {
+    fn append<'a>(
+        &'a self,
+        topic: &'a str,
+        options: &'a HistoryOptions,
+        make: &'a mut (dyn FnMut(Position) -> Broadcast + Send),
+    ) -> BoxFuture<'a, Result<Entry, HistoryError>> {
+        Box::pin(async move {
+            let entry = self.memory.append(topic, options, make).await?;
+            self.wire.lock().expect("wire").push_back(entry.clone());
+            Ok(entry)
+        })
+    }
+
+    fn read_after<'a>(
+        &'a self,
+        topic: &'a str,
+        options: &'a HistoryOptions,
+        since: Option<Position>,
+    ) -> BoxFuture<'a, Result<ReadAfter, HistoryError>> {
+        Box::pin(async move {
+            let read = self.memory.read_after(topic, options, since).await?;
+            // The barrier: everything up to what was read reaches the sink first.
+            while !self.wire.lock().expect("wire").is_empty() {
+                self.deliver();
+            }
+            Ok(read)
+        })
+    }
+
+    fn deliver_to(&self, sink: Arc<dyn HistorySink>) -> bool {
+        *self.sink.lock().expect("sink") = Some(sink);
+        true
+    }
+}
+
+/// Broadcasts `body` on `topic` with history; the position.
+async fn positioned(ep: &Endpoint, topic: &str, body: &str) -> String {
+    ep.history()
+        .broadcast(topic, "new_msg", |pos| json!({"body": body, "pos": pos.to_string()}).into())
+        .await
+        .expect("written")
+        .to_string()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivering_store_orders_delivery_reads_gaps_back_and_drops_repeats() {
+    let ep = feed_endpoint();
+    let wired = Arc::new(Wired::default());
+    ep.history().set_store(wired.clone());
+    let mut c = connect(&ep, "vsn=2.0.0").await;
+    join(&mut c, 1, "feed:a", json!({})).await;
+
+    let sent = [positioned(&ep, "feed:a", "1").await, positioned(&ep, "feed:a", "2").await];
+    assert!(c.is_quiet(), "the store delivers, not the publisher");
+    wired.deliver();
+    assert_eq!(pos_of(&c.next_text().await), sent[0]);
+    // The second is lost on the way; the third shows the gap, which is read back.
+    wired.lose();
+    let third = positioned(&ep, "feed:a", "3").await;
+    let repeated = wired.deliver();
+    assert_eq!([pos_of(&c.next_text().await), pos_of(&c.next_text().await)], [sent[1].clone(), third.clone()]);
+    // A repeat is dropped.
+    wired.sink().deliver(repeated);
+    // Lost while the link was down: the resync reads it back.
+    let fourth = positioned(&ep, "feed:a", "4").await;
+    wired.lose();
+    wired.sink().resync();
+    assert_eq!(pos_of(&c.next_text().await), fourth);
+    assert!(c.is_quiet(), "each once");
+
+    // A recovering join gets the replay, then live broadcasts after it, none twice.
+    let fifth = positioned(&ep, "feed:a", "5").await;
+    let mut back = connect(&ep, "vsn=2.0.0").await;
+    let reply = join(&mut back, 1, "feed:a", json!({"since": sent[1]})).await;
+    assert_eq!(reply["recovered"], true);
+    let replayed = [back.next_text().await, back.next_text().await, back.next_text().await];
+    assert_eq!(replayed.iter().map(|f| pos_of(f)).collect::<Vec<_>>(), [third, fourth, fifth.clone()]);
+    assert_eq!(pos_of(&c.next_text().await), fifth, "the barrier delivered it live to the others");
+    let sixth = positioned(&ep, "feed:a", "6").await;
+    wired.deliver();
+    assert_eq!(pos_of(&back.next_text().await), sixth);
+    assert_eq!(pos_of(&c.next_text().await), sixth);
+    assert!(back.is_quiet() && c.is_quiet());
+    assert_eq!(ep.history().stats(), Default::default());
 }
