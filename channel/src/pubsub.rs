@@ -37,7 +37,7 @@ pub(crate) enum Subscriber {
     },
     Stream(mpsc::Sender<Arc<Broadcast>>),
     /// A socket whose join is recovering history: live broadcasts wait here until the replay
-    /// is delivered (see [`PubSub::release`]).
+    /// is delivered (see [`PubSub::release`]), at most [`Held::limit`] of them.
     Held(Mutex<Held>),
 }
 
@@ -170,21 +170,27 @@ impl PubSub {
         n
     }
 
-    /// Turns the held subscription `id` into `sub`: first `replay` is delivered to it, then the
-    /// broadcasts that waited, with no broadcast in between (fan-out to the topic waits).
-    pub(crate) fn release(&self, topic: &str, id: SubscriberId, replay: &[Arc<Broadcast>], sub: Subscriber) {
+    /// Moves the broadcasts that waited on the held subscription `id` to `sub`, at most `room`
+    /// of them. When no more than `room` waited, all go and `sub` takes the held one's place with
+    /// no broadcast in between (fan-out to the topic waits), and `None` is returned, as it is
+    /// when the subscription is gone; otherwise `sub` comes back, to call again once the socket
+    /// has drained.
+    pub(crate) fn release(&self, topic: &str, id: SubscriberId, room: usize, sub: Subscriber) -> Option<Subscriber> {
         let mut shard = self.0.shard(topic).write();
-        let Some(slot) = shard.get_mut(topic).and_then(|subs| subs.get_mut(&id.0)) else {
-            return;
-        };
+        let slot = shard.get_mut(topic).and_then(|subs| subs.get_mut(&id.0))?;
         let waiting = match slot {
-            Subscriber::Held(held) => std::mem::take(&mut held.get_mut().waiting),
-            _ => Vec::new(),
+            Subscriber::Held(held) => &mut held.get_mut().waiting,
+            _ => return None,
         };
-        for b in replay.iter().chain(&waiting) {
-            deliver(&sub, b, &BroadcastFrames::new(b));
+        let n = waiting.len().min(room);
+        for b in waiting.drain(..n) {
+            deliver(&sub, &b, &BroadcastFrames::new(&b));
+        }
+        if !waiting.is_empty() {
+            return Some(sub);
         }
         *slot = sub;
+        None
     }
 
     /// Broadcasts to this node's subscribers only.
@@ -278,7 +284,7 @@ impl Inner {
 }
 
 #[inline]
-fn deliver(sub: &Subscriber, b: &Arc<Broadcast>, frames: &BroadcastFrames<'_>) {
+pub(crate) fn deliver(sub: &Subscriber, b: &Arc<Broadcast>, frames: &BroadcastFrames<'_>) {
     match sub {
         Subscriber::Socket { outbox, serializer, intercept } => {
             if let Some(i) = intercept.as_ref().filter(|i| i.events.contains(&&*b.event)) {

@@ -249,3 +249,38 @@ async fn recovery_outside_join_is_refused_and_leaves_the_subscription_alone() {
     let live = publish(&mut c, "feed:a", 0..1).await;
     assert_eq!(pos_of(&live[0]).split_once(':').map(|p| p.1), Some("1"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_longer_than_the_outbound_queue_is_streamed_as_the_socket_drains() {
+    // Two frames queued at most: five broadcasts to replay, and one live broadcast behind them.
+    let (ep, _) = endpoint(Config::default().outbound_queue_limit(2));
+    let mut publisher = connect(&ep, "vsn=2.0.0").await;
+    let since = join(&mut publisher, 1, "feed:a", json!({})).await["pos"].as_str().expect("pos").to_owned();
+    let missed = publish(&mut publisher, "feed:a", 0..5).await;
+
+    let mut back = connect(&ep, "vsn=2.0.0").await;
+    let reply = join(&mut back, 1, "feed:a", json!({"since": since})).await;
+    assert_eq!(reply["recovered"], true, "a replay longer than the queue is still a recovery");
+    assert_eq!(reply["pos"].as_str(), Some(pos_of(&missed[4]).as_str()));
+    let live = publish(&mut publisher, "feed:a", 5..6).await;
+    for frame in missed.iter().chain(&live) {
+        assert_eq!(&back.next_text().await, frame, "replayed byte for byte, in order, then the live one");
+    }
+    assert!(back.is_quiet(), "nothing twice");
+    let after = publish(&mut publisher, "feed:a", 6..7).await;
+    assert_eq!(back.next_text().await, after[0], "live once the replay is through");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recovering_socket_that_falls_behind_its_hold_is_closed_rather_than_given_a_gap() {
+    let (ep, _) = endpoint(Config::default().outbound_queue_limit(2));
+    let mut publisher = connect(&ep, "vsn=2.0.0").await;
+    let since = join(&mut publisher, 1, "feed:a", json!({})).await["pos"].as_str().expect("pos").to_owned();
+    publish(&mut publisher, "feed:a", 0..5).await;
+    let mut back = connect(&ep, "vsn=2.0.0").await;
+    assert_eq!(join(&mut back, 1, "feed:a", json!({"since": since})).await["recovered"], true);
+    // The client reads nothing: its replay stalls, and live broadcasts pile up behind it until
+    // more than a queue's worth wait.
+    publish(&mut publisher, "feed:a", 5..8).await;
+    assert_eq!(back.closed().await, fawkes_channel::CloseReason::SlowConsumer);
+}
