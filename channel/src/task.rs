@@ -104,7 +104,7 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
     }
     let mut replay = match (release, held) {
         (Some(sub), Some(id)) => {
-            let entries = socket.replay.take().unwrap_or_default().into_iter();
+            let entries = socket.replay.take().unwrap_or_default().into_iter().peekable();
             // What fits goes now, before `after_join` pushes anything: most replays are short.
             Replay { entries, id, sub }.step(&socket, socket.outbox.queued())
         }
@@ -200,7 +200,7 @@ enum Next {
 /// from its last position), then the subscription goes live. Ends with the channel instance, so
 /// nothing of it reaches a later join of the topic.
 struct Replay {
-    entries: std::vec::IntoIter<Arc<Broadcast>>,
+    entries: std::iter::Peekable<std::vec::IntoIter<Arc<Broadcast>>>,
     id: SubscriberId,
     sub: Subscriber,
 }
@@ -219,8 +219,17 @@ impl Replay {
         }
         let mut room = (socket.outbox.limit() / 2).max(1).saturating_sub(queued);
         while room > 0 {
-            let Some(b) = self.entries.next() else { break };
-            deliver(&self.sub, &b, &BroadcastFrames::new(&b));
+            let Some(b) = self.entries.peek() else { break };
+            if let Subscriber::Socket { intercept: Some(i), .. } = &self.sub
+                && i.events.contains(&&*b.event)
+                && i.tx.capacity() == 0
+            {
+                // `handle_out` is behind: the loop runs it (that branch goes first) before the
+                // next part, so intercepted events are replayed without being dropped.
+                return Some(self);
+            }
+            deliver(&self.sub, b, &BroadcastFrames::new(b));
+            self.entries.next();
             room -= 1;
         }
         if self.entries.len() > 0 {

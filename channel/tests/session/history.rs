@@ -284,3 +284,60 @@ async fn a_recovering_socket_that_falls_behind_its_hold_is_closed_rather_than_gi
     publish(&mut publisher, "feed:a", 5..8).await;
     assert_eq!(back.closed().await, fawkes_channel::CloseReason::SlowConsumer);
 }
+
+/// `feed:*` with every `new_msg` routed through `handle_out`, which pushes it as `seen`.
+struct Intercepting;
+
+impl fawkes_channel::Channel for Intercepting {
+    const INTERCEPT: &'static [&'static str] = &["new_msg"];
+
+    async fn join(
+        &mut self,
+        params: fawkes_channel::Payload,
+        socket: &mut fawkes_channel::SocketRef,
+    ) -> Result<Value, Value> {
+        let since = params.as_json().and_then(|p| p["since"].as_str()).map(str::to_owned);
+        let recovery = socket.recover(since.as_deref()).await.map_err(|e| fawkes_channel::reason(&e.to_string()))?;
+        Ok(json!({"recovered": recovery.recovered}))
+    }
+
+    async fn handle_in(
+        &mut self,
+        _: &str,
+        _: fawkes_channel::Payload,
+        _: &mut fawkes_channel::SocketRef,
+    ) -> fawkes_channel::HandleIn {
+        fawkes_channel::HandleIn::NoReply
+    }
+
+    async fn handle_out(&mut self, _: &str, payload: fawkes_channel::Payload, socket: &mut fawkes_channel::SocketRef) {
+        socket.push("seen", payload);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_replay_of_intercepted_events_waits_for_handle_out_and_drops_nothing() {
+    // handle_out's queue holds 2 and the outbound queue 8: twenty replayed events overflow both.
+    let ep = Endpoint::builder()
+        .router(fawkes_channel::Router::new().channel("feed:*", || Intercepting))
+        .history("feed:*", fawkes_channel::HistoryOptions::default().max_len(50))
+        .config(Config::default().outbound_queue_limit(8).channel_mailbox(2))
+        .build();
+    let history = ep.history();
+    let since = history.broadcast("feed:a", "new_msg", |_| json!({"n": 0}).into()).await.expect("history");
+    for n in 1..=20 {
+        history.broadcast("feed:a", "new_msg", |_| json!({ "n": n }).into()).await.expect("history");
+    }
+    let mut c = connect(&ep, "vsn=2.0.0").await;
+    assert_eq!(join(&mut c, 1, "feed:a", json!({"since": since.to_string()})).await["recovered"], true);
+    for n in 1..=20 {
+        match c.next().await {
+            ServerMessage::Push(p) => {
+                assert_eq!(p.event, "seen");
+                assert_eq!(p.payload.as_json(), Some(&json!({ "n": n })), "every replayed event, in order");
+            }
+            other => panic!("expected a push, got {other:?}"),
+        }
+    }
+    assert!(c.is_quiet());
+}
