@@ -437,7 +437,7 @@ impl fmt::Debug for History {
 impl PubSub {
     /// Topics' histories on this PubSub.
     pub fn history(&self) -> History {
-        History { pubsub: self.clone(), layer: self.layer(Layer::new) }
+        History { pubsub: self.clone(), layer: self.0.history.get_or_init(|| self.layer(Layer::new)).clone() }
     }
 }
 

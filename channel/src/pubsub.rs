@@ -56,6 +56,9 @@ pub(crate) struct Inner {
     cluster: Cluster,
     /// The state of the layers built on this PubSub (presence), one per type, made on first use.
     layers: Mutex<Vec<Arc<dyn Any + Send + Sync>>>,
+    /// The history layer, resolved once: it is used on every broadcast with a position, where
+    /// [`PubSub::layer`]'s lock would be one more lock shared by every topic.
+    pub(crate) history: OnceLock<Arc<crate::history::Layer>>,
 }
 
 /// Topic subscriptions on this node and broadcast fan-out, Presence, and the
@@ -99,6 +102,7 @@ impl PubSub {
             next_id: AtomicU64::new(1),
             cluster,
             layers: Mutex::new(Vec::new()),
+            history: OnceLock::new(),
         });
         let weak = Arc::downgrade(&inner);
         inner.cluster.on_broadcast(move |_origin, broadcast| {
