@@ -11,7 +11,8 @@ const net = require("node:net");
  */
 async function cuttingProxy(target) {
   const pairs = new Set();
-  const state = { armed: false, midAnswerCuts: 0, blocked: false };
+  // onMidAnswerCut: called when an armed cut happens.
+  const state = { armed: false, midAnswerCuts: 0, blocked: false, onMidAnswerCut: null };
   const proxy = net.createServer((client) => {
     if (state.blocked) {
       client.destroy();
@@ -36,6 +37,7 @@ async function cuttingProxy(target) {
         state.midAnswerCuts += 1;
         client.write(chunk.subarray(0, chunk.length >> 1), () => drop());
         upstream.pause();
+        if (state.onMidAnswerCut) state.onMidAnswerCut();
         return;
       }
       if (!client.write(chunk)) {

@@ -136,6 +136,54 @@ describe("history: recovery through random disconnects", () => {
     }
   );
 
+  for (const transport of TRANSPORTS) {
+    it(`${transport}: an answer that died in the middle is recovered by the rejoin`, { timeout: 60000 }, async () => {
+      const srv = await server.start();
+      const proxy = await cuttingProxy({ host: "127.0.0.1", port: srv.port });
+      const topic = c.uniqueTopic("feed");
+      try {
+        const cl = historyClient(proxy, transport, topic, "reader");
+        cl.socket.connect();
+        await c.join(cl.ch, { timeout: 10000 });
+        const publisher = await c.connect(srv);
+        const pub = publisher.channel(topic, { user: "publisher" });
+        await c.join(pub);
+        const got = (body) =>
+          c.withTimeout(
+            new Promise((resolve) => cl.ch.on("new_msg", (m) => m.body === body && resolve())),
+            20000,
+            `the reader to get ${body}`
+          );
+
+        const one = got("one");
+        await c.pushOk(pub, "new_msg", { body: "one" });
+        await one;
+        // The answer carrying "two" reaches the reader half-way, then its connection dies, and
+        // for a moment no new one is let through (so SSE cannot resume its own session either):
+        // the server sent "two", the reader never saw it.
+        proxy.cutMidAnswer();
+        proxy.state.onMidAnswerCut = () => {
+          proxy.state.blocked = true;
+          proxy.cut();
+          setTimeout(() => (proxy.state.blocked = false), 300);
+        };
+        const recoveredBefore = cl.stats.recovered;
+        const two = got("two");
+        await c.pushOk(pub, "new_msg", { body: "two" });
+        await two;
+        assert.equal(proxy.state.midAnswerCuts, 1, "the answer carrying two was cut");
+        assert.ok(cl.stats.recovered > recoveredBefore, "two came with a recovered rejoin");
+        const three = got("three");
+        await c.pushOk(pub, "new_msg", { body: "three" });
+        await three;
+        assert.deepEqual(cl.stats.got, ["one", "two", "three"]);
+        assert.equal(cl.stats.resets, 0);
+      } finally {
+        await proxy.close();
+      }
+    });
+  }
+
   it(
     "a client that missed 5,000 broadcasts (five outbound queues' worth) gets them all after reconnecting, on every transport",
     { timeout: 180000 },
