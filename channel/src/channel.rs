@@ -302,6 +302,9 @@ impl SocketRef {
     /// In [`Channel::join`] on a topic with history: subscribes now, and arranges for every
     /// broadcast after `since` (the last position the client saw) to be delivered right after
     /// the join's ok reply, in order, before any live broadcast, with no gap and no duplicate.
+    /// A replay longer than the outbound queue is streamed as the socket drains, live broadcasts
+    /// held back behind it (a queue's worth at most: a socket that falls further behind is
+    /// closed as a slow consumer, to rejoin from its last position).
     /// `since` absent, malformed, from another epoch or topic, or older than the history keeps:
     /// `recovered` is false and nothing is replayed. A failing store is logged and answers
     /// `recovered: false` (live broadcasts still arrive). Outside `join` it is an error.
@@ -329,15 +332,6 @@ impl SocketRef {
             self.pubsub.insert(&self.topic, Subscriber::Held(parking_lot::Mutex::new(held)))
         };
         match history.subscribe_and_read(&self.topic, since, held).await {
-            Ok((id, read)) if read.entries.len() >= self.outbox.limit() => {
-                // A replay larger than the outbound queue would close the socket as a slow
-                // consumer on every rejoin: the client refetches instead.
-                tracing::info!(topic = %self.topic, missed = read.entries.len(), "too much to replay: not recovered");
-                self.subscriber = Some(id);
-                self.replay = Some(Vec::new());
-                self.replay_after = Some(read.current);
-                Ok(Recovery { recovered: false, position: Some(read.current) })
-            }
             Ok((id, read)) => {
                 self.subscriber = Some(id);
                 self.replay = Some(read.entries.into_iter().map(|e| e.broadcast).collect());

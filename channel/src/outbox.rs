@@ -63,6 +63,8 @@ struct State {
     queue: VecDeque<Frame>,
     closed: Option<CloseReason>,
     waker: Option<Waker>,
+    /// Tasks waiting for the queue to drain (a recovering join streaming its replay).
+    room: Vec<Waker>,
 }
 
 /// State shared by a socket's session, its channels, its PubSub subscriptions and its transport.
@@ -91,7 +93,7 @@ impl Outbox {
     pub(crate) fn new(id: u64, limit: usize, policy: SlowConsumerPolicy) -> Outbox {
         Outbox(Arc::new(SocketShared {
             id,
-            state: Mutex::new(State { queue: VecDeque::new(), closed: None, waker: None }),
+            state: Mutex::new(State { queue: VecDeque::new(), closed: None, waker: None, room: Vec::new() }),
             limit: limit.max(1),
             policy,
             last_seen_ms: AtomicU64::new(0),
@@ -113,6 +115,7 @@ impl Outbox {
                         tracing::warn!(socket = self.0.id, queued = st.queue.len(), "slow consumer: closing socket");
                         st.queue = VecDeque::new();
                         st.closed = Some(CloseReason::SlowConsumer);
+                        wake_all(std::mem::take(&mut st.room));
                         return wake(st.waker.take());
                     }
                     SlowConsumerPolicy::DropOldest => {
@@ -138,14 +141,36 @@ impl Outbox {
                 return;
             }
             st.closed = Some(reason);
+            wake_all(std::mem::take(&mut st.room));
             st.waker.take()
         };
         wake(waker);
     }
 
+    /// Waits until at most `at_most` frames are queued, or the socket is closed; returns how
+    /// many are queued. Several tasks may wait at once.
+    pub(crate) async fn drained(&self, at_most: usize) -> usize {
+        poll_fn(|cx| {
+            let mut st = self.0.state.lock();
+            if st.closed.is_some() || st.queue.len() <= at_most {
+                return Poll::Ready(st.queue.len());
+            }
+            if !st.room.iter().any(|w| w.will_wake(cx.waker())) {
+                st.room.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
     /// Frames queued before the slow-consumer policy applies.
     pub(crate) fn limit(&self) -> usize {
         self.0.limit
+    }
+
+    /// Frames queued right now.
+    pub(crate) fn queued(&self) -> usize {
+        self.0.state.lock().queue.len()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -166,6 +191,10 @@ fn wake(w: Option<Waker>) {
     if let Some(w) = w {
         w.wake();
     }
+}
+
+fn wake_all(wakers: Vec<Waker>) {
+    wakers.into_iter().for_each(Waker::wake);
 }
 
 /// Everything the server has to send on one socket, for its transport to deliver.
@@ -212,8 +241,9 @@ impl Outbound {
 
     /// Moves every frame queued right now into `buf`, without waiting.
     pub fn try_recv_many(&mut self, buf: &mut Vec<Frame>, limit: usize) -> usize {
-        let mut st = self.outbox.0.state.lock();
-        take(&mut st, buf, limit)
+        let (n, room) = take(&mut self.outbox.0.state.lock(), buf, limit);
+        wake_all(room);
+        n
     }
 
     /// The poll form of [`Outbound::recv_many`].
@@ -226,8 +256,10 @@ impl Outbound {
         loop {
             {
                 let mut st = self.outbox.0.state.lock();
-                let n = take(&mut st, buf, limit);
+                let (n, room) = take(&mut st, buf, limit);
                 if n > 0 {
+                    drop(st);
+                    wake_all(room);
                     return Poll::Ready(Ok(n));
                 }
                 if let Some(reason) = &st.closed {
@@ -264,12 +296,15 @@ impl Outbound {
     }
 }
 
-fn take(st: &mut State, buf: &mut Vec<Frame>, limit: usize) -> usize {
+/// Moves up to `limit` frames into `buf`; returns how many, and the tasks waiting for room to
+/// wake once the lock is released.
+fn take(st: &mut State, buf: &mut Vec<Frame>, limit: usize) -> (usize, Vec<Waker>) {
     let n = st.queue.len().min(limit);
     buf.extend(st.queue.drain(..n));
     // An empty queue gives its memory back: most sockets are idle most of the time.
     if st.queue.is_empty() && st.queue.capacity() > 0 {
         st.queue = VecDeque::new();
     }
-    n
+    let room = if n > 0 && !st.room.is_empty() { std::mem::take(&mut st.room) } else { Vec::new() };
+    (n, room)
 }

@@ -38,7 +38,7 @@ pub(crate) enum Subscriber {
     },
     Stream(mpsc::Sender<Arc<Broadcast>>),
     /// A socket whose join is recovering history: live broadcasts wait here until the replay
-    /// is delivered (see [`PubSub::release`]).
+    /// is delivered (see [`PubSub::release`]), at most [`Held::limit`] of them.
     Held(Mutex<Held>),
 }
 
@@ -59,7 +59,9 @@ pub(crate) struct Inner {
     cluster: Cluster,
     /// The state of the layers built on this PubSub (presence), one per type, made on first use.
     layers: Mutex<Vec<Arc<dyn Any + Send + Sync>>>,
-    /// The history layer, once asked for: plain broadcasts check it (see [`PubSub::publish`]).
+    /// The history layer, resolved once (plain broadcasts check it, see [`PubSub::publish`]):
+    /// it is used on every broadcast with a position, where [`PubSub::layer`]'s lock would be one
+    /// more lock shared by every topic.
     pub(crate) history: OnceLock<Arc<crate::history::Layer>>,
 }
 
@@ -191,34 +193,40 @@ impl PubSub {
         n
     }
 
-    /// Turns the held subscription `id` into `sub`: first `replay` is delivered to it, then the
-    /// broadcasts that waited, with no broadcast in between (fan-out to the topic waits). Waiting
-    /// broadcasts at or before `after` (of its epoch) are dropped: the replay has them.
+    /// Moves the broadcasts that waited on the held subscription `id` to `sub`, at most `room`
+    /// of them; waiting broadcasts at or before `after` (of its epoch) are dropped first: the
+    /// replay had them. When no more than `room` waited, all go and `sub` takes the held one's
+    /// place with no broadcast in between (fan-out to the topic waits), and `None` is returned,
+    /// as it is when the subscription is gone; otherwise `sub` comes back, to call again once the
+    /// socket has drained.
     pub(crate) fn release(
         &self,
         topic: &str,
         id: SubscriberId,
-        replay: &[Arc<Broadcast>],
+        room: usize,
         after: Option<Position>,
         sub: Subscriber,
-    ) {
+    ) -> Option<Subscriber> {
         let mut shard = self.0.shard(topic).write();
-        let Some(slot) = shard.get_mut(topic).and_then(|subs| subs.get_mut(&id.0)) else {
-            return;
-        };
+        let slot = shard.get_mut(topic).and_then(|subs| subs.get_mut(&id.0))?;
         let waiting = match slot {
-            Subscriber::Held(held) => std::mem::take(&mut held.get_mut().waiting),
-            _ => Vec::new(),
+            Subscriber::Held(held) => &mut held.get_mut().waiting,
+            _ => return None,
         };
         let replayed = |p: &Option<Position>| match (p, after) {
             (Some(p), Some(after)) => p.epoch() == after.epoch() && p.offset() <= after.offset(),
             _ => false,
         };
-        let waiting = waiting.iter().filter(|(p, _)| !replayed(p)).map(|(_, b)| b);
-        for b in replay.iter().chain(waiting) {
-            deliver(&sub, b, None, &BroadcastFrames::new(b));
+        waiting.retain(|(p, _)| !replayed(p));
+        let n = waiting.len().min(room);
+        for (at, b) in waiting.drain(..n) {
+            deliver(&sub, &b, at, &BroadcastFrames::new(&b));
+        }
+        if !waiting.is_empty() {
+            return Some(sub);
         }
         *slot = sub;
+        None
     }
 
     /// Broadcasts to this node's subscribers only.
@@ -317,7 +325,7 @@ impl Inner {
 }
 
 #[inline]
-fn deliver(sub: &Subscriber, b: &Arc<Broadcast>, at: Option<Position>, frames: &BroadcastFrames<'_>) {
+pub(crate) fn deliver(sub: &Subscriber, b: &Arc<Broadcast>, at: Option<Position>, frames: &BroadcastFrames<'_>) {
     match sub {
         Subscriber::Socket { outbox, serializer, intercept } => {
             if let Some(i) = intercept.as_ref().filter(|i| i.events.contains(&&*b.event)) {

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::channel::{Channel, HandleIn, SocketRef, StopReason, Terminate, reason};
 use crate::outbox::Outbox;
-use crate::pubsub::{Intercept, PubSub, Subscriber, SubscriptionGuard};
+use crate::pubsub::{BroadcastFrames, Intercept, PubSub, Subscriber, SubscriberId, SubscriptionGuard, deliver};
 use crate::socket::SocketInfo;
 
 /// What the session sends a running channel.
@@ -69,7 +69,7 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
 
     // Subscribe before the reply goes out, so every broadcast after the client sees "ok" reaches it.
     // A recovering join (`SocketRef::recover`) subscribed already, holding live broadcasts back
-    // until its replay is delivered after the reply.
+    // until its replay, streamed after the reply as the socket drains, is delivered.
     let mut intercepted = None;
     let held = socket.subscriber.filter(|_| socket.replay.is_some());
     let mut make_sub = || {
@@ -103,10 +103,14 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
     if let Some(old) = replaces {
         control(&socket, Some(old), "phx_close");
     }
-    if let (Some(sub), Some(id)) = (release, held) {
-        let replay = socket.replay.take().unwrap_or_default();
-        socket.pubsub.release(&socket.topic, id, &replay, socket.replay_after, sub);
-    }
+    let mut replay = match (release, held) {
+        (Some(sub), Some(id)) => {
+            let entries = socket.replay.take().unwrap_or_default().into_iter().peekable();
+            // What fits goes now, before `after_join` pushes anything: most replays are short.
+            Replay { entries, id, sub }.step(&socket, socket.outbox.queued())
+        }
+        _ => None,
+    };
     if status != ReplyStatus::Ok {
         // Pushes the client sent before it saw the refusal get what a push to an unjoined topic gets.
         mailbox.close();
@@ -127,8 +131,14 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
             biased;
             msg = mailbox.recv() => Next::Msg(msg),
             Some(b) = async { match &mut intercepted { Some(rx) => rx.recv().await, None => pending().await } } => Next::Out(b),
+            queued = async {
+                match &replay { Some(_) => socket.outbox.drained(Replay::low_water(&socket.outbox)).await, None => pending().await }
+            } => Next::Drained(queued),
         };
         match next {
+            Next::Drained(queued) => {
+                replay = replay.and_then(|r| r.step(&socket, queued));
+            }
             Next::Msg(None) => {
                 return terminate(&mut channel, Terminate::SocketClosed, &mut socket).await;
             }
@@ -181,6 +191,55 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
 enum Next {
     Msg(Option<ChannelMsg>),
     Out(Arc<Broadcast>),
+    /// The outbound queue drained below the replay's low-water mark.
+    Drained(usize),
+}
+
+/// A recovering join's replay, longer than the outbound queue may be: streamed into it as the
+/// socket drains, half a queue at a time, then the live broadcasts held back meanwhile (at most
+/// a queue's worth: a socket that falls further behind is closed as a slow consumer and rejoins
+/// from its last position), then the subscription goes live. Ends with the channel instance, so
+/// nothing of it reaches a later join of the topic.
+struct Replay {
+    entries: std::iter::Peekable<std::vec::IntoIter<Arc<Broadcast>>>,
+    id: SubscriberId,
+    sub: Subscriber,
+}
+
+impl Replay {
+    /// Frames queued at or below which the next part is queued.
+    fn low_water(outbox: &Outbox) -> usize {
+        outbox.limit() / 4
+    }
+
+    /// Queues what fits while `queued` frames are queued; `None` once the subscription is live
+    /// (or gone, or the socket closed).
+    fn step(mut self, socket: &SocketRef, queued: usize) -> Option<Replay> {
+        if socket.outbox.is_closed() {
+            return None;
+        }
+        let mut room = (socket.outbox.limit() / 2).max(1).saturating_sub(queued);
+        while room > 0 {
+            let Some(b) = self.entries.peek() else { break };
+            if let Subscriber::Socket { intercept: Some(i), .. } = &self.sub
+                && i.events.contains(&&*b.event)
+                && i.tx.capacity() == 0
+            {
+                // `handle_out` is behind: the loop runs it (that branch goes first) before the
+                // next part, so intercepted events are replayed without being dropped.
+                return Some(self);
+            }
+            deliver(&self.sub, b, None, &BroadcastFrames::new(b));
+            self.entries.next();
+            room -= 1;
+        }
+        if self.entries.len() > 0 {
+            return Some(self);
+        }
+        let Replay { entries, id, sub } = self;
+        let sub = socket.pubsub.release(&socket.topic, id, room, socket.replay_after, sub)?;
+        Some(Replay { entries, id, sub })
+    }
 }
 
 async fn terminate<C: Channel>(channel: &mut C, why: Terminate, socket: &mut SocketRef) {

@@ -7,7 +7,7 @@ use std::{fmt, future::Future, pin::Pin, task::Context, task::Poll};
 
 use bytes::Bytes;
 use fawkes_channel::Endpoint;
-use fawkes_http::{DetachedSession, HttpBody, HttpService, HttpTransport, Lookup, Read, ReadEvent, Sessions};
+use fawkes_http::{HttpBody, HttpService, HttpTransport, Lookup, Read, ReadEvent, Sessions};
 use futures_util::{StreamExt as _, stream};
 use http::{HeaderValue, Request, Response, header, request::Parts};
 use http_body::Body;
@@ -54,13 +54,26 @@ impl HttpTransport for Sse {
         // A stream cannot be forwarded: one that reaches another node than its session's starts
         // a new session there (its `phx_session` token differs, so the client rejoins).
         if let Lookup::Here(session) = sessions.lookup(token.as_deref()) {
-            if let Some(replay) = replay_after(session.state(), last) {
-                return self.attach(sessions, session, replay);
+            // Take the session's reads over first, then look at the window: events the stream
+            // being replaced numbers in between are sent by this one, never lost between the two.
+            let read = session.read();
+            let window = lock(session.state());
+            // A `last` past the latest id (forged) resumes from the latest, as no `last` does.
+            let cursor = last.map_or(window.last_id, |last| last.min(window.last_id));
+            let resumed = events_after(&window, cursor);
+            drop(window);
+            if let Some((replay, cursor)) = resumed {
+                return self.attach(sessions, read, replay, cursor);
             }
+            drop(read);
             sessions.end(&session); // events after `last` left the window: a new session starts
         }
         match sessions.open(&mut parts).await {
-            Ok(session) => self.attach(sessions, session, Vec::new()),
+            Ok(session) => {
+                let read = session.read();
+                let cursor = lock(session.state()).last_id;
+                self.attach(sessions, read, Vec::new(), cursor)
+            }
             // EventSource sees only the HTTP status of a refused stream.
             Err(e) => e.answer().in_http_status().into_response(),
         }
@@ -68,16 +81,17 @@ impl HttpTransport for Sse {
 }
 
 impl Sse {
-    /// Streams `session`'s events after `replay`, ending the stream attached before.
+    /// Streams the session of `read` (which ended the stream attached before): `replay`, then
+    /// the events after `cursor`.
     fn attach(
         &self,
         sessions: &Sessions<Self>,
-        session: DetachedSession<Mutex<Replay>>,
+        read: Read<Mutex<Replay>>,
         replay: Vec<u8>,
+        cursor: u64,
     ) -> Response<HttpBody> {
-        let read = session.read();
-        let first = [event("event: phx_session", session.token()), replay.into()].concat();
-        let events = Events { sessions: sessions.clone(), read: Some(read) };
+        let first = [event("event: phx_session", read.session().token()), replay.into()].concat();
+        let events = Events { sessions: sessions.clone(), read: Some(read), cursor };
         let events = stream::unfold(events, |mut events| async move { Some((events.next().await?, events)) });
         let chunks = stream::iter([Bytes::from(first)]).chain(events);
         let mut res = Response::new(StreamBody::new(chunks.map(|c| Ok(http_body::Frame::data(c)))).boxed_unsync());
@@ -145,13 +159,16 @@ impl<B: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static> tower_servic
     }
 }
 
-/// The events after `last` from the replay window; `None` when some of them are no longer in it.
-fn replay_after(replay: &Mutex<Replay>, last: Option<u64>) -> Option<Vec<u8>> {
-    let Some(last) = last else { return Some(Vec::new()) };
-    let replay = lock(replay);
+/// The events after `cursor` from the replay window, and the id of the last; `None` when some of
+/// them are no longer in it.
+fn events_after(replay: &Replay, cursor: u64) -> Option<(Vec<u8>, u64)> {
     let oldest = replay.events.front().map_or(replay.last_id + 1, |(id, _)| *id);
-    (last + 1 >= oldest)
-        .then(|| replay.events.iter().filter(|(id, _)| *id > last).flat_map(|(_, e)| e.to_vec()).collect())
+    if cursor + 1 < oldest {
+        return None;
+    }
+    let skip = usize::try_from(cursor + 1 - oldest).unwrap_or(usize::MAX);
+    let events = replay.events.iter().skip(skip).flat_map(|(_, e)| e.to_vec()).collect();
+    Some((events, replay.last_id))
 }
 
 /// One attached stream. It takes frames from the outbound queue only when polled, so a reader
@@ -160,6 +177,9 @@ struct Events {
     sessions: Sessions<Sse>,
     /// Taken when the stream ends, so an ended stream holds no session.
     read: Option<Read<Mutex<Replay>>>,
+    /// The id of the last event this stream sent. Events after it that a replaced stream
+    /// numbered (it took them from the queue just before the takeover) go out with the next.
+    cursor: u64,
 }
 
 impl Events {
@@ -169,9 +189,9 @@ impl Events {
         let read = self.read.as_mut()?;
         let mut frames = Vec::new();
         let options = &self.sessions.transport().options;
-        match read.next(&mut frames, BATCH, options.keep_alive).await {
-            ReadEvent::Frames => {}
-            ReadEvent::Idle => return Some(": keep-alive\n\n".into()),
+        let idle = match read.next(&mut frames, BATCH, options.keep_alive).await {
+            ReadEvent::Frames => false,
+            ReadEvent::Idle => true,
             ReadEvent::Released => {
                 self.read = None;
                 return None;
@@ -181,19 +201,35 @@ impl Events {
                 self.read = None;
                 return Some(event("event: phx_socket_close", &reason.to_string()));
             }
-        }
-        let replay = &mut *lock(read.session().state());
-        let mut out = Vec::new();
-        for frame in frames {
-            replay.last_id += 1;
-            let event = event(&format!("id: {}", replay.last_id), &String::from_utf8_lossy(frame.as_bytes()));
-            out.extend_from_slice(&event);
-            replay.events.push_back((replay.last_id, event));
-            if replay.events.len() > options.replay_window {
-                replay.events.pop_front();
+        };
+        let out = {
+            let replay = &mut *lock(read.session().state());
+            // First what a replaced stream numbered after this one's cursor (usually nothing).
+            events_after(replay, self.cursor).map(|(mut out, _)| {
+                for frame in frames {
+                    replay.last_id += 1;
+                    let data = String::from_utf8_lossy(frame.as_bytes());
+                    let event = event(&format!("id: {}", replay.last_id), &data);
+                    out.extend_from_slice(&event);
+                    replay.events.push_back((replay.last_id, event));
+                    if replay.events.len() > options.replay_window {
+                        replay.events.pop_front();
+                    }
+                }
+                self.cursor = replay.last_id;
+                out
+            })
+        };
+        match out {
+            Some(out) if out.is_empty() && idle => Some(": keep-alive\n\n".into()),
+            Some(out) => Some(out.into()),
+            None => {
+                // More than the window was numbered past this stream: the client rejoins.
+                self.sessions.end(read.session());
+                self.read = None;
+                Some(event("event: phx_socket_close", "events lost between two streams"))
             }
         }
-        Some(out.into())
     }
 }
 

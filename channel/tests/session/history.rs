@@ -382,3 +382,95 @@ async fn a_delivering_store_orders_delivery_reads_gaps_back_and_drops_repeats() 
     assert!(back.is_quiet() && c.is_quiet());
     assert_eq!(ep.history().stats(), Default::default());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_longer_than_the_outbound_queue_is_streamed_as_the_socket_drains() {
+    // Two frames queued at most: five broadcasts to replay, and one live broadcast behind them.
+    let (ep, _) = endpoint(Config::default().outbound_queue_limit(2));
+    let mut publisher = connect(&ep, "vsn=2.0.0").await;
+    let since = join(&mut publisher, 1, "feed:a", json!({})).await["pos"].as_str().expect("pos").to_owned();
+    let missed = publish(&mut publisher, "feed:a", 0..5).await;
+
+    let mut back = connect(&ep, "vsn=2.0.0").await;
+    let reply = join(&mut back, 1, "feed:a", json!({"since": since})).await;
+    assert_eq!(reply["recovered"], true, "a replay longer than the queue is still a recovery");
+    assert_eq!(reply["pos"].as_str(), Some(pos_of(&missed[4]).as_str()));
+    let live = publish(&mut publisher, "feed:a", 5..6).await;
+    for frame in missed.iter().chain(&live) {
+        assert_eq!(&back.next_text().await, frame, "replayed byte for byte, in order, then the live one");
+    }
+    assert!(back.is_quiet(), "nothing twice");
+    let after = publish(&mut publisher, "feed:a", 6..7).await;
+    assert_eq!(back.next_text().await, after[0], "live once the replay is through");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recovering_socket_that_falls_behind_its_hold_is_closed_rather_than_given_a_gap() {
+    let (ep, _) = endpoint(Config::default().outbound_queue_limit(2));
+    let mut publisher = connect(&ep, "vsn=2.0.0").await;
+    let since = join(&mut publisher, 1, "feed:a", json!({})).await["pos"].as_str().expect("pos").to_owned();
+    publish(&mut publisher, "feed:a", 0..5).await;
+    let mut back = connect(&ep, "vsn=2.0.0").await;
+    assert_eq!(join(&mut back, 1, "feed:a", json!({"since": since})).await["recovered"], true);
+    // The client reads nothing: its replay stalls, and live broadcasts pile up behind it until
+    // more than a queue's worth wait.
+    publish(&mut publisher, "feed:a", 5..8).await;
+    assert_eq!(back.closed().await, fawkes_channel::CloseReason::SlowConsumer);
+}
+
+/// `feed:*` with every `new_msg` routed through `handle_out`, which pushes it as `seen`.
+struct Intercepting;
+
+impl fawkes_channel::Channel for Intercepting {
+    const INTERCEPT: &'static [&'static str] = &["new_msg"];
+
+    async fn join(
+        &mut self,
+        params: fawkes_channel::Payload,
+        socket: &mut fawkes_channel::SocketRef,
+    ) -> Result<Value, Value> {
+        let since = params.as_json().and_then(|p| p["since"].as_str()).map(str::to_owned);
+        let recovery = socket.recover(since.as_deref()).await.map_err(|e| fawkes_channel::reason(&e.to_string()))?;
+        Ok(json!({"recovered": recovery.recovered}))
+    }
+
+    async fn handle_in(
+        &mut self,
+        _: &str,
+        _: fawkes_channel::Payload,
+        _: &mut fawkes_channel::SocketRef,
+    ) -> fawkes_channel::HandleIn {
+        fawkes_channel::HandleIn::NoReply
+    }
+
+    async fn handle_out(&mut self, _: &str, payload: fawkes_channel::Payload, socket: &mut fawkes_channel::SocketRef) {
+        socket.push("seen", payload);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_replay_of_intercepted_events_waits_for_handle_out_and_drops_nothing() {
+    // handle_out's queue holds 2 and the outbound queue 8: twenty replayed events overflow both.
+    let ep = Endpoint::builder()
+        .router(fawkes_channel::Router::new().channel("feed:*", || Intercepting))
+        .history("feed:*", fawkes_channel::HistoryOptions::default().max_len(50))
+        .config(Config::default().outbound_queue_limit(8).channel_mailbox(2))
+        .build();
+    let history = ep.history();
+    let since = history.broadcast("feed:a", "new_msg", |_| json!({"n": 0}).into()).await.expect("history");
+    for n in 1..=20 {
+        history.broadcast("feed:a", "new_msg", |_| json!({ "n": n }).into()).await.expect("history");
+    }
+    let mut c = connect(&ep, "vsn=2.0.0").await;
+    assert_eq!(join(&mut c, 1, "feed:a", json!({"since": since.to_string()})).await["recovered"], true);
+    for n in 1..=20 {
+        match c.next().await {
+            ServerMessage::Push(p) => {
+                assert_eq!(p.event, "seen");
+                assert_eq!(p.payload.as_json(), Some(&json!({ "n": n })), "every replayed event, in order");
+            }
+            other => panic!("expected a push, got {other:?}"),
+        }
+    }
+    assert!(c.is_quiet());
+}

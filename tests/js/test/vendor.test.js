@@ -50,7 +50,9 @@ describe("demo page (server/assets/index.html)", () => {
 
   it("connects to /socket with long-poll fallback and never uses innerHTML", () => {
     assert.match(html, /new Phoenix\.Socket\("\/socket", \{ params: \{\}, longPollFallbackMs: 2500 \}\)/);
-    assert.match(html, /"room:" \+ room/);
+    assert.match(html, /"feed:" \+ name/, "chats on feed: rooms, which keep a history");
+    assert.match(html, /since: last/, "every join carries the last position seen");
+    assert.match(html, /"room:" \+ name/, "is online on room: rooms");
     assert.doesNotMatch(html, /innerHTML|outerHTML|insertAdjacentHTML|document\.write/);
   });
 });
