@@ -365,7 +365,7 @@ impl HistoryStore for MemoryHistory {
 /// The history layer's state on a [`PubSub`].
 pub(crate) struct Layer {
     store: RwLock<Arc<dyn HistoryStore>>,
-    patterns: RwLock<Vec<(Box<str>, HistoryOptions)>>,
+    patterns: RwLock<Vec<(Box<str>, HistoryOptions, PatternStore)>>,
     /// Held across append and delivery, so positions increase in delivery order, and across a
     /// recovering join's subscribe and read, so the seam has no gap and no duplicate.
     locks: Box<[tokio::sync::Mutex<()>]>,
@@ -387,7 +387,13 @@ impl Layer {
     }
 
     fn options(&self, topic: &str) -> Option<HistoryOptions> {
-        self.patterns.read().iter().find(|(p, _)| matches(p, topic)).map(|(_, o)| *o)
+        self.patterns.read().iter().find(|(p, ..)| matches(p, topic)).map(|(_, o, _)| *o)
+    }
+
+    /// The store of `topic`'s history: its pattern's own, or the default.
+    fn store_for(&self, topic: &str) -> Arc<dyn HistoryStore> {
+        let own = self.patterns.read().iter().find(|(p, ..)| matches(p, topic)).and_then(|(.., s)| s.0.clone());
+        own.unwrap_or_else(|| self.store.read().clone())
     }
 }
 
@@ -445,7 +451,7 @@ impl History {
     /// Topics matching `pattern` (an exact topic or a prefix followed by `*`) keep a history.
     /// The first matching pattern wins.
     pub fn keep(&self, pattern: &str, options: HistoryOptions) {
-        self.layer.patterns.write().push((pattern.into(), options));
+        self.layer.patterns.write().push((pattern.into(), options, PatternStore(None)));
     }
 
     /// Keeps histories in `store` from now on (the default is a [`MemoryHistory`]).
@@ -477,7 +483,7 @@ impl History {
         mut make: impl FnMut(&Position) -> Payload + Send,
     ) -> Result<Position, HistoryError> {
         let options = self.layer.options(topic).ok_or_else(|| HistoryError::NoHistory(topic.to_owned()))?;
-        let store = self.layer.store.read().clone();
+        let store = self.layer.store_for(topic);
         let _order = self.layer.lock(topic).lock().await;
         let mut build =
             |pos: Position| Broadcast { topic: topic.to_owned(), event: event.to_owned(), payload: make(&pos) };
@@ -497,7 +503,7 @@ impl History {
         since: Option<Position>,
         subscribe: impl FnOnce() -> T,
     ) -> Result<(T, ReadAfter), (T, HistoryError)> {
-        let store = self.layer.store.read().clone();
+        let store = self.layer.store_for(topic);
         let Some(options) = self.layer.options(topic) else {
             return Err((subscribe(), HistoryError::NoHistory(topic.to_owned())));
         };
@@ -507,5 +513,34 @@ impl History {
             Ok(read) => Ok((subscribed, read)),
             Err(e) => Err((subscribed, e)),
         }
+    }
+
+    /// Topics matching `pattern` keep a history in `store` rather than the default store (a
+    /// durable store for some topics, say, or a table stream's table for its topics). The first
+    /// matching pattern wins, whichever method added it.
+    pub fn keep_in(&self, pattern: &str, options: HistoryOptions, store: Arc<dyn HistoryStore>) {
+        self.layer.patterns.write().push((pattern.into(), options, PatternStore(Some(store))));
+    }
+
+    /// Delivers `broadcast` to this node's subscribers, in order with its topic's recovering
+    /// joins (under the lock [`History::broadcast`] takes), without appending it anywhere: for a
+    /// source whose store holds the broadcast already (a table stream's row is in its table),
+    /// and that runs on every node. `before_release` runs once it is delivered, still under the
+    /// lock (to move the source's published position, say).
+    pub async fn deliver_stored(&self, broadcast: Broadcast, before_release: impl FnOnce()) -> usize {
+        let _order = self.layer.lock(&broadcast.topic).lock().await;
+        let n = self.pubsub.local_broadcast(broadcast);
+        before_release();
+        n
+    }
+}
+
+/// A pattern's own store, if it has one ([`History::keep_in`]).
+#[derive(Clone)]
+struct PatternStore(Option<Arc<dyn HistoryStore>>);
+
+impl fmt::Debug for PatternStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "own store" } else { "default store" })
     }
 }
