@@ -41,7 +41,15 @@ impl Db {
     /// the crate's migrations (tables `fawkes_inbox`, `fawkes_outbox`, `fawkes_cursors`,
     /// `fawkes_dead_letters`, `fawkes_client_topics`, `fawkes_events`).
     pub async fn connect(url: &str) -> Result<Db, Error> {
-        let db = if url.starts_with("sqlite:") {
+        let db = Db::open(url).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// Connects to `url` without applying the migrations (for a store that creates only its
+    /// own tables, such as [`SqlHistory`](crate::SqlHistory)).
+    pub async fn open(url: &str) -> Result<Db, Error> {
+        Ok(if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
@@ -53,9 +61,7 @@ impl Db {
             Db::Postgres(pool)
         } else {
             return Err(Error::UnsupportedUrl(url.to_owned()));
-        };
-        db.migrate().await?;
-        Ok(db)
+        })
     }
 
     /// Applies the crate's migrations (idempotent).

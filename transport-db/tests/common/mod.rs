@@ -13,7 +13,7 @@ use fawkes_channel::{
     reason,
 };
 use fawkes_serializer::{Frame, Serializer, ServerMessage};
-use fawkes_transport_db::{Db, Replay, StreamOptions, TableStream};
+use fawkes_transport_db::{Db, StreamOptions, TableStream};
 use serde_json::{Value, json};
 
 /// A database for one test; dropped (PostgreSQL) or deleted (SQLite) afterwards.
@@ -159,7 +159,6 @@ impl Client {
 pub struct Room {
     user: String,
     events: Option<TableStream>,
-    replay: Option<Replay>,
 }
 
 impl Channel for Room {
@@ -169,15 +168,9 @@ impl Channel for Room {
         self.user = user.unwrap_or("anonymous").to_owned();
         if let Some(events) = &self.events {
             let last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64);
-            self.replay = Some(events.replay(socket, last_event_id).await);
+            events.recover(socket, last_event_id).await.map_err(|e| reason(&e.to_string()))?;
         }
         Ok(json!({}))
-    }
-
-    async fn after_join(&mut self, socket: &mut SocketRef) {
-        if let Some(replay) = self.replay.take() {
-            replay.deliver(socket).await;
-        }
     }
 
     async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> HandleIn {
