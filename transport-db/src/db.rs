@@ -46,6 +46,16 @@ impl Db {
         Ok(db)
     }
 
+    /// [`Db::open`], but a PostgreSQL pool connects when first used (SQLite opens at once).
+    pub async fn open_lazy(url: &str) -> Result<Db, Error> {
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool =
+                PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(5)).connect_lazy(url)?;
+            return Ok(Db::Postgres(pool));
+        }
+        Db::open(url).await
+    }
+
     /// Connects to `url` without applying the migrations (for a store that creates only its
     /// own tables, such as [`SqlHistory`](crate::SqlHistory)).
     pub async fn open(url: &str) -> Result<Db, Error> {

@@ -63,6 +63,8 @@ const HEADS_LIMIT: usize = 65_536;
 /// ```
 pub struct SqlHistory {
     db: Db,
+    /// Set once the tables exist (created by the first operation of a lazily connected store).
+    schema: tokio::sync::OnceCell<()>,
     /// Per topic, the epoch and last position this node wrote: the optimistic append's guess.
     heads: Mutex<HashMap<Box<str>, Head>>,
 }
@@ -88,18 +90,43 @@ impl SqlHistory {
 
     /// A store on `db`; creates the history tables if missing. Several nodes may start at once.
     pub async fn new(db: Db) -> Result<SqlHistory, Error> {
-        match &db {
-            // raw_sql: several statements; the advisory lock keeps nodes starting together from
-            // racing on CREATE, and the notices "already exists, skipping" are not sent.
-            Db::Postgres(pool) => sqlx::raw_sql(POSTGRES_SCHEMA).execute(pool).await.map(drop)?,
-            Db::Sqlite(pool) => sqlx::raw_sql(SQLITE_SCHEMA).execute(pool).await.map(drop)?,
-        }
-        Ok(SqlHistory { db, heads: Mutex::new(HashMap::new()) })
+        let store = SqlHistory::unready(db);
+        store.ready().await?;
+        Ok(store)
+    }
+
+    /// A store on PostgreSQL at `url` that connects (and creates its tables) when first used,
+    /// so a server starts while the database is away: until it answers, appends fail (the
+    /// broadcast is not sent) and joins are answered "not recovered", each logged by the
+    /// [`History`](fawkes_channel::History) layer. SQLite URLs connect at once.
+    pub async fn connect_lazy(url: &str) -> Result<SqlHistory, Error> {
+        Ok(SqlHistory::unready(Db::open_lazy(url).await?))
+    }
+
+    fn unready(db: Db) -> SqlHistory {
+        SqlHistory { db, schema: tokio::sync::OnceCell::new(), heads: Mutex::new(HashMap::new()) }
+    }
+
+    /// Creates the tables once (retried by the next operation if it fails).
+    async fn ready(&self) -> Result<(), Error> {
+        self.schema
+            .get_or_try_init(|| async {
+                match &self.db {
+                    // raw_sql: several statements; the advisory lock keeps nodes starting
+                    // together from racing on CREATE, and "already exists, skipping" notices
+                    // are not sent.
+                    Db::Postgres(pool) => sqlx::raw_sql(POSTGRES_SCHEMA).execute(pool).await.map(drop),
+                    Db::Sqlite(pool) => sqlx::raw_sql(SQLITE_SCHEMA).execute(pool).await.map(drop),
+                }
+            })
+            .await?;
+        Ok(())
     }
 
     /// Forgets `topic`'s history: its broadcasts are deleted and its next epoch is new, so no
     /// position given before is recovered.
     pub async fn wipe(&self, topic: &str) -> Result<(), Error> {
+        self.ready().await?;
         on_pool!(&self.db, p => {
             let mut tx = p.begin().await?;
             sqlx::query("DELETE FROM fawkes_history_topics WHERE topic = $1").bind(topic).execute(&mut *tx).await?;
@@ -124,6 +151,7 @@ impl SqlHistory {
         options: &HistoryOptions,
         make: &mut (dyn FnMut(Position) -> Broadcast + Send),
     ) -> Result<Entry, Error> {
+        self.ready().await?;
         let guess = self.heads.lock().get(topic).copied();
         if let (Db::Postgres(pool), Some(head)) = (&self.db, guess) {
             let pos = head.last + 1;
@@ -202,6 +230,7 @@ impl SqlHistory {
         options: &HistoryOptions,
         since: Option<Position>,
     ) -> Result<ReadAfter, Error> {
+        self.ready().await?;
         let head: Option<(i64, i64)> =
             on_pool!(&self.db, p => sqlx::query_as(HEAD).bind(topic).fetch_optional(p).await?);
         let (epoch, last) = match head {

@@ -397,3 +397,16 @@ async fn count(db: &Db, sql: &str) -> i64 {
         Db::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await.expect(sql),
     }
 }
+
+/// A lazily connected store whose PostgreSQL is away: the server starts, and each operation
+/// fails with an error (the History layer logs it, sends nothing, answers "not recovered").
+#[tokio::test]
+async fn a_lazy_store_without_its_database_fails_each_operation_with_an_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let store = SqlHistory::connect_lazy(&format!("postgres://postgres@127.0.0.1:{port}/none")).await.expect("lazy");
+    let options = kept();
+    let read = store.read_after("feed:x", &options, Some(Position::new(1, 1))).await;
+    assert!(matches!(read, Err(fawkes_channel::HistoryError::Store(_))), "{read:?}");
+    let mut make = |_: Position| Broadcast { topic: "feed:x".into(), event: "e".into(), payload: json!({}).into() };
+    assert!(store.append("feed:x", &options, &mut make).await.is_err());
+}
