@@ -206,10 +206,12 @@ pub fn router() -> Router {
 
 /// An endpoint whose rooms are fed by a stream of `fawkes_events`, and the stream.
 pub async fn chat(db: &Db) -> (Endpoint, TableStream) {
-    let events =
-        TableStream::start(db.clone(), StreamOptions::table("fawkes_events").poll_interval(Duration::from_millis(20)))
-            .await
-            .expect("stream");
+    chat_with(db, StreamOptions::table("fawkes_events").poll_interval(Duration::from_millis(20))).await
+}
+
+/// [`chat`] with a stream of these options.
+pub async fn chat_with(db: &Db, options: StreamOptions) -> (Endpoint, TableStream) {
+    let events = TableStream::start(db.clone(), options).await.expect("stream");
     let stream = events.clone();
     let router = Router::new()
         .channel("room:*", move || Room { events: Some(stream.clone()), ..Room::default() })
