@@ -158,7 +158,7 @@ impl HistoryStore for MemoryHistory {
 /// The history layer's state on a [`PubSub`].
 pub(crate) struct Layer {
     store: RwLock<Arc<dyn HistoryStore>>,
-    patterns: RwLock<Vec<(Box<str>, HistoryOptions)>>,
+    patterns: RwLock<Vec<(Box<str>, HistoryOptions, PatternStore)>>,
     /// Held across append and delivery, so positions increase in delivery order, and across a
     /// recovering join's subscribe and read, so the seam has no gap and no duplicate.
     locks: Box<[tokio::sync::Mutex<()>]>,
@@ -198,10 +198,11 @@ impl Layer {
         }
     }
 
-    /// Whether `topic` keeps a history.
+    /// Whether `topic` keeps a history that broadcasts are written to (not one a source such as
+    /// a table stream writes itself: see [`History::keep_source`]).
     pub(crate) fn keeps(&self, topic: &str) -> bool {
         let patterns = self.patterns.read();
-        !patterns.is_empty() && patterns.iter().any(|(p, _)| matches(p, topic))
+        !patterns.is_empty() && patterns.iter().find(|(p, ..)| matches(p, topic)).is_some_and(|(.., s)| !s.source)
     }
 
     /// An entry the store delivered: to this node's subscribers, once, in position order.
@@ -326,7 +327,17 @@ impl Layer {
     }
 
     fn options(&self, topic: &str) -> Option<HistoryOptions> {
-        self.patterns.read().iter().find(|(p, _)| matches(p, topic)).map(|(_, o)| *o)
+        self.patterns.read().iter().find(|(p, ..)| matches(p, topic)).map(|(_, o, _)| *o)
+    }
+
+    /// The store of `topic`'s history (its pattern's own, or the default) and whether it
+    /// delivers (only the default store can: [`History::set_store`]).
+    fn store_for(&self, topic: &str) -> (Arc<dyn HistoryStore>, bool) {
+        let own = self.patterns.read().iter().find(|(p, ..)| matches(p, topic)).and_then(|(.., s)| s.store.clone());
+        match own {
+            Some(store) => (store, false),
+            None => (self.store.read().clone(), self.delivers.load(Ordering::Acquire)),
+        }
     }
 }
 
@@ -417,7 +428,7 @@ impl History {
     /// Topics matching `pattern` (an exact topic or a prefix followed by `*`) keep a history.
     /// The first matching pattern wins.
     pub fn keep(&self, pattern: &str, options: HistoryOptions) {
-        self.layer.patterns.write().push((pattern.into(), options));
+        self.layer.patterns.write().push((pattern.into(), options, PatternStore { store: None, source: false }));
     }
 
     /// Keeps histories in `store` from now on (the default is a [`MemoryHistory`]). A store
@@ -462,7 +473,7 @@ impl History {
         mut make: impl FnMut(&Position) -> Payload + Send,
     ) -> Result<Position, HistoryError> {
         let options = self.layer.options(topic).ok_or_else(|| HistoryError::NoHistory(topic.to_owned()))?;
-        let store = self.layer.store.read().clone();
+        let (store, delivers) = self.layer.store_for(topic);
         let _order = self.layer.lock(topic).lock().await;
         let mut build =
             |pos: Position| Broadcast { topic: topic.to_owned(), event: event.to_owned(), payload: make(&pos) };
@@ -470,7 +481,7 @@ impl History {
             self.layer.append_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(topic, error = %e, "history append failed: broadcast not sent");
         })?;
-        if !self.layer.delivers.load(Ordering::Acquire) {
+        if !delivers {
             self.pubsub.publish_shared(entry.broadcast, from);
         }
         Ok(entry.position)
@@ -485,7 +496,7 @@ impl History {
         since: Option<Position>,
         subscribe: impl FnOnce() -> T,
     ) -> Result<(T, ReadAfter), (T, HistoryError)> {
-        let store = self.layer.store.read().clone();
+        let (store, delivers) = self.layer.store_for(topic);
         let Some(options) = self.layer.options(topic) else {
             return Err((subscribe(), HistoryError::NoHistory(topic.to_owned())));
         };
@@ -495,7 +506,7 @@ impl History {
         // (and a gap being read back is waited for): later arrivals are after `current`, and
         // those up to it that wait in the new subscription are dropped as replayed.
         let read = store.read_after(topic, &options, since).await;
-        if read.is_ok() && self.layer.delivers.load(Ordering::Acquire) {
+        if read.is_ok() && delivers {
             self.layer.filled(topic).await;
         }
         match read {
@@ -505,5 +516,51 @@ impl History {
                 Err((subscribed, e))
             }
         }
+    }
+
+    /// Topics matching `pattern` keep a history in `store` rather than the default store (a
+    /// durable store for some topics, say, or a table stream's table for its topics). The first
+    /// matching pattern wins, whichever method added it.
+    pub fn keep_in(&self, pattern: &str, options: HistoryOptions, store: Arc<dyn HistoryStore>) {
+        self.layer.patterns.write().push((pattern.into(), options, PatternStore { store: Some(store), source: false }));
+    }
+
+    /// Topics matching `pattern` take their history from a source that writes `store` itself (a
+    /// table stream's table): recovering joins read it, and plain broadcasts on these topics
+    /// (chat beside a table's rows, say) are delivered as usual, outside the history, so a rejoin
+    /// recovers the source's broadcasts only. The source publishes with
+    /// [`History::deliver_stored`].
+    pub fn keep_source(&self, pattern: &str, options: HistoryOptions, store: Arc<dyn HistoryStore>) {
+        self.layer.patterns.write().push((pattern.into(), options, PatternStore { store: Some(store), source: true }));
+    }
+
+    /// Delivers `broadcast` to this node's subscribers, in order with its topic's recovering
+    /// joins (under the lock [`History::broadcast`] takes), without appending it anywhere: for a
+    /// source whose store holds the broadcast already (a table stream's row is in its table),
+    /// and that runs on every node. `before_release` runs once it is delivered, still under the
+    /// lock (to move the source's published position, say).
+    pub async fn deliver_stored(&self, broadcast: Broadcast, before_release: impl FnOnce()) -> usize {
+        let _order = self.layer.lock(&broadcast.topic).lock().await;
+        let n = self.pubsub.local_broadcast(broadcast);
+        before_release();
+        n
+    }
+}
+
+/// A pattern's own store, if it has one ([`History::keep_in`]).
+#[derive(Clone)]
+struct PatternStore {
+    store: Option<Arc<dyn HistoryStore>>,
+    /// Written by a source, not by broadcasts ([`History::keep_source`]).
+    source: bool,
+}
+
+impl fmt::Debug for PatternStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match (&self.store, self.source) {
+            (_, true) => "source",
+            (Some(_), false) => "own store",
+            (None, false) => "default store",
+        })
     }
 }

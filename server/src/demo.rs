@@ -3,10 +3,12 @@
 //! - `room:{name}`: join params may carry `{"user": string}` (default `"anonymous"`); the join
 //!   replies ok `{}`. A join that names its user is tracked in Presence under that user, with
 //!   meta `{"online_at": <unix ms>}`: the client gets `presence_state` right after the join
-//!   reply, and every subscriber gets `presence_diff` as users come and go, on every node.
+//!   reply (after the rows a `last_event_id` asks for), and every subscriber gets
+//!   `presence_diff` as users come and go, on every node.
 //! - With a database, rows of `fawkes_events` for the topic arrive as `event` with
 //!   `{"id": <row id>, "data": <payload>}`: every row written from the moment of the join on, or,
-//!   with `{"last_event_id": N}` in the join params, every row with id > N first.
+//!   with `{"last_event_id": N}` in the join params, every row with id > N first (the table is
+//!   the rooms' history: [`TableStream::recover`]).
 //! - `new_msg` `{"body": ...}` broadcasts `new_msg` `{"body": ..., "user": ...}` to every
 //!   subscriber, the sender included, and replies ok `{}`. `ping` replies ok with the payload
 //!   unchanged, JSON or binary. Any other event replies error `{"reason": "unknown event"}`.
@@ -15,7 +17,7 @@
 
 use serde_json::{Value, json};
 
-use fawkes::db::{Replay, TableStream};
+use fawkes::db::TableStream;
 use fawkes::{Channel, HandleIn, Payload, Router, SocketRef, reason};
 
 /// A chat room.
@@ -24,7 +26,6 @@ pub struct Room {
     user: String,
     tracked: bool,
     events: Option<TableStream>,
-    replay: Option<Replay>,
 }
 
 impl Channel for Room {
@@ -36,7 +37,10 @@ impl Channel for Room {
         if let Some(events) = &self.events {
             // Without a last_event_id, rows from the moment of the join on.
             let last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64);
-            self.replay = Some(events.replay(socket, last_event_id).await);
+            // The rows after it are delivered right after the reply, before presence_state.
+            if let Err(e) = events.recover(socket, last_event_id).await {
+                tracing::warn!(topic = socket.topic(), error = %e, "room without its table history");
+            }
         }
         Ok(json!({}))
     }
@@ -49,9 +53,6 @@ impl Channel for Room {
                 tracing::warn!(error = %e, "presence not tracked");
             }
             socket.push("presence_state", socket.presence_list());
-        }
-        if let Some(replay) = self.replay.take() {
-            replay.deliver(socket).await;
         }
     }
 

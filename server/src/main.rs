@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use fawkes::db::{Db, DbClients, DbClientsOptions, StreamOptions, TableStream};
+use fawkes::db::{Db, DbClients, DbClientsOptions, SqlHistory, StreamOptions, TableStream};
 use fawkes::longpoll::LongPollOptions;
 use fawkes::pubsub_postgres::{PostgresAdapter, PostgresOptions};
 use fawkes::pubsub_redis::{RedisAdapter, RedisOptions};
-use fawkes::{ClusterOptions, Endpoint, PubSub};
+use fawkes::{ClusterOptions, Endpoint, HistoryStore, PubSub};
 use fawkes_server::auth::Auth;
 use fawkes_server::config::{ConfigError, FileConfig, LogFormat, ServeArgs, ServeConfig, parse_bind, redact};
 use fawkes_server::namespace::NamespaceStats;
@@ -156,7 +156,13 @@ async fn serve(config: ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
         .pubsub(pubsub)
         .socket_handler(auth.clone())
         .build();
-    if let Some(store) = fawkes_server::feed::history_store(config.pubsub.as_deref(), &config.cluster)? {
+    // Feed history lives in the cluster's backend when `--pubsub` names one: Redis Streams or
+    // PostgreSQL; in memory otherwise.
+    let store = match fawkes_server::feed::history_store(config.pubsub.as_deref(), &config.cluster)? {
+        Some(store) => Some(store),
+        None => feed_history(&config).await?,
+    };
+    if let Some(store) = store {
         endpoint.history().set_store(store);
     }
     let _db_clients = DbClients::start(db, endpoint.clone(), DbClientsOptions::default()).await?;
@@ -251,6 +257,20 @@ fn postgres_host(url: &str) -> Option<(String, u16)> {
     match hostport.rsplit_once(':') {
         Some((host, port)) => Some((host.to_owned(), port.parse().ok()?)),
         None => Some((hostport.to_owned(), 5432)),
+    }
+}
+
+/// Where `feed:*` keeps its history: in the cluster's PostgreSQL when `--pubsub` names one (so
+/// any node recovers a client, and a restart loses nothing), otherwise in memory (the default
+/// store). The store connects when first used, as the PubSub adapter does.
+async fn feed_history(config: &ServeConfig) -> Result<Option<std::sync::Arc<dyn HistoryStore>>, String> {
+    match config.pubsub.as_deref() {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let store =
+                SqlHistory::connect_lazy(url).await.map_err(|e| format!("feed history {}: {e}", redact(url)))?;
+            Ok(Some(std::sync::Arc::new(store)))
+        }
+        _ => Ok(None),
     }
 }
 

@@ -12,24 +12,19 @@
 use std::time::{Duration, Instant};
 
 use fawkes_channel::{Channel, ConnectInfo, Endpoint, Frame, HandleIn, Outbound, Payload, Router, Session, SocketRef};
-use fawkes_transport_db::{Db, Replay, StreamOptions, TableStream};
+use fawkes_transport_db::{Db, StreamOptions, TableStream};
 use serde_json::{Value, json};
 
 const SUBSCRIBERS: usize = 100;
 const ROWS: usize = 5_000;
 const LATENCY_SAMPLES: usize = 300;
 
-struct Feed(TableStream, Option<Replay>);
+struct Feed(TableStream);
 
 impl Channel for Feed {
     async fn join(&mut self, _: Payload, socket: &mut SocketRef) -> Result<Value, Value> {
-        self.1 = Some(self.0.replay(socket, None).await);
+        self.0.recover(socket, None).await.map_err(|e| json!({"reason": e.to_string()}))?;
         Ok(json!({}))
-    }
-    async fn after_join(&mut self, socket: &mut SocketRef) {
-        if let Some(replay) = self.1.take() {
-            replay.deliver(socket).await;
-        }
     }
     async fn handle_in(&mut self, _: &str, _: Payload, _: &mut SocketRef) -> HandleIn {
         HandleIn::NoReply
@@ -70,7 +65,7 @@ async fn run(name: &str, db: Db, poll: Duration) {
             .expect("stream");
     let config = fawkes_channel::Config::default().outbound_queue_limit(ROWS * 2);
     let endpoint = Endpoint::builder()
-        .router(Router::new().channel("bench:*", move || Feed(stream.clone(), None)))
+        .router(Router::new().channel("bench:*", move || Feed(stream.clone())))
         .config(config)
         .build();
     let mut subs = subscribers(&endpoint, SUBSCRIBERS).await;

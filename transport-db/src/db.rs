@@ -41,7 +41,25 @@ impl Db {
     /// the crate's migrations (tables `fawkes_inbox`, `fawkes_outbox`, `fawkes_cursors`,
     /// `fawkes_dead_letters`, `fawkes_client_topics`, `fawkes_events`).
     pub async fn connect(url: &str) -> Result<Db, Error> {
-        let db = if url.starts_with("sqlite:") {
+        let db = Db::open(url).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// [`Db::open`], but a PostgreSQL pool connects when first used (SQLite opens at once).
+    pub async fn open_lazy(url: &str) -> Result<Db, Error> {
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool =
+                PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(5)).connect_lazy(url)?;
+            return Ok(Db::Postgres(pool));
+        }
+        Db::open(url).await
+    }
+
+    /// Connects to `url` without applying the migrations (for a store that creates only its
+    /// own tables, such as [`SqlHistory`](crate::SqlHistory)).
+    pub async fn open(url: &str) -> Result<Db, Error> {
+        Ok(if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
@@ -53,9 +71,7 @@ impl Db {
             Db::Postgres(pool)
         } else {
             return Err(Error::UnsupportedUrl(url.to_owned()));
-        };
-        db.migrate().await?;
-        Ok(db)
+        })
     }
 
     /// Applies the crate's migrations (idempotent).

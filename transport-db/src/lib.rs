@@ -32,8 +32,13 @@
 //!   [`PubSub`](fawkes_channel::PubSub) as `event` on `topic` with payload
 //!   `{"id": <row id>, "data": <payload>}`, to every subscriber of the topic. A join with
 //!   `{"last_event_id": N}` first receives every row of its topic with id > N, then live rows,
-//!   with no gap and no duplicate at the seam ([`TableStream::replay`]): the table is the replay
-//!   log, so this survives restarts.
+//!   with no gap and no duplicate at the seam ([`TableStream::recover`]): the table is the
+//!   history of the stream's topics, recovered through the same path as any topic with history
+//!   (`SocketRef::recover`), so this survives restarts.
+//! - **Durable history** ([`SqlHistory`]): a [`HistoryStore`](fawkes_channel::HistoryStore) in
+//!   SQLite or PostgreSQL for topics whose broadcasts come from the application, so a client
+//!   recovers what it missed across a server restart, and on a shared PostgreSQL through any
+//!   node.
 //!
 //! Every query is written once for both backends (see the `db` module). A table stream's cursor
 //! (`fawkes_cursors`) is saved after its rows were published, so a crash between the two
@@ -48,13 +53,15 @@
 mod clients;
 mod db;
 mod feed;
+mod history;
 mod outbox;
 mod stream;
 mod wake;
 
 pub use clients::{DbClients, DbClientsOptions};
 pub use db::Db;
-pub use stream::{Replay, StreamOptions, TableStream};
+pub use history::SqlHistory;
+pub use stream::{StreamOptions, TableStream};
 
 /// What can go wrong talking to the database.
 #[derive(Debug, thiserror::Error)]
@@ -69,4 +76,7 @@ pub enum Error {
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A row read back is not what was written (a history payload that is not JSON, say).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
 }

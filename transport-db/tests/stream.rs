@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, TestDb, chat, insert_event, postgres, sqlite};
-use fawkes_transport_db::Db;
+use common::{Client, TestDb, chat, chat_with, insert_event, postgres, sqlite};
+use fawkes_transport_db::{Db, StreamOptions};
 use serde_json::json;
 
 async fn streams_rows_in_order(t: TestDb) {
@@ -69,6 +69,37 @@ async fn sqlite_replay_then_live_without_gap_or_duplicate() {
 async fn postgres_replay_then_live_without_gap_or_duplicate() {
     if let Some(t) = postgres().await {
         replay_then_live_without_gap_or_duplicate(t).await;
+    }
+}
+
+async fn a_join_further_behind_than_max_replay_replays_nothing(t: TestDb) {
+    let options = StreamOptions::table("fawkes_events").poll_interval(Duration::from_millis(20)).max_replay(3);
+    let (endpoint, events) = chat_with(&t.db, options).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(insert_event(&t.db, "room:far", "msg", &format!(r#"{{"n":{i}}}"#)).await);
+    }
+    while events.position() < ids[4] {
+        tokio::task::yield_now().await;
+    }
+    // Four rows behind, one more than max_replay: none replayed, the next live row comes first.
+    let mut far = Client::join(&endpoint, "room:far", json!({"last_event_id": ids[0]})).await;
+    // Two rows behind: both replayed.
+    let mut near = Client::join(&endpoint, "room:far", json!({"last_event_id": ids[2]})).await;
+    let live = insert_event(&t.db, "room:far", "msg", "{}").await;
+    assert_eq!(far.event().await.1, live, "nothing replayed past max_replay");
+    assert_eq!([near.event().await.1, near.event().await.1, near.event().await.1], [ids[3], ids[4], live]);
+}
+
+#[tokio::test]
+async fn sqlite_a_join_further_behind_than_max_replay_replays_nothing() {
+    a_join_further_behind_than_max_replay_replays_nothing(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn postgres_a_join_further_behind_than_max_replay_replays_nothing() {
+    if let Some(t) = postgres().await {
+        a_join_further_behind_than_max_replay_replays_nothing(t).await;
     }
 }
 

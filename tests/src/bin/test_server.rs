@@ -1,7 +1,7 @@
 //! The server the phoenix.js suite drives: the demo app plus the `test:*` channel.
 //!
 //! `fawkes-test-server [--bind ADDR] [--heartbeat-timeout-ms N] [--poll-window-ms N]
-//! [--session-idle-ms N] [--no-websocket] [--database URL]` prints
+//! [--session-idle-ms N] [--no-websocket] [--database URL] [--history URL]` prints
 //! `listening on http://ADDR` once ready and exits cleanly on SIGTERM or Ctrl-C.
 
 use std::io::Write as _;
@@ -30,6 +30,9 @@ struct Args {
     /// Serve database clients and the `fawkes_events` stream from this database too.
     #[arg(long)]
     database: Option<String>,
+    /// Keep `feed:*` history in this SQLite or PostgreSQL database rather than in memory.
+    #[arg(long)]
+    history: Option<String>,
 }
 
 #[tokio::main]
@@ -57,6 +60,10 @@ async fn main() -> std::io::Result<()> {
             endpoint
         }
     };
+    if let Some(url) = &args.history {
+        let store = fawkes::db::SqlHistory::connect(url).await.map_err(std::io::Error::other)?;
+        endpoint.history().set_store(std::sync::Arc::new(store));
+    }
     let listener = tokio::net::TcpListener::bind(args.bind).await?;
     let mut out = std::io::stdout();
     writeln!(out, "listening on http://{}", listener.local_addr()?)?;

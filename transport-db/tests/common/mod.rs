@@ -13,7 +13,7 @@ use fawkes_channel::{
     reason,
 };
 use fawkes_serializer::{Frame, Serializer, ServerMessage};
-use fawkes_transport_db::{Db, Replay, StreamOptions, TableStream};
+use fawkes_transport_db::{Db, StreamOptions, TableStream};
 use serde_json::{Value, json};
 
 /// A database for one test; dropped (PostgreSQL) or deleted (SQLite) afterwards.
@@ -159,7 +159,6 @@ impl Client {
 pub struct Room {
     user: String,
     events: Option<TableStream>,
-    replay: Option<Replay>,
 }
 
 impl Channel for Room {
@@ -169,15 +168,9 @@ impl Channel for Room {
         self.user = user.unwrap_or("anonymous").to_owned();
         if let Some(events) = &self.events {
             let last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64);
-            self.replay = Some(events.replay(socket, last_event_id).await);
+            events.recover(socket, last_event_id).await.map_err(|e| reason(&e.to_string()))?;
         }
         Ok(json!({}))
-    }
-
-    async fn after_join(&mut self, socket: &mut SocketRef) {
-        if let Some(replay) = self.replay.take() {
-            replay.deliver(socket).await;
-        }
     }
 
     async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> HandleIn {
@@ -213,10 +206,12 @@ pub fn router() -> Router {
 
 /// An endpoint whose rooms are fed by a stream of `fawkes_events`, and the stream.
 pub async fn chat(db: &Db) -> (Endpoint, TableStream) {
-    let events =
-        TableStream::start(db.clone(), StreamOptions::table("fawkes_events").poll_interval(Duration::from_millis(20)))
-            .await
-            .expect("stream");
+    chat_with(db, StreamOptions::table("fawkes_events").poll_interval(Duration::from_millis(20))).await
+}
+
+/// [`chat`] with a stream of these options.
+pub async fn chat_with(db: &Db, options: StreamOptions) -> (Endpoint, TableStream) {
+    let events = TableStream::start(db.clone(), options).await.expect("stream");
     let stream = events.clone();
     let router = Router::new()
         .channel("room:*", move || Room { events: Some(stream.clone()), ..Room::default() })
