@@ -60,6 +60,9 @@ pub struct FileConfig {
     /// `[health]`.
     #[serde(default)]
     pub health: HealthFile,
+    /// `[http]`: connection timeouts.
+    #[serde(default)]
+    pub http: HttpFile,
 }
 
 impl FromStr for FileConfig {
@@ -173,6 +176,16 @@ pub struct HealthFile {
     pub pubsub_outage: Option<f64>,
 }
 
+/// `[http]`: how long a connection may take.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFile {
+    /// Seconds a connection has to send a request's headers in full.
+    pub header_read_timeout: Option<f64>,
+    /// Seconds a connection may go without beginning a response (a body that never ends).
+    pub idle_timeout: Option<f64>,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -281,6 +294,13 @@ pub struct ServeArgs {
     /// [default: 10]
     #[arg(long, env = "FAWKES_HEALTH_PUBSUB_OUTAGE", value_name = "SECS", help_heading = "Shutdown and health")]
     pub health_pubsub_outage: Option<f64>,
+    /// [http] Seconds a connection has to send a request's headers in full. [default: 10]
+    #[arg(long, env = "FAWKES_HEADER_READ_TIMEOUT", value_name = "SECS", help_heading = "Connections")]
+    pub header_read_timeout: Option<f64>,
+    /// [http] Seconds a connection may go without beginning a response (a request body that
+    /// never ends, a peer that sends nothing) before it is closed. [default: 30]
+    #[arg(long, env = "FAWKES_IDLE_TIMEOUT", value_name = "SECS", help_heading = "Connections")]
+    pub idle_timeout: Option<f64>,
 }
 
 /// The settings `fawkes serve` runs with, checked.
@@ -407,7 +427,8 @@ impl ServeConfig {
         let log_format = args.log_format.or(file.log_format).unwrap_or_default();
 
         let channel = limits(args, &file.limits)?.check_origin(check_origin);
-        let serve = serve_options(args, &file.drain, &file.health)?;
+        let mut serve = serve_options(args, &file.drain, &file.health)?;
+        http_timeouts(args, &file.http, &mut serve)?;
 
         let mut not_yet_active = Vec::new();
         let auth = &file.auth;
@@ -519,6 +540,16 @@ fn serve_options(args: &ServeArgs, drain: &DrainFile, health: &HealthFile) -> Re
         options.pubsub_outage = seconds("[health] pubsub_outage (--health-pubsub-outage)", s, true)?;
     }
     Ok(options)
+}
+
+fn http_timeouts(args: &ServeArgs, http: &HttpFile, options: &mut ServeOptions) -> Result<(), ConfigError> {
+    if let Some(s) = args.header_read_timeout.or(http.header_read_timeout) {
+        options.header_read_timeout = seconds("[http] header_read_timeout (--header-read-timeout)", s, false)?;
+    }
+    if let Some(s) = args.idle_timeout.or(http.idle_timeout) {
+        options.idle_timeout = seconds("[http] idle_timeout (--idle-timeout)", s, false)?;
+    }
+    Ok(())
 }
 
 /// `bind` as a host and a port: `HOST:PORT`, `[V6]:PORT`, a bare `PORT` (on 127.0.0.1) or a bare
