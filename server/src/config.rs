@@ -11,6 +11,7 @@
 //! assert_eq!(config.channel.max_frame_size, 65536);
 //! ```
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -219,7 +220,8 @@ pub struct ServeArgs {
     pub bind: Option<String>,
     /// A browser origin allowed to connect (repeatable; comma-separated in the variable):
     /// https://app.example.com, http://localhost:*, https://*.example.com, or * for any.
-    /// [default: the server's own host only]
+    /// [default: the server's own origins only: its bind host and address at its port, and
+    /// localhost forms when bound to a loopback or unspecified address]
     #[arg(long = "allowed-origin", env = "FAWKES_ALLOWED_ORIGINS", value_name = "ORIGIN", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
     /// The demo app's database: a SQLite file (fawkes.db or sqlite://fawkes.db, created if
@@ -326,6 +328,8 @@ pub struct ServeConfig {
     pub serve: ServeOptions,
     /// Settings given that this version parses but does not enforce yet.
     pub not_yet_active: Vec<&'static str>,
+    /// No `allowed_origins` was given: [`ServeConfig::bound`] allows the server's own origins.
+    pub own_origins_only: bool,
 }
 
 /// Why the configuration cannot be used.
@@ -384,7 +388,9 @@ impl ServeConfig {
 
         let origins =
             if args.allowed_origins.is_empty() { file.allowed_origins } else { Some(args.allowed_origins.clone()) };
+        let own_origins_only = origins.as_ref().is_none_or(Vec::is_empty);
         let check_origin = match origins {
+            // Replaced by the server's own origins once the listener is bound.
             None => OriginCheck::SameHost,
             Some(list) if list.is_empty() => OriginCheck::SameHost,
             Some(list) => OriginCheck::allow_list(list)
@@ -474,8 +480,64 @@ impl ServeConfig {
             channel,
             serve,
             not_yet_active,
+            own_origins_only,
         })
     }
+
+    /// Settles what depends on the address the listener is bound to: without `allowed_origins`,
+    /// the origins allowed are the server's own ([`own_origins`]), never what a request's `Host`
+    /// header claims (a DNS-rebinding page controls that).
+    pub fn bound(&mut self, addr: SocketAddr) {
+        if self.own_origins_only {
+            let host = parse_bind(&self.bind).map_or_else(|_| addr.ip().to_string(), |(host, _)| host);
+            self.channel.check_origin = own_origins(&host, addr);
+        }
+    }
+}
+
+/// The origins of a server bound to `host` (as configured) at `addr`: `http` and `https` with
+/// the host and the bound address, and when the host is a loopback or unspecified address (or
+/// `localhost`), the loopback forms `localhost`, `127.0.0.1` and `[::1]`; always the bound port.
+///
+/// ```
+/// use fawkes_server::config::own_origins;
+/// use http::HeaderMap;
+///
+/// let check = own_origins("127.0.0.1", "127.0.0.1:4000".parse().unwrap());
+/// let from = |origin: &str, host: &str| {
+///     let mut h = HeaderMap::new();
+///     h.insert("origin", origin.parse().unwrap());
+///     h.insert("host", host.parse().unwrap());
+///     check.allows(&h)
+/// };
+/// assert!(from("http://localhost:4000", "localhost:4000"));
+/// assert!(!from("http://evil.example", "evil.example"));
+/// ```
+pub fn own_origins(host: &str, addr: SocketAddr) -> OriginCheck {
+    let port = addr.port();
+    let bracket = |h: &str| if h.contains(':') && !h.starts_with('[') { format!("[{h}]") } else { h.to_owned() };
+    let mut hosts = vec![bracket(host), bracket(&addr.ip().to_string())];
+    let ip: Option<IpAddr> = host.trim_start_matches('[').trim_end_matches(']').parse().ok();
+    let local = host.eq_ignore_ascii_case("localhost")
+        || ip.is_some_and(|ip| ip.is_loopback() || ip.is_unspecified())
+        || addr.ip().is_loopback();
+    if local {
+        hosts.extend(["localhost".to_owned(), "127.0.0.1".to_owned(), "[::1]".to_owned()]);
+    }
+    hosts.sort();
+    hosts.dedup();
+    let mut patterns = Vec::new();
+    for h in &hosts {
+        for scheme in ["http", "https"] {
+            patterns.push(format!("{scheme}://{h}:{port}"));
+        }
+        match port {
+            80 => patterns.push(format!("http://{h}")),
+            443 => patterns.push(format!("https://{h}")),
+            _ => {}
+        }
+    }
+    OriginCheck::allow_list(patterns).unwrap_or(OriginCheck::Allow(Vec::new()))
 }
 
 fn limits(args: &ServeArgs, file: &LimitsFile) -> Result<Config, ConfigError> {

@@ -129,10 +129,11 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn serve(config: ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(mut config: ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
     // Listen first: a port in use is reported before anything is created.
     let listener = listen(&config.bind).await?;
     let addr = listener.local_addr()?;
+    config.bound(addr);
     let pubsub = pubsub(&config)?;
     let db = connect_database(&config.database).await?;
     db.notify_on("fawkes_events").await?;
