@@ -45,6 +45,9 @@ pub struct Config {
     pub max_frame_size: usize,
     /// Frames queued for one socket before the [`SlowConsumerPolicy`] applies.
     pub outbound_queue_limit: usize,
+    /// Bytes queued for one socket (replies included) before the [`SlowConsumerPolicy`] applies.
+    /// A single frame larger than this still goes to a peer whose queue is empty.
+    pub outbound_byte_limit: usize,
     /// What to do when the outbound queue is full.
     pub slow_consumer: SlowConsumerPolicy,
     /// Channels one socket may have joined at once.
@@ -69,6 +72,7 @@ impl Default for Config {
             heartbeat_timeout: Duration::from_secs(60),
             max_frame_size: 1024 * 1024,
             outbound_queue_limit: 1024,
+            outbound_byte_limit: 1024 * 1024,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             max_channels_per_socket: 100,
             join_rate: JoinRate { per_second: 50, burst: 200 },
@@ -94,6 +98,11 @@ impl Config {
     /// Sets [`Config::outbound_queue_limit`] (at least 1).
     pub fn outbound_queue_limit(mut self, frames: usize) -> Self {
         self.outbound_queue_limit = frames.max(1);
+        self
+    }
+    /// Sets [`Config::outbound_byte_limit`] (at least 1).
+    pub fn outbound_byte_limit(mut self, bytes: usize) -> Self {
+        self.outbound_byte_limit = bytes.max(1);
         self
     }
     /// Sets [`Config::slow_consumer`].

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::history::{History, HistoryOptions, HistoryStore};
-use crate::outbox::{CloseReason, Outbox};
+use crate::outbox::{CloseReason, Outbox, OutboxLimits};
 use crate::pubsub::PubSub;
 use crate::registry::{Live, REGISTRY_SHARDS, Shared};
 use crate::router::Router;
@@ -129,6 +129,7 @@ impl EndpointBuilder {
             live_count: AtomicUsize::new(0),
             drained: Notify::new(),
             per_ip: Mutex::new(HashMap::new()),
+            slow_consumers: Default::default(),
         }))
     }
 }
@@ -170,7 +171,15 @@ impl Endpoint {
         let accept = self.0.handler.connect(&info).await?;
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
         let config = &self.0.config;
-        let outbox = Outbox::new(id, config.outbound_queue_limit, config.slow_consumer);
+        let outbox = Outbox::new(
+            id,
+            OutboxLimits {
+                frames: config.outbound_queue_limit,
+                bytes: config.outbound_byte_limit,
+                policy: config.slow_consumer,
+                slow_consumers: self.0.slow_consumers.clone(),
+            },
+        );
         outbox.touch();
         let socket =
             Arc::new(SocketInfo { serializer, transport: info.transport, assigns: accept.assigns, id: accept.id });
@@ -241,6 +250,13 @@ impl Endpoint {
             }
         }
         n
+    }
+
+    /// Sockets closed because their peer read too slowly (their outbound queue reached
+    /// [`Config::outbound_queue_limit`](crate::Config) or
+    /// [`Config::outbound_byte_limit`](crate::Config)), since the endpoint was built.
+    pub fn slow_consumers(&self) -> u64 {
+        self.0.slow_consumers.load(Ordering::Relaxed)
     }
 
     /// True once [`Endpoint::shutdown`] or [`Endpoint::shutdown_batch`] was called.

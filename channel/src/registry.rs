@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     pub(crate) drained: Notify,
     /// Sockets per peer address, kept only when `max_connections_per_ip` is set.
     pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Sockets closed as slow consumers.
+    pub(crate) slow_consumers: Arc<AtomicU64>,
 }
 
 impl Shared {

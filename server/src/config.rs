@@ -143,6 +143,8 @@ pub struct LimitsFile {
     pub max_frame_size: Option<usize>,
     /// Frames queued for one socket before `slow_consumer` applies.
     pub outbound_queue_limit: Option<usize>,
+    /// Bytes queued for one socket or long-poll/SSE session before `slow_consumer` applies.
+    pub outbound_byte_limit: Option<usize>,
     /// `disconnect` or `drop_oldest`.
     pub slow_consumer: Option<SlowConsumer>,
     /// Channels one socket may have joined at once.
@@ -265,6 +267,10 @@ pub struct ServeArgs {
     /// [limits] Frames queued for one socket before --slow-consumer applies. [default: 1024]
     #[arg(long, env = "FAWKES_OUTBOUND_QUEUE_LIMIT", value_name = "FRAMES", help_heading = "Limits")]
     pub outbound_queue_limit: Option<usize>,
+    /// [limits] Bytes queued for one socket or long-poll/SSE session (replies included) before
+    /// --slow-consumer applies. [default: 1048576]
+    #[arg(long, env = "FAWKES_OUTBOUND_BYTE_LIMIT", value_name = "BYTES", help_heading = "Limits")]
+    pub outbound_byte_limit: Option<usize>,
     /// [limits] What a full outbound queue does. [default: disconnect]
     #[arg(long, env = "FAWKES_SLOW_CONSUMER", value_name = "POLICY", help_heading = "Limits")]
     pub slow_consumer: Option<SlowConsumer>,
@@ -550,6 +556,8 @@ fn limits(args: &ServeArgs, file: &LimitsFile) -> Result<Config, ConfigError> {
     config = config.max_frame_size(positive("[limits] max_frame_size (--max-frame-size)", size)?);
     let queue = args.outbound_queue_limit.or(file.outbound_queue_limit).unwrap_or(d.outbound_queue_limit);
     config = config.outbound_queue_limit(positive("[limits] outbound_queue_limit (--outbound-queue-limit)", queue)?);
+    let bytes = args.outbound_byte_limit.or(file.outbound_byte_limit).unwrap_or(d.outbound_byte_limit);
+    config = config.outbound_byte_limit(positive("[limits] outbound_byte_limit (--outbound-byte-limit)", bytes)?);
     if let Some(policy) = args.slow_consumer.or(file.slow_consumer) {
         config = config.slow_consumer(match policy {
             SlowConsumer::Disconnect => SlowConsumerPolicy::Disconnect,

@@ -78,7 +78,9 @@ fn metrics(endpoint: &Endpoint) -> impl IntoResponse + use<> {
          # HELP fawkes_pubsub_malformed_total Messages from the backend that could not be read.\n\
          # TYPE fawkes_pubsub_malformed_total counter\nfawkes_pubsub_malformed_total {}\n\
          # HELP fawkes_draining Whether the server is draining (1 from the first moment of SIGTERM).\n\
-         # TYPE fawkes_draining gauge\nfawkes_draining {}\n",
+         # TYPE fawkes_draining gauge\nfawkes_draining {}\n\
+         # HELP fawkes_slow_consumers_total Sockets closed because their peer read too slowly.\n\
+         # TYPE fawkes_slow_consumers_total counter\nfawkes_slow_consumers_total {}\n",
         endpoint.connected(),
         u8::from(c.connected),
         c.disconnects,
@@ -87,6 +89,7 @@ fn metrics(endpoint: &Endpoint) -> impl IntoResponse + use<> {
         c.dropped,
         c.malformed,
         u8::from(endpoint.is_shutting_down()),
+        endpoint.slow_consumers(),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
