@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Sockets closed as slow consumers.
     pub(crate) slow_consumers: Arc<AtomicU64>,
+    /// Connect tokens per peer address, kept only when `connect_rate` is set.
+    pub(crate) connects: Mutex<HashMap<IpAddr, (f64, tokio::time::Instant)>>,
 }
 
 impl Shared {

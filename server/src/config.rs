@@ -157,6 +157,11 @@ pub struct LimitsFile {
     pub max_topic_len: Option<usize>,
     /// Sockets one IP address may hold at once.
     pub max_connections_per_ip: Option<usize>,
+    /// Sockets (WebSocket upgrades, long-poll and SSE sessions) one IP address may open per
+    /// second; 0: no limit.
+    pub connect_rate: Option<u32>,
+    /// Sockets one IP address may open at once.
+    pub connect_burst: Option<u32>,
 }
 
 /// `[drain]`: what SIGTERM does.
@@ -289,6 +294,13 @@ pub struct ServeArgs {
     /// [limits] Sockets one IP address may hold at once. [default: no limit]
     #[arg(long, env = "FAWKES_MAX_CONNECTIONS_PER_IP", value_name = "N", help_heading = "Limits")]
     pub max_connections_per_ip: Option<usize>,
+    /// [limits] Sockets (WebSocket upgrades, long-poll and SSE sessions) one IP address may open
+    /// per second; past it, 429 with Retry-After. 0: no limit. [default: 100]
+    #[arg(long, env = "FAWKES_CONNECT_RATE", value_name = "N", help_heading = "Limits")]
+    pub connect_rate: Option<u32>,
+    /// [limits] Sockets one IP address may open at once. [default: 1000]
+    #[arg(long, env = "FAWKES_CONNECT_BURST", value_name = "N", help_heading = "Limits")]
+    pub connect_burst: Option<u32>,
     /// [drain] Seconds over which SIGTERM closes the sockets, in batches. [default: 0, all at once]
     #[arg(long, env = "FAWKES_DRAIN_DURATION", value_name = "SECS", help_heading = "Shutdown and health")]
     pub drain_duration: Option<f64>,
@@ -580,11 +592,20 @@ fn limits(args: &ServeArgs, file: &LimitsFile) -> Result<Config, ConfigError> {
         ));
     }
     config.max_topic_len = topic;
+    let rate = args.connect_rate.or(file.connect_rate).unwrap_or(DEFAULT_CONNECT_RATE);
+    let burst = args.connect_burst.or(file.connect_burst).unwrap_or(DEFAULT_CONNECT_BURST);
+    positive("[limits] connect_burst (--connect-burst)", burst as usize)?;
+    config = config.connect_rate((rate > 0).then_some((rate, burst)));
     if let Some(n) = args.max_connections_per_ip.or(file.max_connections_per_ip) {
         config = config.max_connections_per_ip(Some(positive("[limits] max_connections_per_ip", n)?));
     }
     Ok(config)
 }
+
+/// `fawkes serve`'s connect rate per peer address: a page reconnecting, a tab per user behind
+/// one NAT, are far below it; 10,000 session opens in a tenth of a second are not.
+const DEFAULT_CONNECT_RATE: u32 = 100;
+const DEFAULT_CONNECT_BURST: u32 = 1000;
 
 fn serve_options(args: &ServeArgs, drain: &DrainFile, health: &HealthFile) -> Result<ServeOptions, ConfigError> {
     let d = ServeOptions::default();
