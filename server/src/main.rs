@@ -16,6 +16,13 @@ use fawkes::{ClusterOptions, Endpoint, PubSub};
 use fawkes_server::config::{ConfigError, FileConfig, LogFormat, ServeArgs, ServeConfig, parse_bind, redact};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc rather than the system allocator: glibc's malloc keeps what a burst of large
+/// buffers (long-poll answers, big replies) used long after they are freed (freeing one raises
+/// its mmap threshold, and later large buffers come from arenas it rarely trims). jemalloc, with
+/// its background thread on (see `main`), gives freed pages back within seconds.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const SERVE_HELP: &str = "\
 Once started, the server prints the URL it serves. With the defaults:
   http://127.0.0.1:4000/          the demo chat page
@@ -59,6 +66,10 @@ enum ConfigCommand {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Purges freed pages on a timer, whether or not the server allocates again.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        eprintln!("fawkes: jemalloc background thread not started: {e}");
+    }
     match Cli::parse().command {
         Command::Config(ConfigCommand::Check { file }) => check(&file),
         Command::Serve(args) => {
