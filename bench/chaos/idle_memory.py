@@ -2,7 +2,7 @@
 """Idle memory per WebSocket connection of a `fawkes serve` binary: N clients upgrade, join a
 room and stay quiet; prints the server's RSS growth per connection.
 
-    python3 bench/chaos/idle_memory.py target/release/fawkes [N]
+    CLIENTS=2000 python3 bench/chaos/idle_memory.py target/release/fawkes --connect-rate 0
 """
 import os
 import resource
@@ -28,14 +28,14 @@ def frame(payload):
 
 
 def main():
-    binary = sys.argv[1]
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
+    binary, extra = sys.argv[1], sys.argv[2:]
+    n = int(os.environ.get("CLIENTS", "2000"))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 100), hard))
     scratch = tempfile.mkdtemp()
     server = subprocess.Popen(
         [binary, "serve", "--bind", "127.0.0.1:0", "--database", f"sqlite://{scratch}/fawkes.db",
-         "--connect-rate", "0"],
+         *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     url = next(w for w in server.stdout.readline().split() if w.startswith("http://"))

@@ -7,7 +7,7 @@ client that never polls), then waits for the sessions to be reaped. Prints the p
 start, at the peak and every few seconds after, and whether it came back to within 25% of the
 load's growth above the baseline.
 
-    python3 bench/chaos/longpoll_memory.py target/release/fawkes [extra serve flags...]
+    python3 bench/chaos/longpoll_memory.py target/release/fawkes --connect-rate 0 [serve flags...]
 
 Issue 19's row: 100 sessions, 4 pings of 900 KB. Extra flags go to `fawkes serve`, e.g.
 `--outbound-byte-limit 100000000` to let every reply queue as before the byte bound.
@@ -56,7 +56,7 @@ def main():
     scratch = tempfile.mkdtemp()
     server = subprocess.Popen(
         [binary, "serve", "--bind", "127.0.0.1:0", "--database", f"sqlite://{scratch}/fawkes.db",
-         "--connect-rate", "0", *extra],
+         *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     line = server.stdout.readline()
