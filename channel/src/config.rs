@@ -24,6 +24,16 @@ pub struct JoinRate {
     pub burst: u32,
 }
 
+/// How many sockets one peer address may open: a token bucket of `burst` connects refilled at
+/// `per_second` ([`Config::connect_rate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectRate {
+    /// Connects regained per second.
+    pub per_second: u32,
+    /// Connects that may be made at once.
+    pub burst: u32,
+}
+
 /// Endpoint configuration. Every limit a peer could push against is here, with a safe default.
 ///
 /// ```
@@ -45,6 +55,9 @@ pub struct Config {
     pub max_frame_size: usize,
     /// Frames queued for one socket before the [`SlowConsumerPolicy`] applies.
     pub outbound_queue_limit: usize,
+    /// Bytes queued for one socket (replies included) before the [`SlowConsumerPolicy`] applies.
+    /// A single frame larger than this still goes to a peer whose queue is empty.
+    pub outbound_byte_limit: usize,
     /// What to do when the outbound queue is full.
     pub slow_consumer: SlowConsumerPolicy,
     /// Channels one socket may have joined at once.
@@ -61,6 +74,11 @@ pub struct Config {
     /// transport knows the peer's address ([`ConnectInfo::peer_addr`](crate::ConnectInfo)); a
     /// connect past the limit is refused with [`ConnectError::TooManyConnections`](crate::ConnectError).
     pub max_connections_per_ip: Option<usize>,
+    /// Sockets one peer IP address may open per second (a WebSocket upgrade, a long-poll or SSE
+    /// session), `None`: no limit. A connect past it is refused with
+    /// [`ConnectError::RateLimited`](crate::ConnectError), which transports answer `429` with
+    /// `Retry-After`.
+    pub connect_rate: Option<ConnectRate>,
 }
 
 impl Default for Config {
@@ -69,6 +87,7 @@ impl Default for Config {
             heartbeat_timeout: Duration::from_secs(60),
             max_frame_size: 1024 * 1024,
             outbound_queue_limit: 1024,
+            outbound_byte_limit: 1024 * 1024,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             max_channels_per_socket: 100,
             join_rate: JoinRate { per_second: 50, burst: 200 },
@@ -76,6 +95,7 @@ impl Default for Config {
             max_topic_len: 255,
             check_origin: OriginCheck::SameHost,
             max_connections_per_ip: None,
+            connect_rate: None,
         }
     }
 }
@@ -94,6 +114,11 @@ impl Config {
     /// Sets [`Config::outbound_queue_limit`] (at least 1).
     pub fn outbound_queue_limit(mut self, frames: usize) -> Self {
         self.outbound_queue_limit = frames.max(1);
+        self
+    }
+    /// Sets [`Config::outbound_byte_limit`] (at least 1).
+    pub fn outbound_byte_limit(mut self, bytes: usize) -> Self {
+        self.outbound_byte_limit = bytes.max(1);
         self
     }
     /// Sets [`Config::slow_consumer`].
@@ -119,6 +144,12 @@ impl Config {
     /// Sets [`Config::max_connections_per_ip`].
     pub fn max_connections_per_ip(mut self, limit: Option<usize>) -> Self {
         self.max_connections_per_ip = limit;
+        self
+    }
+    /// Sets [`Config::connect_rate`]: `per_second` connects per peer address, `burst` at once.
+    pub fn connect_rate(mut self, rate: Option<(u32, u32)>) -> Self {
+        self.connect_rate =
+            rate.map(|(per_second, burst)| ConnectRate { per_second: per_second.max(1), burst: burst.max(1) });
         self
     }
     /// Sets [`Config::channel_mailbox`] (at least 1).

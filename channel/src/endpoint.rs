@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::history::{History, HistoryOptions, HistoryStore};
-use crate::outbox::{CloseReason, Outbox};
+use crate::outbox::{CloseReason, Outbox, OutboxLimits};
 use crate::pubsub::PubSub;
 use crate::registry::{Live, REGISTRY_SHARDS, Shared};
 use crate::router::Router;
@@ -129,6 +129,8 @@ impl EndpointBuilder {
             live_count: AtomicUsize::new(0),
             drained: Notify::new(),
             per_ip: Mutex::new(HashMap::new()),
+            slow_consumers: Default::default(),
+            connects: Mutex::new(HashMap::new()),
         }))
     }
 }
@@ -166,11 +168,20 @@ impl Endpoint {
             serializer = serializer.text_only();
         }
         // Counted before the connect callback runs, so a peer past its limit costs no callback.
+        self.connect_token(info.peer_addr.map(|a| a.ip()))?;
         let slot = IpSlot::take(self, info.peer_addr.map(|a| a.ip()))?;
         let accept = self.0.handler.connect(&info).await?;
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
         let config = &self.0.config;
-        let outbox = Outbox::new(id, config.outbound_queue_limit, config.slow_consumer);
+        let outbox = Outbox::new(
+            id,
+            OutboxLimits {
+                frames: config.outbound_queue_limit,
+                bytes: config.outbound_byte_limit,
+                policy: config.slow_consumer,
+                slow_consumers: self.0.slow_consumers.clone(),
+            },
+        );
         outbox.touch();
         let socket =
             Arc::new(SocketInfo { serializer, transport: info.transport, assigns: accept.assigns, id: accept.id });
@@ -243,6 +254,13 @@ impl Endpoint {
         n
     }
 
+    /// Sockets closed because their peer read too slowly (their outbound queue reached
+    /// [`Config::outbound_queue_limit`](crate::Config) or
+    /// [`Config::outbound_byte_limit`](crate::Config)), since the endpoint was built.
+    pub fn slow_consumers(&self) -> u64 {
+        self.0.slow_consumers.load(Ordering::Relaxed)
+    }
+
     /// True once [`Endpoint::shutdown`] or [`Endpoint::shutdown_batch`] was called.
     pub fn is_shutting_down(&self) -> bool {
         self.0.shutting_down.load(Ordering::Acquire)
@@ -261,6 +279,33 @@ impl Endpoint {
 }
 
 /// A place among the sockets of one peer address, given back unless the socket connects.
+/// Addresses tracked for the connect rate before full buckets are forgotten.
+const CONNECT_BUCKETS: usize = 4096;
+
+impl Endpoint {
+    /// Takes one connect token of `ip`'s bucket, when `connect_rate` is set and the address known.
+    fn connect_token(&self, ip: Option<IpAddr>) -> Result<(), ConnectError> {
+        let (Some(rate), Some(ip)) = (self.0.config.connect_rate, ip) else { return Ok(()) };
+        let (per_second, burst) = (f64::from(rate.per_second), f64::from(rate.burst));
+        let now = tokio::time::Instant::now();
+        let mut buckets = self.0.connects.lock();
+        if buckets.len() >= CONNECT_BUCKETS && !buckets.contains_key(&ip) {
+            // A bucket refilled to its burst says nothing more than a missing one.
+            buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * per_second < burst);
+        }
+        let (tokens, at) = buckets.entry(ip).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(burst);
+        *at = now;
+        if *tokens < 1.0 {
+            let retry_after = std::time::Duration::from_secs_f64((1.0 - *tokens) / per_second);
+            tracing::info!(%ip, per_second = rate.per_second, "connect refused: too many connects from this address");
+            return Err(ConnectError::RateLimited { ip, retry_after });
+        }
+        *tokens -= 1.0;
+        Ok(())
+    }
+}
+
 struct IpSlot<'a> {
     endpoint: &'a Endpoint,
     ip: Option<IpAddr>,
@@ -302,6 +347,7 @@ impl Drop for IpSlot<'_> {
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
+    use std::time::Duration;
 
     use super::*;
 
@@ -328,6 +374,23 @@ mod tests {
         drop(a);
         let _c = endpoint.connect(from("10.0.0.1:1003")).await.expect("a closed socket gives its place back");
         assert_eq!(endpoint.connected(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connects_per_ip_are_rate_limited_with_a_retry_time() {
+        let endpoint = Endpoint::builder().config(Config::default().connect_rate(Some((2, 3)))).build();
+        let mut sessions = Vec::new();
+        for port in 0..3 {
+            sessions.push(endpoint.connect(from(&format!("10.0.0.1:{port}"))).await.expect("within the burst"));
+        }
+        let refused = endpoint.connect(from("10.0.0.1:9")).await.err();
+        let Some(ConnectError::RateLimited { ip, retry_after }) = refused else { panic!("{refused:?}") };
+        assert_eq!(ip.to_string(), "10.0.0.1");
+        assert_eq!(retry_after, Duration::from_millis(500), "one token at 2 per second");
+        sessions.push(endpoint.connect(from("10.0.0.2:1")).await.expect("another address has its own bucket"));
+        tokio::time::advance(retry_after).await;
+        sessions.push(endpoint.connect(from("10.0.0.1:10")).await.expect("a token regained"));
+        assert!(endpoint.connect(from("10.0.0.1:11")).await.is_err(), "and only one");
     }
 
     #[tokio::test]

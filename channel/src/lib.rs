@@ -144,7 +144,7 @@ mod socket;
 mod task;
 
 pub use channel::{Channel, HandleIn, Pusher, SocketRef, StopReason, Terminate, reason};
-pub use config::{Config, JoinRate, SlowConsumerPolicy};
+pub use config::{Config, ConnectRate, JoinRate, SlowConsumerPolicy};
 pub use endpoint::{Endpoint, EndpointBuilder};
 pub use fawkes_pubsub_core::{
     Adapter, Backoff, ClusterStats, EnvelopeError, NodeId, Outgoing, OutgoingQueue, RemoteInbound, RequestError,

@@ -10,7 +10,10 @@ pub enum OriginCheck {
     /// Allow any origin.
     Any,
     /// Allow only an origin whose host and port equal the request's `Host` header (the default,
-    /// like Phoenix's `check_origin: true`).
+    /// like Phoenix's `check_origin: true`). The `Host` header is the client's to choose: a
+    /// DNS-rebinding page on `http://evil.example` that resolves to a server bound to localhost
+    /// sends `Host: evil.example` and passes. Servers that know their own origins list them in
+    /// [`OriginCheck::Allow`] instead (`fawkes serve` does, without `allowed_origins`).
     #[default]
     SameHost,
     /// Allow these origins, as Phoenix's `check_origin` list does: full origins

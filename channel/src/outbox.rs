@@ -61,6 +61,8 @@ impl fmt::Display for CloseReason {
 
 struct State {
     queue: VecDeque<Frame>,
+    /// Bytes of the frames in `queue`.
+    bytes: usize,
     closed: Option<CloseReason>,
     waker: Option<Waker>,
     /// Tasks waiting for the queue to drain (a recovering join streaming its replay).
@@ -72,11 +74,25 @@ pub(crate) struct SocketShared {
     pub(crate) id: u64,
     state: Mutex<State>,
     limit: usize,
+    byte_limit: usize,
     policy: SlowConsumerPolicy,
+    /// The endpoint's count of sockets closed as slow consumers.
+    slow_consumers: Arc<AtomicU64>,
     /// Milliseconds since `epoch` at which the peer last sent anything.
     last_seen_ms: AtomicU64,
     epoch: Instant,
     dropped: AtomicU64,
+}
+
+/// The bounds of one socket's outbound queue.
+pub(crate) struct OutboxLimits {
+    /// Frames queued before the policy applies.
+    pub(crate) frames: usize,
+    /// Bytes queued before the policy applies.
+    pub(crate) bytes: usize,
+    pub(crate) policy: SlowConsumerPolicy,
+    /// Counts the sockets closed as slow consumers.
+    pub(crate) slow_consumers: Arc<AtomicU64>,
 }
 
 /// A handle to a socket's outbound queue. Cheap to clone.
@@ -90,42 +106,61 @@ impl fmt::Debug for Outbox {
 }
 
 impl Outbox {
-    pub(crate) fn new(id: u64, limit: usize, policy: SlowConsumerPolicy) -> Outbox {
+    pub(crate) fn new(id: u64, limits: OutboxLimits) -> Outbox {
         Outbox(Arc::new(SocketShared {
             id,
-            state: Mutex::new(State { queue: VecDeque::new(), closed: None, waker: None, room: Vec::new() }),
-            limit: limit.max(1),
-            policy,
+            state: Mutex::new(State { queue: VecDeque::new(), bytes: 0, closed: None, waker: None, room: Vec::new() }),
+            limit: limits.frames.max(1),
+            byte_limit: limits.bytes.max(1),
+            policy: limits.policy,
+            slow_consumers: limits.slow_consumers,
             last_seen_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             dropped: AtomicU64::new(0),
         }))
     }
 
-    /// Queues a frame. Never waits: a full queue applies the slow-consumer policy.
+    /// Queues a frame. Never waits: a queue at its frame or byte limit applies the slow-consumer
+    /// policy. A frame larger than the byte limit still goes into an empty queue, so that one
+    /// large reply is delivered to a peer that reads.
     pub(crate) fn push(&self, frame: Frame) {
+        let len = frame.len();
         let waker = {
             let mut st = self.0.state.lock();
             if st.closed.is_some() {
                 return;
             }
-            if st.queue.len() >= self.0.limit {
+            let full = |st: &State| {
+                !st.queue.is_empty() && (st.queue.len() >= self.0.limit || st.bytes + len > self.0.byte_limit)
+            };
+            if full(&st) {
                 match self.0.policy {
                     SlowConsumerPolicy::Disconnect => {
-                        tracing::warn!(socket = self.0.id, queued = st.queue.len(), "slow consumer: closing socket");
+                        tracing::warn!(
+                            socket = self.0.id,
+                            queued = st.queue.len(),
+                            bytes = st.bytes,
+                            "slow consumer: closing socket"
+                        );
                         st.queue = VecDeque::new();
+                        st.bytes = 0;
                         st.closed = Some(CloseReason::SlowConsumer);
                         wake_all(std::mem::take(&mut st.room));
+                        self.0.slow_consumers.fetch_add(1, Ordering::Relaxed);
                         return wake(st.waker.take());
                     }
                     SlowConsumerPolicy::DropOldest => {
-                        st.queue.pop_front();
-                        if self.0.dropped.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
-                            tracing::warn!(socket = self.0.id, "slow consumer: dropping oldest frames");
+                        while full(&st) {
+                            let Some(old) = st.queue.pop_front() else { break };
+                            st.bytes -= old.len();
+                            if self.0.dropped.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
+                                tracing::warn!(socket = self.0.id, "slow consumer: dropping oldest frames");
+                            }
                         }
                     }
                 }
             }
+            st.bytes += len;
             st.queue.push_back(frame);
             st.waker.take()
         };
@@ -171,6 +206,12 @@ impl Outbox {
     /// Frames queued right now.
     pub(crate) fn queued(&self) -> usize {
         self.0.state.lock().queue.len()
+    }
+
+    /// Bytes of the frames queued right now.
+    #[cfg(test)]
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.0.state.lock().bytes
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -300,11 +341,67 @@ impl Outbound {
 /// wake once the lock is released.
 fn take(st: &mut State, buf: &mut Vec<Frame>, limit: usize) -> (usize, Vec<Waker>) {
     let n = st.queue.len().min(limit);
+    let start = buf.len();
     buf.extend(st.queue.drain(..n));
+    st.bytes -= buf[start..].iter().map(Frame::len).sum::<usize>();
     // An empty queue gives its memory back: most sockets are idle most of the time.
     if st.queue.is_empty() && st.queue.capacity() > 0 {
         st.queue = VecDeque::new();
     }
     let room = if n > 0 && !st.room.is_empty() { std::mem::take(&mut st.room) } else { Vec::new() };
     (n, room)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(frames: usize, bytes: usize, policy: SlowConsumerPolicy) -> (Outbox, Arc<AtomicU64>) {
+        let slow = Arc::new(AtomicU64::new(0));
+        let limits = OutboxLimits { frames, bytes, policy, slow_consumers: slow.clone() };
+        (Outbox::new(1, limits), slow)
+    }
+
+    fn frame(len: usize) -> Frame {
+        Frame::Text(bytes::Bytes::from(vec![b'x'; len]))
+    }
+
+    #[test]
+    fn bytes_past_the_byte_limit_close_a_slow_consumer_and_free_the_queue() {
+        let (outbox, slow) = outbox(1024, 10_000, SlowConsumerPolicy::Disconnect);
+        for _ in 0..2 {
+            outbox.push(frame(4096));
+        }
+        assert_eq!(outbox.queued_bytes(), 8192);
+        outbox.push(frame(4096));
+        assert!(outbox.is_closed());
+        assert_eq!(outbox.queued_bytes(), 0, "the queue is freed at once");
+        assert_eq!(slow.load(Ordering::Relaxed), 1, "counted");
+    }
+
+    #[tokio::test]
+    async fn one_frame_larger_than_the_limit_still_goes_to_an_empty_queue() {
+        let (outbox, slow) = outbox(1024, 1000, SlowConsumerPolicy::Disconnect);
+        outbox.push(frame(5000));
+        assert!(!outbox.is_closed());
+        let mut out = Outbound::new(outbox.clone(), Duration::from_secs(60));
+        let mut buf = Vec::new();
+        assert_eq!(out.try_recv_many(&mut buf, 10), 1);
+        assert_eq!(outbox.queued_bytes(), 0);
+        outbox.push(frame(10));
+        assert_eq!(outbox.queued_bytes(), 10);
+        assert_eq!(slow.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_queue_within_the_byte_limit() {
+        let (outbox, slow) = outbox(1024, 10_000, SlowConsumerPolicy::DropOldest);
+        for _ in 0..100 {
+            outbox.push(frame(3000));
+            assert!(outbox.queued_bytes() <= 10_000, "{}", outbox.queued_bytes());
+        }
+        assert!(!outbox.is_closed());
+        assert_eq!(outbox.queued_bytes(), 9000);
+        assert_eq!(slow.load(Ordering::Relaxed), 0);
+    }
 }

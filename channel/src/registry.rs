@@ -36,6 +36,10 @@ pub(crate) struct Shared {
     pub(crate) drained: Notify,
     /// Sockets per peer address, kept only when `max_connections_per_ip` is set.
     pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Sockets closed as slow consumers.
+    pub(crate) slow_consumers: Arc<AtomicU64>,
+    /// Connect tokens per peer address, kept only when `connect_rate` is set.
+    pub(crate) connects: Mutex<HashMap<IpAddr, (f64, tokio::time::Instant)>>,
 }
 
 impl Shared {

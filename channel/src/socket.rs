@@ -137,6 +137,15 @@ pub enum ConnectError {
     /// The peer's IP address already holds [`Config::max_connections_per_ip`](crate::Config) sockets.
     #[error("too many connections from {0}")]
     TooManyConnections(std::net::IpAddr),
+    /// The peer's IP address opened sockets faster than [`Config::connect_rate`](crate::Config)
+    /// allows. Transports answer `429` with `Retry-After`.
+    #[error("too many connects from {ip}; retry after {retry_after:?}")]
+    RateLimited {
+        /// The peer's address.
+        ip: std::net::IpAddr,
+        /// When the next connect would be allowed.
+        retry_after: std::time::Duration,
+    },
 }
 
 impl ConnectError {

@@ -23,6 +23,14 @@ pub enum HttpError {
     /// The endpoint refused the connect (callback, origin, vsn, per-IP limit): `403`.
     #[error(transparent)]
     Refused(ConnectError),
+    /// The peer's address opened sessions faster than the endpoint's connect rate: HTTP `429`
+    /// with `Retry-After`, and `500` in the envelope (phoenix.js's LongPoll retries on it, with
+    /// backoff).
+    #[error("too many connects; retry after {retry_after:?}")]
+    RateLimited {
+        /// When the next connect would be allowed.
+        retry_after: std::time::Duration,
+    },
     /// The endpoint is shutting down: `500`, the status phoenix.js's LongPoll retries on (it throws
     /// on statuses it does not know, such as `503`).
     #[error("the endpoint is shutting down")]
@@ -48,6 +56,7 @@ impl From<ConnectError> for HttpError {
     fn from(e: ConnectError) -> HttpError {
         match e {
             ConnectError::ShuttingDown => HttpError::ShuttingDown,
+            ConnectError::RateLimited { retry_after, .. } => HttpError::RateLimited { retry_after },
             e => HttpError::Refused(e),
         }
     }
@@ -60,6 +69,7 @@ impl HttpError {
             HttpError::SessionGone => StatusCode::GONE,
             HttpError::Refused(_) => StatusCode::FORBIDDEN,
             HttpError::ShuttingDown => StatusCode::INTERNAL_SERVER_ERROR,
+            HttpError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             HttpError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             HttpError::UnreadableBody(_) | HttpError::Closed(_) => StatusCode::BAD_REQUEST,
             HttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -73,6 +83,11 @@ impl HttpError {
         match self {
             HttpError::BodyTooLarge { .. } => Answer::json(StatusCode::PAYLOAD_TOO_LARGE, r#"{"status":413}"#),
             HttpError::MethodNotAllowed => Answer::json(StatusCode::METHOD_NOT_ALLOWED, r#"{"status":405}"#),
+            HttpError::RateLimited { retry_after } => {
+                let envelope = Answer::envelope(500, None, &[]);
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                Answer::json(StatusCode::TOO_MANY_REQUESTS, envelope.body).retry_after(secs)
+            }
             e => Answer::envelope(e.status().as_u16(), None, &[]),
         }
     }
@@ -86,12 +101,20 @@ pub struct Answer {
     pub status: StatusCode,
     /// The JSON body.
     pub body: Bytes,
+    /// Seconds for `Retry-After` (a `429`).
+    pub retry_after: Option<u64>,
 }
 
 impl Answer {
     /// A JSON answer with `status` as its HTTP status.
     pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Answer {
-        Answer { status, body: body.into() }
+        Answer { status, body: body.into(), retry_after: None }
+    }
+
+    /// The same answer with `Retry-After: secs`.
+    pub fn retry_after(mut self, secs: u64) -> Answer {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// Phoenix's long-poll envelope, HTTP `200`: `{"status": N, "token": T, "messages": [...]}`,
@@ -115,6 +138,9 @@ impl Answer {
     /// The same answer with the envelope's status as the HTTP status too, for clients that see
     /// only that (an `EventSource` cannot read the body of a refused stream).
     pub fn in_http_status(mut self) -> Answer {
+        if self.status != StatusCode::OK {
+            return self;
+        }
         let inner = serde_json::from_slice::<serde_json::Value>(&self.body).ok().and_then(|v| v["status"].as_u64());
         if let Some(status) = inner.and_then(|s| u16::try_from(s).ok()).and_then(|s| StatusCode::from_u16(s).ok()) {
             self.status = status;
@@ -127,6 +153,9 @@ impl Answer {
         let mut res = Response::new(Full::new(self.body).boxed_unsync());
         *res.status_mut() = self.status;
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(secs) = self.retry_after {
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if self.status == StatusCode::METHOD_NOT_ALLOWED {
             res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST, OPTIONS"));
         }

@@ -63,7 +63,7 @@ fn encode_answer(answer: Option<&Answer>) -> Bytes {
 
 fn decode_answer(raw: &Bytes) -> Option<Answer> {
     let status = StatusCode::from_u16(u16::from_be_bytes(raw.get(..2)?.try_into().ok()?)).ok()?;
-    Some(Answer { status, body: raw.slice(2..) })
+    Some(Answer::json(status, raw.slice(2..)))
 }
 
 /// Registers `sessions` to answer the requests other nodes forward to them (when clustered).

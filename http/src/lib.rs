@@ -33,6 +33,7 @@
 //!   | forged token, ended or expired session | `410` |
 //!   | refused connect (callback, origin, vsn, per-IP limit) | `403` |
 //!   | endpoint shutting down | `500` (phoenix.js's LongPoll retries on it) |
+//!   | connects from one address over the endpoint's `connect_rate` | HTTP `429` with `Retry-After`, `500` in the envelope |
 //!   | a message that closes the session (malformed, too large) | `400`, the session ends |
 //!   | body over the limit | HTTP `413` |
 //!   | another method than `GET`, `POST`, `OPTIONS` | HTTP `405` |

@@ -11,6 +11,7 @@
 //! assert_eq!(config.channel.max_frame_size, 65536);
 //! ```
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -63,6 +64,9 @@ pub struct FileConfig {
     /// `[health]`.
     #[serde(default)]
     pub health: HealthFile,
+    /// `[http]`: connection timeouts.
+    #[serde(default)]
+    pub http: HttpFile,
 }
 
 impl FromStr for FileConfig {
@@ -166,6 +170,8 @@ pub struct LimitsFile {
     pub max_frame_size: Option<usize>,
     /// Frames queued for one socket before `slow_consumer` applies.
     pub outbound_queue_limit: Option<usize>,
+    /// Bytes queued for one socket or long-poll/SSE session before `slow_consumer` applies.
+    pub outbound_byte_limit: Option<usize>,
     /// `disconnect` or `drop_oldest`.
     pub slow_consumer: Option<SlowConsumer>,
     /// Channels one socket may have joined at once.
@@ -178,6 +184,11 @@ pub struct LimitsFile {
     pub max_topic_len: Option<usize>,
     /// Sockets one IP address may hold at once.
     pub max_connections_per_ip: Option<usize>,
+    /// Sockets (WebSocket upgrades, long-poll and SSE sessions) one IP address may open per
+    /// second; 0: no limit.
+    pub connect_rate: Option<u32>,
+    /// Sockets one IP address may open at once.
+    pub connect_burst: Option<u32>,
 }
 
 /// `[drain]`: what SIGTERM does.
@@ -198,6 +209,16 @@ pub struct DrainFile {
 pub struct HealthFile {
     /// Seconds the cluster backend may be unreachable before `/health` answers 503.
     pub pubsub_outage: Option<f64>,
+}
+
+/// `[http]`: how long a connection may take.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFile {
+    /// Seconds a connection has to send a request's headers in full.
+    pub header_read_timeout: Option<f64>,
+    /// Seconds a connection may go without beginning a response (a body that never ends).
+    pub idle_timeout: Option<f64>,
 }
 
 /// Log line format.
@@ -233,7 +254,8 @@ pub struct ServeArgs {
     pub bind: Option<String>,
     /// A browser origin allowed to connect (repeatable; comma-separated in the variable):
     /// https://app.example.com, http://localhost:*, https://*.example.com, or * for any.
-    /// [default: the server's own host only]
+    /// [default: the server's own origins only: its bind host and address at its port, and
+    /// localhost forms when bound to a loopback or unspecified address]
     #[arg(long = "allowed-origin", env = "FAWKES_ALLOWED_ORIGINS", value_name = "ORIGIN", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
     /// The demo app's database: a SQLite file (fawkes.db or sqlite://fawkes.db, created if
@@ -291,6 +313,10 @@ pub struct ServeArgs {
     /// [limits] Frames queued for one socket before --slow-consumer applies. [default: 1024]
     #[arg(long, env = "FAWKES_OUTBOUND_QUEUE_LIMIT", value_name = "FRAMES", help_heading = "Limits")]
     pub outbound_queue_limit: Option<usize>,
+    /// [limits] Bytes queued for one socket or long-poll/SSE session (replies included) before
+    /// --slow-consumer applies. [default: 1048576]
+    #[arg(long, env = "FAWKES_OUTBOUND_BYTE_LIMIT", value_name = "BYTES", help_heading = "Limits")]
+    pub outbound_byte_limit: Option<usize>,
     /// [limits] What a full outbound queue does. [default: disconnect]
     #[arg(long, env = "FAWKES_SLOW_CONSUMER", value_name = "POLICY", help_heading = "Limits")]
     pub slow_consumer: Option<SlowConsumer>,
@@ -309,6 +335,13 @@ pub struct ServeArgs {
     /// [limits] Sockets one IP address may hold at once. [default: no limit]
     #[arg(long, env = "FAWKES_MAX_CONNECTIONS_PER_IP", value_name = "N", help_heading = "Limits")]
     pub max_connections_per_ip: Option<usize>,
+    /// [limits] Sockets (WebSocket upgrades, long-poll and SSE sessions) one IP address may open
+    /// per second; past it, 429 with Retry-After. 0: no limit. [default: 100]
+    #[arg(long, env = "FAWKES_CONNECT_RATE", value_name = "N", help_heading = "Limits")]
+    pub connect_rate: Option<u32>,
+    /// [limits] Sockets one IP address may open at once. [default: 1000]
+    #[arg(long, env = "FAWKES_CONNECT_BURST", value_name = "N", help_heading = "Limits")]
+    pub connect_burst: Option<u32>,
     /// [drain] Seconds over which SIGTERM closes the sockets, in batches. [default: 0, all at once]
     #[arg(long, env = "FAWKES_DRAIN_DURATION", value_name = "SECS", help_heading = "Shutdown and health")]
     pub drain_duration: Option<f64>,
@@ -322,6 +355,13 @@ pub struct ServeArgs {
     /// [default: 10]
     #[arg(long, env = "FAWKES_HEALTH_PUBSUB_OUTAGE", value_name = "SECS", help_heading = "Shutdown and health")]
     pub health_pubsub_outage: Option<f64>,
+    /// [http] Seconds a connection has to send a request's headers in full. [default: 10]
+    #[arg(long, env = "FAWKES_HEADER_READ_TIMEOUT", value_name = "SECS", help_heading = "Connections")]
+    pub header_read_timeout: Option<f64>,
+    /// [http] Seconds a connection may go without beginning a response (a request body that
+    /// never ends, a peer that sends nothing) before it is closed. [default: 30]
+    #[arg(long, env = "FAWKES_IDLE_TIMEOUT", value_name = "SECS", help_heading = "Connections")]
+    pub idle_timeout: Option<f64>,
 }
 
 /// The settings `fawkes serve` runs with, checked.
@@ -347,6 +387,8 @@ pub struct ServeConfig {
     pub serve: ServeOptions,
     /// Settings given that this version parses but does not enforce yet.
     pub not_yet_active: Vec<&'static str>,
+    /// No `allowed_origins` was given: [`ServeConfig::bound`] allows the server's own origins.
+    pub own_origins_only: bool,
     /// Token auth: the verifier (none: tokens are not read) and whether sockets without a user
     /// may connect.
     pub auth: AuthConfig,
@@ -438,7 +480,9 @@ impl ServeConfig {
 
         let origins =
             if args.allowed_origins.is_empty() { file.allowed_origins } else { Some(args.allowed_origins.clone()) };
+        let own_origins_only = origins.as_ref().is_none_or(Vec::is_empty);
         let check_origin = match origins {
+            // Replaced by the server's own origins once the listener is bound.
             None => OriginCheck::SameHost,
             Some(list) if list.is_empty() => OriginCheck::SameHost,
             Some(list) => OriginCheck::allow_list(list)
@@ -481,7 +525,8 @@ impl ServeConfig {
         let log_format = args.log_format.or(file.log_format).unwrap_or_default();
 
         let channel = limits(args, &file.limits)?.check_origin(check_origin);
-        let serve = serve_options(args, &file.drain, &file.health)?;
+        let mut serve = serve_options(args, &file.drain, &file.health)?;
+        http_timeouts(args, &file.http, &mut serve)?;
 
         let not_yet_active = Vec::new();
         let auth = auth_config(args, &file.auth)?;
@@ -505,8 +550,64 @@ impl ServeConfig {
             api,
             proxy,
             namespaces,
+            own_origins_only,
         })
     }
+
+    /// Settles what depends on the address the listener is bound to: without `allowed_origins`,
+    /// the origins allowed are the server's own ([`own_origins`]), never what a request's `Host`
+    /// header claims (a DNS-rebinding page controls that).
+    pub fn bound(&mut self, addr: SocketAddr) {
+        if self.own_origins_only {
+            let host = parse_bind(&self.bind).map_or_else(|_| addr.ip().to_string(), |(host, _)| host);
+            self.channel.check_origin = own_origins(&host, addr);
+        }
+    }
+}
+
+/// The origins of a server bound to `host` (as configured) at `addr`: `http` and `https` with
+/// the host and the bound address, and when the host is a loopback or unspecified address (or
+/// `localhost`), the loopback forms `localhost`, `127.0.0.1` and `[::1]`; always the bound port.
+///
+/// ```
+/// use fawkes_server::config::own_origins;
+/// use http::HeaderMap;
+///
+/// let check = own_origins("127.0.0.1", "127.0.0.1:4000".parse().unwrap());
+/// let from = |origin: &str, host: &str| {
+///     let mut h = HeaderMap::new();
+///     h.insert("origin", origin.parse().unwrap());
+///     h.insert("host", host.parse().unwrap());
+///     check.allows(&h)
+/// };
+/// assert!(from("http://localhost:4000", "localhost:4000"));
+/// assert!(!from("http://evil.example", "evil.example"));
+/// ```
+pub fn own_origins(host: &str, addr: SocketAddr) -> OriginCheck {
+    let port = addr.port();
+    let bracket = |h: &str| if h.contains(':') && !h.starts_with('[') { format!("[{h}]") } else { h.to_owned() };
+    let mut hosts = vec![bracket(host), bracket(&addr.ip().to_string())];
+    let ip: Option<IpAddr> = host.trim_start_matches('[').trim_end_matches(']').parse().ok();
+    let local = host.eq_ignore_ascii_case("localhost")
+        || ip.is_some_and(|ip| ip.is_loopback() || ip.is_unspecified())
+        || addr.ip().is_loopback();
+    if local {
+        hosts.extend(["localhost".to_owned(), "127.0.0.1".to_owned(), "[::1]".to_owned()]);
+    }
+    hosts.sort();
+    hosts.dedup();
+    let mut patterns = Vec::new();
+    for h in &hosts {
+        for scheme in ["http", "https"] {
+            patterns.push(format!("{scheme}://{h}:{port}"));
+        }
+        match port {
+            80 => patterns.push(format!("http://{h}")),
+            443 => patterns.push(format!("https://{h}")),
+            _ => {}
+        }
+    }
+    OriginCheck::allow_list(patterns).unwrap_or(OriginCheck::Allow(Vec::new()))
 }
 
 fn auth_config(args: &ServeArgs, file: &AuthFile) -> Result<AuthConfig, ConfigError> {
@@ -611,6 +712,8 @@ fn limits(args: &ServeArgs, file: &LimitsFile) -> Result<Config, ConfigError> {
     config = config.max_frame_size(positive("[limits] max_frame_size (--max-frame-size)", size)?);
     let queue = args.outbound_queue_limit.or(file.outbound_queue_limit).unwrap_or(d.outbound_queue_limit);
     config = config.outbound_queue_limit(positive("[limits] outbound_queue_limit (--outbound-queue-limit)", queue)?);
+    let bytes = args.outbound_byte_limit.or(file.outbound_byte_limit).unwrap_or(d.outbound_byte_limit);
+    config = config.outbound_byte_limit(positive("[limits] outbound_byte_limit (--outbound-byte-limit)", bytes)?);
     if let Some(policy) = args.slow_consumer.or(file.slow_consumer) {
         config = config.slow_consumer(match policy {
             SlowConsumer::Disconnect => SlowConsumerPolicy::Disconnect,
@@ -633,11 +736,20 @@ fn limits(args: &ServeArgs, file: &LimitsFile) -> Result<Config, ConfigError> {
         ));
     }
     config.max_topic_len = topic;
+    let rate = args.connect_rate.or(file.connect_rate).unwrap_or(DEFAULT_CONNECT_RATE);
+    let burst = args.connect_burst.or(file.connect_burst).unwrap_or(DEFAULT_CONNECT_BURST);
+    positive("[limits] connect_burst (--connect-burst)", burst as usize)?;
+    config = config.connect_rate((rate > 0).then_some((rate, burst)));
     if let Some(n) = args.max_connections_per_ip.or(file.max_connections_per_ip) {
         config = config.max_connections_per_ip(Some(positive("[limits] max_connections_per_ip", n)?));
     }
     Ok(config)
 }
+
+/// `fawkes serve`'s connect rate per peer address: a page reconnecting, a tab per user behind
+/// one NAT, are far below it; 10,000 session opens in a tenth of a second are not.
+const DEFAULT_CONNECT_RATE: u32 = 100;
+const DEFAULT_CONNECT_BURST: u32 = 1000;
 
 fn serve_options(args: &ServeArgs, drain: &DrainFile, health: &HealthFile) -> Result<ServeOptions, ConfigError> {
     let d = ServeOptions::default();
@@ -663,6 +775,16 @@ fn serve_options(args: &ServeArgs, drain: &DrainFile, health: &HealthFile) -> Re
         options.pubsub_outage = seconds("[health] pubsub_outage (--health-pubsub-outage)", s, true)?;
     }
     Ok(options)
+}
+
+fn http_timeouts(args: &ServeArgs, http: &HttpFile, options: &mut ServeOptions) -> Result<(), ConfigError> {
+    if let Some(s) = args.header_read_timeout.or(http.header_read_timeout) {
+        options.header_read_timeout = seconds("[http] header_read_timeout (--header-read-timeout)", s, false)?;
+    }
+    if let Some(s) = args.idle_timeout.or(http.idle_timeout) {
+        options.idle_timeout = seconds("[http] idle_timeout (--idle-timeout)", s, false)?;
+    }
+    Ok(())
 }
 
 /// `bind` as a host and a port: `HOST:PORT`, `[V6]:PORT`, a bare `PORT` (on 127.0.0.1) or a bare

@@ -19,6 +19,13 @@ use fawkes_server::config::{ConfigError, FileConfig, LogFormat, ServeArgs, Serve
 use fawkes_server::namespace::NamespaceStats;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc rather than the system allocator: glibc's malloc keeps what a burst of large
+/// buffers (long-poll answers, big replies) used long after they are freed (freeing one raises
+/// its mmap threshold, and later large buffers come from arenas it rarely trims). jemalloc, with
+/// its background thread on (see `main`), gives freed pages back within seconds.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const SERVE_HELP: &str = "\
 Once started, the server prints the URL it serves. With the defaults:
   http://127.0.0.1:4000/          the demo chat page
@@ -65,6 +72,10 @@ enum ConfigCommand {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Purges freed pages on a timer, whether or not the server allocates again.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        eprintln!("fawkes: jemalloc background thread not started: {e}");
+    }
     match Cli::parse().command {
         Command::Config(ConfigCommand::Check { file }) => check(&file),
         Command::Serve(args) => {
@@ -135,10 +146,11 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn serve(config: ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(mut config: ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
     // Listen first: a port in use is reported before anything is created.
     let listener = listen(&config.bind).await?;
     let addr = listener.local_addr()?;
+    config.bound(addr);
     let pubsub = pubsub(&config)?;
     let db = connect_database(&config.database).await?;
     db.notify_on("fawkes_events").await?;

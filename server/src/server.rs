@@ -1,7 +1,9 @@
 //! The HTTP app of `fawkes serve`: the demo page, its assets and the socket at `/socket`.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -9,6 +11,8 @@ use axum::extract::{ConnectInfo, Request};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::task::JoinSet;
 
 use fawkes::Endpoint;
 use fawkes::longpoll::{LongPollOptions, LongPollService};
@@ -87,7 +91,9 @@ fn metrics(endpoint: &Endpoint, more: String) -> impl IntoResponse + use<> {
          # TYPE fawkes_draining gauge\nfawkes_draining {}\n\
          # HELP fawkes_history_errors_total History store failures: broadcasts not sent (append), joins not recovered or missed broadcasts not read back (read).\n\
          # TYPE fawkes_history_errors_total counter\n\
-         fawkes_history_errors_total{{op=\"append\"}} {}\nfawkes_history_errors_total{{op=\"read\"}} {}\n",
+         fawkes_history_errors_total{{op=\"append\"}} {}\nfawkes_history_errors_total{{op=\"read\"}} {}\n\
+         # HELP fawkes_slow_consumers_total Sockets closed because their peer read too slowly.\n\
+         # TYPE fawkes_slow_consumers_total counter\nfawkes_slow_consumers_total {}\n",
         endpoint.connected(),
         u8::from(c.connected),
         c.disconnects,
@@ -98,6 +104,7 @@ fn metrics(endpoint: &Endpoint, more: String) -> impl IntoResponse + use<> {
         u8::from(endpoint.is_shutting_down()),
         h.append_errors,
         h.read_errors,
+        endpoint.slow_consumers(),
     ) + &more;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
@@ -123,6 +130,12 @@ pub struct ServeOptions {
     pub drain_deadline: Duration,
     /// `/health` answers 503 once the PubSub backend has been unreachable this long.
     pub pubsub_outage: Duration,
+    /// A connection's request headers must arrive in full within this long (from the accept,
+    /// or from the end of the previous request): a slowloris peer is cut here.
+    pub header_read_timeout: Duration,
+    /// A connection that begins no response for this long (a request body that never ends, a
+    /// peer that sends nothing) is closed. A response being streamed (SSE) keeps it open.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -132,6 +145,8 @@ impl Default for ServeOptions {
             drain_batches: 10,
             drain_deadline: Duration::from_secs(30),
             pubsub_outage: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -153,6 +168,13 @@ pub async fn serve(
 /// serving, 503 from the first moment of `shutdown` (new sockets are refused from then on while
 /// the listener stays open, so that load balancers see the 503) and while the PubSub backend
 /// has been unreachable longer than [`ServeOptions::pubsub_outage`].
+///
+/// Every connection is bounded in time: its request headers must arrive within
+/// [`ServeOptions::header_read_timeout`], and a connection that completes no request for
+/// [`ServeOptions::idle_timeout`] (a body that never ends) is closed. After the drain, the
+/// connections still open are asked to finish their request; at
+/// [`ServeOptions::drain_deadline`] whatever is left (a slow body, a stalled stream, a peer that
+/// does not read) is cut and `serve_with` returns.
 pub async fn serve_with(
     listener: tokio::net::TcpListener,
     app: axum::Router,
@@ -163,9 +185,7 @@ pub async fn serve_with(
     let health =
         Arc::new(Health { endpoint: endpoint.clone(), outage: options.pubsub_outage, down_since: Mutex::new(None) });
     let watcher = tokio::spawn(health.clone().watch());
-    let app = app
-        .route("/health", get(move || std::future::ready(health.answer())))
-        .into_make_service_with_connect_info::<SocketAddr>();
+    let app = app.route("/health", get(move || std::future::ready(health.answer())));
     let (signalled, mut signal) = tokio::sync::watch::channel(None::<Instant>);
     let closing = endpoint.clone();
     let drain_options = options.clone();
@@ -176,9 +196,12 @@ pub async fn serve_with(
         drain(&closing, started, &drain_options).await;
     };
     let serving = async {
-        axum::serve(listener, app).with_graceful_shutdown(drain).await?;
+        let limits = ConnLimits { header_read: options.header_read_timeout, idle: options.idle_timeout };
+        let mut connections = accept(listener, app, limits, drain).await;
+        // The connections still open finish their request and close; the deadline cuts the rest
+        // (dropping `connections` aborts every connection task).
+        while connections.join_next().await.is_some() {}
         endpoint.drained().await;
-        Ok::<_, std::io::Error>(())
     };
     let deadline = async {
         let started = loop {
@@ -193,9 +216,9 @@ pub async fn serve_with(
         started
     };
     let started = tokio::select! {
-        served = serving => { served?; None }
+        () = serving => None,
         started = deadline => {
-            tracing::warn!(open = endpoint.connected(), deadline = ?options.drain_deadline, "drain deadline passed with sockets still open; exiting");
+            tracing::warn!(open = endpoint.connected(), deadline = ?options.drain_deadline, "drain deadline passed with connections still open; cutting them and exiting");
             Some(started)
         }
     };
@@ -209,6 +232,152 @@ pub async fn serve_with(
     };
     endpoint.pubsub().leave(leave.max(Duration::from_millis(100))).await;
     Ok(())
+}
+
+/// The time limits of one HTTP connection.
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    header_read: Duration,
+    idle: Duration,
+}
+
+/// Accepts connections until `drain` completes, then closes the listener and asks every open
+/// connection to finish (HTTP/1 graceful shutdown: the request in flight is answered, no new one
+/// is read). Returns the connection tasks.
+async fn accept(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    limits: ConnLimits,
+    drain: impl Future<Output = ()>,
+) -> JoinSet<()> {
+    let mut connections = JoinSet::new();
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut drain = std::pin::pin!(drain);
+    loop {
+        tokio::select! {
+            () = &mut drain => break,
+            accepted = listener.accept() => match accepted {
+                Ok((io, remote)) => {
+                    let _ = io.set_nodelay(true);
+                    connections.spawn(connection(io, remote, app.clone(), limits, stopping.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    connections
+}
+
+/// What a connection's requests have done, for its idle timeout.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Responses begun on this connection.
+    responses: AtomicU64,
+    /// Response bodies being sent (an SSE stream) right now.
+    streaming: AtomicUsize,
+}
+
+/// Serves one connection until it ends, is idle too long, or the server stops.
+async fn connection(
+    io: tokio::net::TcpStream,
+    remote: SocketAddr,
+    app: axum::Router,
+    limits: ConnLimits,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let activity = Arc::new(Activity::default());
+    let seen = activity.clone();
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let mut app = app.clone();
+        let activity = activity.clone();
+        async move {
+            let mut req = req.map(axum::body::Body::new);
+            req.extensions_mut().insert(ConnectInfo(remote));
+            let res = match tower_service::Service::call(&mut app, req).await {
+                Ok(res) => res,
+                Err(never) => match never {},
+            };
+            activity.responses.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, Infallible>(res.map(|body| axum::body::Body::new(Streaming::new(body, activity))))
+        }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read);
+    let conn = http.serve_connection(TokioIo::new(io), service).with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let mut graceful = false;
+    let mut responses = 0;
+    let idle = tokio::time::sleep(limits.idle);
+    let mut idle = std::pin::pin!(idle);
+    loop {
+        tokio::select! {
+            done = conn.as_mut() => {
+                if let Err(e) = done {
+                    tracing::debug!(peer = %remote, error = %e, "connection ended");
+                }
+                return;
+            }
+            _ = stopping.changed(), if !graceful => {
+                graceful = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = &mut idle => {
+                let now = seen.responses.load(Ordering::Relaxed);
+                if now == responses && seen.streaming.load(Ordering::Relaxed) == 0 {
+                    tracing::debug!(peer = %remote, idle = ?limits.idle, "closing a connection that completed no request in time");
+                    return;
+                }
+                responses = now;
+                idle.as_mut().reset(tokio::time::Instant::now() + limits.idle);
+            }
+        }
+    }
+}
+
+/// A response body that counts as activity while it is being sent.
+struct Streaming {
+    body: axum::body::Body,
+    activity: Arc<Activity>,
+}
+
+impl Streaming {
+    fn new(body: axum::body::Body, activity: Arc<Activity>) -> Streaming {
+        activity.streaming.fetch_add(1, Ordering::Relaxed);
+        Streaming { body, activity }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.activity.streaming.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl http_body::Body for Streaming {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Closes the endpoint's sockets in batches spread over the drain duration.

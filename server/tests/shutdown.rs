@@ -49,3 +49,50 @@ async fn shutdown_tells_every_client_with_1001() {
     assert_eq!(closed(&mut b).await, Some(1001));
     tokio::time::timeout(WAIT, served).await.expect("shutdown finishes").expect("no panic").expect("served");
 }
+
+mod support;
+
+/// Opens a long-poll session with a plain GET; returns its token.
+fn longpoll_token(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let req = format!("GET /socket/longpoll?vsn=2.0.0 HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).expect("write");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let json: serde_json::Value = serde_json::from_str(body).expect("a long-poll envelope");
+    json["token"].as_str().expect("a token").to_owned()
+}
+
+/// A peer sending its request headers one byte at a time, and one sending a POST body one byte
+/// at a time, never finishing: SIGTERM still ends the process by the drain deadline.
+#[test]
+fn slow_peers_do_not_hold_the_process_past_the_drain_deadline() {
+    use std::io::Write as _;
+    // Timeouts far beyond the test, so that only the deadline can cut the peers.
+    let mut server =
+        support::Server::start("[drain]\ndeadline = 1.5\n[http]\nheader_read_timeout = 120\nidle_timeout = 120\n", &[]);
+    let addr = server.addr;
+    let mut slow_headers = std::net::TcpStream::connect(addr).expect("connect");
+    slow_headers.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").expect("write");
+    let mut slow_body = std::net::TcpStream::connect(addr).expect("connect");
+    let token = longpoll_token(addr);
+    let head =
+        format!("POST /socket/longpoll?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n");
+    slow_body.write_all(head.as_bytes()).expect("write");
+    let drip = std::thread::spawn(move || {
+        for _ in 0..200 {
+            if slow_headers.write_all(b"a").is_err() || slow_body.write_all(b"a").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    server.sigterm();
+    let took = server.exited(Duration::from_secs(6)).expect("fawkes exits after SIGTERM with slow peers open");
+    assert!(took < Duration::from_millis(3500), "exited {took:?} after SIGTERM; the deadline is 1.5 s");
+    let _ = drip.join();
+}

@@ -6,7 +6,7 @@ use fawkes_channel::{CloseReason, Frame, Session};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
@@ -29,6 +29,8 @@ enum End {
     Server(CloseReason),
     /// The peer sent a close frame: answer it (tungstenite has queued the echo).
     Peer,
+    /// The peer broke the protocol: tell it with this code (1002, 1007), then end.
+    Violation(CloseCode, &'static str),
     /// The connection is gone or broken: nothing can be said.
     Gone,
 }
@@ -78,7 +80,10 @@ where
                 }
                 Some(Err(e)) => {
                     tracing::debug!(socket = session.id(), error = %e, "websocket read failed");
-                    break 'conn End::Gone;
+                    match violation(&e) {
+                        Some((code, why)) => break 'conn End::Violation(code, why),
+                        None => break 'conn End::Gone,
+                    }
                 }
             },
         };
@@ -114,6 +119,15 @@ where
                 Some(code) => Box::pin(close(&mut sink, &mut stream, code, &reason)).await,
                 None => false,
             }
+        }
+        End::Violation(code, why) => {
+            tracing::info!(
+                socket = session.id(),
+                code = u16::from(code),
+                why,
+                "closing a websocket that broke the protocol"
+            );
+            Box::pin(send_close(&mut sink, CloseFrame { code, reason: Utf8Bytes::from_static(why) })).await
         }
         End::Peer => {
             tracing::debug!(socket = session.id(), "the peer closed the websocket");
@@ -154,6 +168,44 @@ where
             tracing::debug!("the peer did not read the close frame in time");
             false
         }
+    }
+}
+
+/// Sends our close frame to a peer whose input can no longer be read (it broke the protocol).
+/// True once it is written: the peer's reply is not awaited, since nothing more it sends is read.
+async fn send_close<S>(sink: &mut Sink<S>, frame: CloseFrame) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(CLOSE_WRITE_GRACE, sink.send(Message::Close(Some(frame)))).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "the close frame could not be sent");
+            false
+        }
+        Err(_) => {
+            tracing::debug!("the peer did not read the close frame in time");
+            false
+        }
+    }
+}
+
+/// The close code a read error calls for (RFC 6455 §7.4.1): 1002 for a frame that breaks the
+/// protocol, 1007 for text that is not UTF-8; `None` when the connection itself failed.
+fn violation(e: &WsError) -> Option<(CloseCode, &'static str)> {
+    match e {
+        WsError::Protocol(p) => Some(match p {
+            ProtocolError::UnmaskedFrameFromClient => (CloseCode::Protocol, "unmasked frame"),
+            ProtocolError::InvalidOpcode(_)
+            | ProtocolError::UnknownControlFrameType(_)
+            | ProtocolError::UnknownDataFrameType(_) => (CloseCode::Protocol, "reserved opcode"),
+            ProtocolError::InvalidCloseSequence => (CloseCode::Protocol, "invalid close code"),
+            ProtocolError::ResetWithoutClosingHandshake => return None,
+            _ => (CloseCode::Protocol, "protocol error"),
+        }),
+        WsError::Utf8(_) => Some((CloseCode::Invalid, "invalid UTF-8")),
+        WsError::Capacity(_) => Some((CloseCode::Size, "frame too large")),
+        _ => None,
     }
 }
 

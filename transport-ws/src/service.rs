@@ -99,6 +99,11 @@ impl WebSocketService {
             Err(ConnectError::ShuttingDown) => {
                 return plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
             }
+            Err(ConnectError::RateLimited { retry_after, .. }) => {
+                let mut res = plain(StatusCode::TOO_MANY_REQUESTS, "too many connects from this address");
+                res.headers_mut().insert(header::RETRY_AFTER, retry_after_secs(retry_after));
+                return res;
+            }
             Err(e) => {
                 tracing::info!(error = %e, "websocket connect refused");
                 return plain(StatusCode::FORBIDDEN, "forbidden");
@@ -182,6 +187,11 @@ fn subprotocols(h: &HeaderMap) -> (bool, Option<String>) {
         }
     }
     (phoenix, token)
+}
+
+/// `Retry-After` in whole seconds, rounded up.
+fn retry_after_secs(d: std::time::Duration) -> HeaderValue {
+    HeaderValue::from(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

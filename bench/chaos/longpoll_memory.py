@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Memory after load: long-poll sessions that push big pings and never poll, then are reaped.
+
+Starts `fawkes serve` (the binary given), opens SESSIONS long-poll sessions from loopback, has
+each join a room and push PINGS pings of PAD bytes (each answered with its payload, queued for a
+client that never polls), then waits for the sessions to be reaped. Prints the process's RSS at
+start, at the peak and every few seconds after, and whether it came back to within 25% of the
+load's growth above the baseline.
+
+    python3 bench/chaos/longpoll_memory.py target/release/fawkes --connect-rate 0 [serve flags...]
+
+Issue 19's row: 100 sessions, 4 pings of 900 KB. Extra flags go to `fawkes serve`, e.g.
+`--outbound-byte-limit 100000000` to let every reply queue as before the byte bound.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+SESSIONS = int(os.environ.get("SESSIONS", "100"))
+PINGS = int(os.environ.get("PINGS", "4"))
+PAD = int(os.environ.get("PAD", str(900 * 1000)))
+SETTLE = float(os.environ.get("SETTLE", "45"))
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def request(addr, method, path, body=b"", content_type="application/x-ndjson"):
+    s = socket.create_connection(addr)
+    head = f"{method} {path} HTTP/1.1\r\nHost: {addr[0]}:{addr[1]}\r\nConnection: close\r\n"
+    if body:
+        head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+    s.sendall(head.encode() + b"\r\n" + body)
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    status = int(data.split(b" ", 2)[1])
+    return status, data.split(b"\r\n\r\n", 1)[1]
+
+
+def main():
+    binary, extra = sys.argv[1], sys.argv[2:]
+    scratch = tempfile.mkdtemp()
+    server = subprocess.Popen(
+        [binary, "serve", "--bind", "127.0.0.1:0", "--database", f"sqlite://{scratch}/fawkes.db",
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    line = server.stdout.readline()
+    url = next(w for w in line.split() if w.startswith("http://"))
+    host, port = url[len("http://"):].rstrip("/").split(":")
+    addr = (host, int(port))
+    time.sleep(1)
+    base = rss_kib(server.pid)
+    print(f"baseline RSS {base / 1024:.1f} MiB")
+    pad = "x" * PAD
+    for i in range(SESSIONS):
+        _, body = request(addr, "GET", "/socket/longpoll?vsn=2.0.0")
+        token = json.loads(body)["token"]
+        lines = [json.dumps(["1", "1", f"room:mem{i}", "phx_join", {}])]
+        lines += [json.dumps(["1", str(k + 2), f"room:mem{i}", "ping", {"pad": pad}]) for k in range(PINGS)]
+        for l in lines:
+            request(addr, "POST", f"/socket/longpoll?vsn=2.0.0&token={token}", l.encode())
+    peak = rss_kib(server.pid)
+    print(f"after {SESSIONS} sessions x {PINGS} pings of {PAD} bytes: RSS {peak / 1024:.1f} MiB")
+    start = time.time()
+    last = peak
+    while time.time() - start < SETTLE:
+        time.sleep(5)
+        last = rss_kib(server.pid)
+        print(f"  +{time.time() - start:4.0f} s: RSS {last / 1024:.1f} MiB")
+    growth = peak - base
+    kept = last - base
+    ok = growth <= 0 or kept <= 0.25 * growth
+    print(f"growth {growth / 1024:.1f} MiB, still held {kept / 1024:.1f} MiB "
+          f"({100 * kept / max(growth, 1):.0f}% of the growth): {'within' if ok else 'NOT within'} 25%")
+    server.terminate()
+    server.wait()
+
+
+if __name__ == "__main__":
+    main()
