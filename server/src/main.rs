@@ -10,8 +10,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use fawkes::db::{Db, DbClients, DbClientsOptions, StreamOptions, TableStream};
 use fawkes::longpoll::LongPollOptions;
-use fawkes::pubsub_postgres::{PostgresAdapter, PostgresOptions};
-use fawkes::pubsub_redis::{RedisAdapter, RedisOptions};
+use fawkes::pubsub_postgres::{PostgresAdapter, PostgresAdapterError, PostgresOptions};
+use fawkes::pubsub_redis::{RedisAdapter, RedisAdapterError, RedisOptions};
 use fawkes::{ClusterOptions, Endpoint, PubSub};
 use fawkes_server::config::{ConfigError, FileConfig, LogFormat, ServeArgs, ServeConfig, parse_bind, redact};
 use tracing_subscriber::EnvFilter;
@@ -133,8 +133,12 @@ async fn serve(config: ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
     // Listen first: a port in use is reported before anything is created.
     let listener = listen(&config.bind).await?;
     let addr = listener.local_addr()?;
-    let pubsub = pubsub(&config)?;
-    let db = connect_database(&config.database).await?;
+    let pubsub = pubsub(&config).await?;
+    let database = match &config.tls_ca {
+        Some(ca) => with_root_cert(&config.database, ca),
+        None => config.database.clone(),
+    };
+    let db = connect_database(&database).await?;
     db.notify_on("fawkes_events").await?;
     let events = TableStream::start(db.clone(), StreamOptions::table("fawkes_events")).await?;
     let endpoint = Endpoint::builder()
@@ -226,17 +230,61 @@ fn postgres_host(url: &str) -> Option<(String, u16)> {
     }
 }
 
-/// The PubSub `--pubsub` asks for: alone, or a node of a Redis or PostgreSQL cluster.
-fn pubsub(config: &ServeConfig) -> Result<PubSub, Box<dyn std::error::Error>> {
+/// The PubSub `--pubsub` asks for: alone, or a node of a Redis or PostgreSQL cluster. The
+/// backend is tried once first: a TLS refusal (wrong CA, wrong host name, no TLS) stops the
+/// start with the reason, since waiting will not mend it; an unreachable backend is only
+/// warned about (the node serves alone until it answers, and `/health` says so).
+async fn pubsub(config: &ServeConfig) -> Result<PubSub, Box<dyn std::error::Error>> {
     let Some(url) = &config.pubsub else { return Ok(PubSub::new()) };
+    let shown = redact(url);
     let options = ClusterOptions::default().node_timeout(config.presence_timeout);
+    let probe = Duration::from_secs(3);
+    let fix = "check tls_ca (--tls-ca) and that the URL's host is a name the server's certificate carries";
     if url.starts_with("redis://") || url.starts_with("rediss://") {
-        let adapter = RedisAdapter::with_options(url, RedisOptions::default().cluster(&config.cluster))
-            .map_err(|e| format!("pubsub {}: {e}", redact(url)))?;
+        let mut redis = RedisOptions::default().cluster(&config.cluster);
+        if let Some(ca) = &config.tls_ca {
+            let pem = std::fs::read(ca).map_err(|e| format!("tls_ca {}: {e}", ca.display()))?;
+            redis = redis.tls_ca(pem);
+        }
+        let adapter = RedisAdapter::with_options(url, redis).map_err(|e| format!("pubsub {shown}: {e}"))?;
+        match tokio::time::timeout(probe, adapter.check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e @ RedisAdapterError::Tls(_))) => return Err(format!("pubsub {shown}: {e}; {fix}").into()),
+            Ok(Err(e)) => tracing::warn!("pubsub {shown}: {e}; serving alone until it answers"),
+            Err(_) => tracing::warn!("pubsub {shown}: no answer within {probe:?}; serving alone until it answers"),
+        }
         Ok(PubSub::with_options(adapter, options))
     } else {
-        let adapter = PostgresAdapter::with_options(url, PostgresOptions::default().cluster(&config.cluster))
-            .map_err(|e| format!("pubsub {}: {e}", redact(url)))?;
+        let url = match &config.tls_ca {
+            Some(ca) => with_root_cert(url, ca),
+            None => url.clone(),
+        };
+        let adapter = PostgresAdapter::with_options(&url, PostgresOptions::default().cluster(&config.cluster))
+            .map_err(|e| format!("pubsub {shown}: {e}"))?;
+        match tokio::time::timeout(probe, adapter.check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e @ PostgresAdapterError::Tls(_))) => return Err(format!("pubsub {shown}: {e}; {fix}").into()),
+            Ok(Err(e)) => tracing::warn!("pubsub {shown}: {e}; serving alone until it answers"),
+            Err(_) => tracing::warn!("pubsub {shown}: no answer within {probe:?}; serving alone until it answers"),
+        }
         Ok(PubSub::with_options(adapter, options))
     }
+}
+
+/// A `postgres://` URL with `sslrootcert` set to `ca` unless it names one already; other URLs
+/// as they are.
+fn with_root_cert(url: &str, ca: &std::path::Path) -> String {
+    if postgres_host(url).is_none() || url.contains("sslrootcert=") {
+        return url.to_owned();
+    }
+    let ca: String = ca
+        .to_string_lossy()
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}sslrootcert={ca}")
 }
