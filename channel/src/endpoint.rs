@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::history::{History, HistoryOptions, HistoryStore};
+use crate::metrics::EndpointStats;
 use crate::outbox::{CloseReason, Outbox};
 use crate::pubsub::PubSub;
 use crate::registry::{Live, REGISTRY_SHARDS, Shared};
@@ -129,6 +130,7 @@ impl EndpointBuilder {
             live_count: AtomicUsize::new(0),
             drained: Notify::new(),
             per_ip: Mutex::new(HashMap::new()),
+            counters: Arc::default(),
         }))
     }
 }
@@ -170,7 +172,8 @@ impl Endpoint {
         let accept = self.0.handler.connect(&info).await?;
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
         let config = &self.0.config;
-        let outbox = Outbox::new(id, config.outbound_queue_limit, config.slow_consumer);
+        let flow = self.0.counters.flow(info.transport);
+        let outbox = Outbox::new(id, config.outbound_queue_limit, config.slow_consumer, self.0.counters.clone(), flow);
         outbox.touch();
         let socket =
             Arc::new(SocketInfo { serializer, transport: info.transport, assigns: accept.assigns, id: accept.id });
@@ -194,6 +197,12 @@ impl Endpoint {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.0.config
+    }
+
+    /// What the endpoint has counted since it was built: joins and refusals by reason, messages
+    /// in and out by transport, slow consumers.
+    pub fn stats(&self) -> EndpointStats {
+        self.0.counters.snapshot()
     }
 
     /// Number of connected sockets.

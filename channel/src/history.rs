@@ -234,6 +234,22 @@ pub trait HistoryStore: Send + Sync + 'static {
         options: &'a HistoryOptions,
         since: Option<Position>,
     ) -> BoxFuture<'a, Result<ReadAfter, HistoryError>>;
+
+    /// How many topics and entries the store holds, for metrics; `None` (the default) when it
+    /// cannot tell cheaply.
+    fn size(&self) -> Option<HistorySize> {
+        None
+    }
+}
+
+/// What a [`HistoryStore`] holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HistorySize {
+    /// Topics with a history.
+    pub topics: usize,
+    /// Broadcasts kept, over every topic.
+    pub entries: usize,
 }
 
 /// The in-memory [`HistoryStore`]: per topic, the last broadcasts within the topic's
@@ -360,6 +376,17 @@ impl HistoryStore for MemoryHistory {
     ) -> BoxFuture<'a, Result<ReadAfter, HistoryError>> {
         Box::pin(std::future::ready(Ok(self.read_now(topic, options, since))))
     }
+
+    /// Entries past their age stay counted until the topic's next append or read trims them.
+    fn size(&self) -> Option<HistorySize> {
+        let mut size = HistorySize::default();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            size.topics += shard.len();
+            size.entries += shard.values().map(|s| s.entries.len()).sum::<usize>();
+        }
+        Some(size)
+    }
 }
 
 /// The history layer's state on a [`PubSub`].
@@ -451,6 +478,11 @@ impl History {
     /// Keeps histories in `store` from now on (the default is a [`MemoryHistory`]).
     pub fn set_store(&self, store: Arc<dyn HistoryStore>) {
         *self.layer.store.write() = store;
+    }
+
+    /// What the store holds, when it can tell ([`HistoryStore::size`]).
+    pub fn size(&self) -> Option<HistorySize> {
+        self.layer.store.read().size()
     }
 
     /// The options of `topic`'s history, if it keeps one.

@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::SlowConsumerPolicy;
+use crate::metrics::{Counters, Flow};
 
 /// Why a socket was closed by the server side. Transports map it to their own signal (a
 /// WebSocket close code, a long-poll status).
@@ -75,6 +76,9 @@ pub(crate) struct SocketShared {
     last_seen_ms: AtomicU64,
     epoch: Instant,
     dropped: AtomicU64,
+    /// The endpoint's counters and those of this socket's transport.
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) flow: Arc<Flow>,
 }
 
 /// A handle to a socket's outbound queue. Cheap to clone.
@@ -88,7 +92,13 @@ impl fmt::Debug for Outbox {
 }
 
 impl Outbox {
-    pub(crate) fn new(id: u64, limit: usize, policy: SlowConsumerPolicy) -> Outbox {
+    pub(crate) fn new(
+        id: u64,
+        limit: usize,
+        policy: SlowConsumerPolicy,
+        counters: Arc<Counters>,
+        flow: Arc<Flow>,
+    ) -> Outbox {
         Outbox(Arc::new(SocketShared {
             id,
             state: Mutex::new(State { queue: VecDeque::new(), closed: None, waker: None }),
@@ -97,6 +107,8 @@ impl Outbox {
             last_seen_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             dropped: AtomicU64::new(0),
+            counters,
+            flow,
         }))
     }
 
@@ -113,10 +125,12 @@ impl Outbox {
                         tracing::warn!(socket = self.0.id, queued = st.queue.len(), "slow consumer: closing socket");
                         st.queue = VecDeque::new();
                         st.closed = Some(CloseReason::SlowConsumer);
+                        self.0.counters.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
                         return wake(st.waker.take());
                     }
                     SlowConsumerPolicy::DropOldest => {
                         st.queue.pop_front();
+                        self.0.counters.outbound_dropped.fetch_add(1, Ordering::Relaxed);
                         if self.0.dropped.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
                             tracing::warn!(socket = self.0.id, "slow consumer: dropping oldest frames");
                         }
@@ -124,6 +138,7 @@ impl Outbox {
                 }
             }
             st.queue.push_back(frame);
+            self.0.flow.messages_out.fetch_add(1, Ordering::Relaxed);
             st.waker.take()
         };
         wake(waker);

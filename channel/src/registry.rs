@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::metrics::Counters;
 use crate::outbox::Outbox;
 use crate::pubsub::PubSub;
 use crate::router::Router;
@@ -36,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) drained: Notify,
     /// Sockets per peer address, kept only when `max_connections_per_ip` is set.
     pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Joins, refusals, messages and slow consumers, shared with the sockets.
+    pub(crate) counters: Arc<Counters>,
 }
 
 impl Shared {

@@ -84,7 +84,7 @@ pub use cluster::{Cluster, RequestError, ServiceGuard};
 pub use envelope::{Body, Envelope, EnvelopeError};
 pub use node::NodeId;
 pub use outgoing::{Backoff, Outgoing, OutgoingQueue};
-pub use stats::ClusterStats;
+pub use stats::{ClusterStats, LATENCY_BOUNDS, LatencyHistogram};
 
 /// `docs/writing-an-adapter.md`, whose code is compiled with the doc tests.
 #[cfg(doctest)]

@@ -330,13 +330,17 @@ async fn send(pool: &PgPool, channels: &mut Vec<String>, payloads: &mut Vec<Stri
     if payloads.is_empty() {
         return true;
     }
+    let started = tokio::time::Instant::now();
     let sent = sqlx::query("SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS m(c, p)")
         .bind(&*channels)
         .bind(&*payloads)
         .execute(pool)
         .await;
     let ok = match sent {
-        Ok(_) => true,
+        Ok(_) => {
+            inbound.published(payloads.len() as u64, started.elapsed());
+            true
+        }
         Err(e) => {
             inbound.dropped(payloads.len() as u64);
             tracing::warn!(error = %e, dropped = payloads.len(), "postgres notify failed");

@@ -263,6 +263,7 @@ async fn publisher(client: redis::Client, broadcast: String, mut rx: mpsc::Recei
             if rx.recv_many(&mut batch, BATCH).await == 0 {
                 return;
             }
+            let taken = tokio::time::Instant::now();
             let mut pipe = redis::pipe();
             let mut flushes = Vec::new();
             let mut sent = 0;
@@ -280,6 +281,9 @@ async fn publisher(client: redis::Client, broadcast: String, mut rx: mpsc::Recei
             let result = if sent > 0 { pipe.query_async::<()>(&mut conn).await } else { Ok(()) };
             for done in flushes {
                 let _ = done.send(());
+            }
+            if result.is_ok() && sent > 0 {
+                inbound.published(sent, taken.elapsed());
             }
             if let Err(e) = result {
                 inbound.dropped(sent);

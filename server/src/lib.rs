@@ -21,6 +21,7 @@
 pub mod config;
 pub mod demo;
 pub mod feed;
+pub mod metrics;
 mod server;
 
 pub use server::{SOCKET_PATH, ServeOptions, app, app_with, serve, serve_with, shutdown_signal, sockets};

@@ -170,6 +170,8 @@ async fn two_nodes_over_rediss_carry_a_message_between_their_clients() {
     assert_eq!(got[4]["body"], "over TLS", "{got}");
     assert_eq!(a.metric("fawkes_pubsub_connected"), Some(1.0));
     assert_eq!(b.metric("fawkes_pubsub_connected"), Some(1.0));
+    // The broadcasts A sent went through the backend, and their latency was measured.
+    assert!(a.metric("fawkes_pubsub_publish_seconds_count").is_some_and(|n| n >= 1.0));
 }
 
 #[tokio::test]

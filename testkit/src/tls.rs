@@ -276,7 +276,16 @@ impl TlsPostgres {
         let mut child = as_postgres(&bin.join("postgres"))
             .arg("-D")
             .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1,127.0.0.2", "-c", "ssl=on", "-c", "fsync=off"])
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1,127.0.0.2",
+                "-c",
+                "ssl=on",
+                "-c",
+                "fsync=off",
+            ])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", dir.display()))
             .arg("-c")
