@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::history::{History, HistoryOptions, HistoryStore};
+use crate::metrics::EndpointStats;
 use crate::outbox::{CloseReason, Outbox, OutboxLimits};
 use crate::pubsub::PubSub;
 use crate::registry::{Live, REGISTRY_SHARDS, Shared};
@@ -129,8 +130,8 @@ impl EndpointBuilder {
             live_count: AtomicUsize::new(0),
             drained: Notify::new(),
             per_ip: Mutex::new(HashMap::new()),
-            slow_consumers: Default::default(),
             connects: Mutex::new(HashMap::new()),
+            counters: Arc::default(),
         }))
     }
 }
@@ -173,15 +174,13 @@ impl Endpoint {
         let accept = self.0.handler.connect(&info).await?;
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
         let config = &self.0.config;
-        let outbox = Outbox::new(
-            id,
-            OutboxLimits {
-                frames: config.outbound_queue_limit,
-                bytes: config.outbound_byte_limit,
-                policy: config.slow_consumer,
-                slow_consumers: self.0.slow_consumers.clone(),
-            },
-        );
+        let flow = self.0.counters.flow(info.transport);
+        let limits = OutboxLimits {
+            frames: config.outbound_queue_limit,
+            bytes: config.outbound_byte_limit,
+            policy: config.slow_consumer,
+        };
+        let outbox = Outbox::new(id, limits, self.0.counters.clone(), flow);
         outbox.touch();
         let socket =
             Arc::new(SocketInfo { serializer, transport: info.transport, assigns: accept.assigns, id: accept.id });
@@ -205,6 +204,12 @@ impl Endpoint {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.0.config
+    }
+
+    /// What the endpoint has counted since it was built: joins and refusals by reason, messages
+    /// in and out by transport, slow consumers.
+    pub fn stats(&self) -> EndpointStats {
+        self.0.counters.snapshot()
     }
 
     /// Number of connected sockets.
@@ -258,7 +263,7 @@ impl Endpoint {
     /// [`Config::outbound_queue_limit`](crate::Config) or
     /// [`Config::outbound_byte_limit`](crate::Config)), since the endpoint was built.
     pub fn slow_consumers(&self) -> u64 {
-        self.0.slow_consumers.load(Ordering::Relaxed)
+        self.0.counters.slow_consumer_closes.load(Ordering::Relaxed)
     }
 
     /// True once [`Endpoint::shutdown`] or [`Endpoint::shutdown_batch`] was called.

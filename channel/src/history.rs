@@ -17,7 +17,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 pub use fawkes_pubsub_core::{
-    Entry, HistoryError, HistoryOptions, HistorySink, HistoryStore, MalformedPosition, Position, ReadAfter,
+    Entry, HistoryError, HistoryOptions, HistorySink, HistorySize, HistoryStore, MalformedPosition, Position, ReadAfter,
 };
 use fawkes_serializer::{Broadcast, Payload};
 use futures_util::future::BoxFuture;
@@ -152,6 +152,17 @@ impl HistoryStore for MemoryHistory {
         since: Option<Position>,
     ) -> BoxFuture<'a, Result<ReadAfter, HistoryError>> {
         Box::pin(std::future::ready(Ok(self.read_now(topic, options, since))))
+    }
+
+    /// Entries past their age stay counted until the topic's next append or read trims them.
+    fn size(&self) -> Option<HistorySize> {
+        let mut size = HistorySize::default();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            size.topics += shard.len();
+            size.entries += shard.values().map(|s| s.entries.len()).sum::<usize>();
+        }
+        Some(size)
     }
 }
 
@@ -447,6 +458,11 @@ impl History {
             append_errors: self.layer.append_errors.load(Ordering::Relaxed),
             read_errors: self.layer.read_errors.load(Ordering::Relaxed),
         }
+    }
+
+    /// What the store holds, when it can tell ([`HistoryStore::size`]).
+    pub fn size(&self) -> Option<HistorySize> {
+        self.layer.store.read().size()
     }
 
     /// The options of `topic`'s history, if it keeps one.

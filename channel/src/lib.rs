@@ -133,6 +133,7 @@ mod cluster;
 mod config;
 mod endpoint;
 mod history;
+mod metrics;
 mod origin;
 mod outbox;
 mod presence;
@@ -147,14 +148,15 @@ pub use channel::{Channel, HandleIn, Pusher, SocketRef, StopReason, Terminate, r
 pub use config::{Config, ConnectRate, JoinRate, SlowConsumerPolicy};
 pub use endpoint::{Endpoint, EndpointBuilder};
 pub use fawkes_pubsub_core::{
-    Adapter, Backoff, ClusterStats, EnvelopeError, NodeId, Outgoing, OutgoingQueue, RemoteInbound, RequestError,
-    ServiceGuard,
+    Adapter, Backoff, ClusterStats, EnvelopeError, LATENCY_BOUNDS, LatencyHistogram, NodeId, Outgoing, OutgoingQueue,
+    RemoteInbound, RequestError, ServiceGuard,
 };
 pub use fawkes_serializer::{Broadcast, Frame, Payload, Ref, ReplyStatus, Serializer};
 pub use history::{
-    Entry, History, HistoryError, HistoryOptions, HistorySink, HistoryStats, HistoryStore, MalformedPosition,
-    MemoryHistory, Position, ReadAfter, Recovery,
+    Entry, History, HistoryError, HistoryOptions, HistorySink, HistorySize, HistoryStats, HistoryStore,
+    MalformedPosition, MemoryHistory, Position, ReadAfter, Recovery,
 };
+pub use metrics::EndpointStats;
 pub use origin::{OriginCheck, OriginPatternError};
 pub use outbox::{CloseReason, Outbound};
 pub use presence::{ClusterOptions, Presence, PresenceError};

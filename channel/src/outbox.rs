@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::SlowConsumerPolicy;
+use crate::metrics::{Counters, Flow};
 
 /// Why a socket was closed by the server side. Transports map it to their own signal (a
 /// WebSocket close code, a long-poll status).
@@ -76,12 +77,13 @@ pub(crate) struct SocketShared {
     limit: usize,
     byte_limit: usize,
     policy: SlowConsumerPolicy,
-    /// The endpoint's count of sockets closed as slow consumers.
-    slow_consumers: Arc<AtomicU64>,
     /// Milliseconds since `epoch` at which the peer last sent anything.
     last_seen_ms: AtomicU64,
     epoch: Instant,
     dropped: AtomicU64,
+    /// The endpoint's counters and those of this socket's transport.
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) flow: Arc<Flow>,
 }
 
 /// The bounds of one socket's outbound queue.
@@ -91,8 +93,6 @@ pub(crate) struct OutboxLimits {
     /// Bytes queued before the policy applies.
     pub(crate) bytes: usize,
     pub(crate) policy: SlowConsumerPolicy,
-    /// Counts the sockets closed as slow consumers.
-    pub(crate) slow_consumers: Arc<AtomicU64>,
 }
 
 /// A handle to a socket's outbound queue. Cheap to clone.
@@ -106,17 +106,18 @@ impl fmt::Debug for Outbox {
 }
 
 impl Outbox {
-    pub(crate) fn new(id: u64, limits: OutboxLimits) -> Outbox {
+    pub(crate) fn new(id: u64, limits: OutboxLimits, counters: Arc<Counters>, flow: Arc<Flow>) -> Outbox {
         Outbox(Arc::new(SocketShared {
             id,
             state: Mutex::new(State { queue: VecDeque::new(), bytes: 0, closed: None, waker: None, room: Vec::new() }),
             limit: limits.frames.max(1),
             byte_limit: limits.bytes.max(1),
             policy: limits.policy,
-            slow_consumers: limits.slow_consumers,
             last_seen_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             dropped: AtomicU64::new(0),
+            counters,
+            flow,
         }))
     }
 
@@ -146,13 +147,14 @@ impl Outbox {
                         st.bytes = 0;
                         st.closed = Some(CloseReason::SlowConsumer);
                         wake_all(std::mem::take(&mut st.room));
-                        self.0.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                        self.0.counters.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
                         return wake(st.waker.take());
                     }
                     SlowConsumerPolicy::DropOldest => {
                         while full(&st) {
                             let Some(old) = st.queue.pop_front() else { break };
                             st.bytes -= old.len();
+                            self.0.counters.outbound_dropped.fetch_add(1, Ordering::Relaxed);
                             if self.0.dropped.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
                                 tracing::warn!(socket = self.0.id, "slow consumer: dropping oldest frames");
                             }
@@ -162,6 +164,7 @@ impl Outbox {
             }
             st.bytes += len;
             st.queue.push_back(frame);
+            self.0.flow.messages_out.fetch_add(1, Ordering::Relaxed);
             st.waker.take()
         };
         wake(waker);
@@ -356,10 +359,20 @@ fn take(st: &mut State, buf: &mut Vec<Frame>, limit: usize) -> (usize, Vec<Waker
 mod tests {
     use super::*;
 
-    fn outbox(frames: usize, bytes: usize, policy: SlowConsumerPolicy) -> (Outbox, Arc<AtomicU64>) {
-        let slow = Arc::new(AtomicU64::new(0));
-        let limits = OutboxLimits { frames, bytes, policy, slow_consumers: slow.clone() };
-        (Outbox::new(1, limits), slow)
+    /// An outbox and the count of sockets it closed as slow consumers.
+    fn outbox(frames: usize, bytes: usize, policy: SlowConsumerPolicy) -> (Outbox, Slow) {
+        let counters = Arc::new(Counters::default());
+        let flow = counters.flow("test");
+        let limits = OutboxLimits { frames, bytes, policy };
+        (Outbox::new(1, limits, counters.clone(), flow), Slow(counters))
+    }
+
+    struct Slow(Arc<Counters>);
+
+    impl Slow {
+        fn load(&self, order: Ordering) -> u64 {
+            self.0.slow_consumer_closes.load(order)
+        }
     }
 
     fn frame(len: usize) -> Frame {

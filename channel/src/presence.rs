@@ -132,6 +132,17 @@ impl Presence {
     pub fn count(&self, topic: &str) -> usize {
         self.0.state.lock().topics.get(topic).map_or(0, BTreeMap::len)
     }
+
+    /// How many topics have anyone present, across every node (for metrics).
+    pub fn topic_count(&self) -> usize {
+        self.0.state.lock().topics.len()
+    }
+
+    /// How many entries (one per key per tracking socket, every node's included) this node
+    /// holds, across every topic (for metrics).
+    pub fn entry_count(&self) -> usize {
+        self.0.state.lock().topics.values().flat_map(BTreeMap::values).map(Vec::len).sum()
+    }
 }
 
 /// What nodes tell each other about presence.

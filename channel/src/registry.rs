@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::metrics::Counters;
 use crate::outbox::Outbox;
 use crate::pubsub::PubSub;
 use crate::router::Router;
@@ -36,10 +37,10 @@ pub(crate) struct Shared {
     pub(crate) drained: Notify,
     /// Sockets per peer address, kept only when `max_connections_per_ip` is set.
     pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
-    /// Sockets closed as slow consumers.
-    pub(crate) slow_consumers: Arc<AtomicU64>,
     /// Connect tokens per peer address, kept only when `connect_rate` is set.
     pub(crate) connects: Mutex<HashMap<IpAddr, (f64, tokio::time::Instant)>>,
+    /// Joins, refusals, messages and slow consumers, shared with the sockets.
+    pub(crate) counters: Arc<Counters>,
 }
 
 impl Shared {

@@ -164,6 +164,7 @@ impl Session {
 
     /// Handles one decoded message (for transports that decode themselves).
     pub async fn handle_message(&mut self, msg: Message) {
+        self.outbox.0.flow.messages_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match (msg.topic.as_str(), msg.event.as_str()) {
             ("phoenix", "heartbeat") => self.reply(None, msg.msg_ref, &msg.topic, ReplyStatus::Ok, Payload::empty()),
             (_, "phx_join") => self.join(msg),
@@ -178,6 +179,7 @@ impl Session {
         // V1 clients send no join_ref: the join's own ref serves, as in Phoenix.
         let join_ref = msg.join_ref.clone().or_else(|| msg.msg_ref.clone());
         let refuse = |this: &Self, join_ref: Option<Ref>, why: &str| {
+            this.outbox.0.counters.refused(why);
             this.reply(join_ref, msg.msg_ref.clone(), &msg.topic, ReplyStatus::Error, Payload::Json(reason(why)));
         };
         if msg.topic.len() > config.max_topic_len {

@@ -66,6 +66,12 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
             (ReplyStatus::Error, reason("join crashed"))
         }
     };
+    match status {
+        ReplyStatus::Ok => socket.outbox.0.counters.joined(),
+        ReplyStatus::Error => {
+            socket.outbox.0.counters.refused(response.get("reason").and_then(Value::as_str).unwrap_or("error"))
+        }
+    }
 
     // Subscribe before the reply goes out, so every broadcast after the client sees "ok" reaches it.
     // A recovering join (`SocketRef::recover`) subscribed already, holding live broadcasts back

@@ -135,6 +135,14 @@ impl RemoteInbound {
         }
     }
 
+    /// Reports `n` messages sent to other nodes that the backend accepted `took` after the
+    /// adapter took them off its queue (one round trip, for most adapters).
+    pub fn published(&self, n: u64, took: std::time::Duration) {
+        if let Some(inbox) = self.inbox.upgrade() {
+            inbox.counters().published(n, took);
+        }
+    }
+
     /// True once the node is gone: the adapter's tasks may stop.
     pub fn is_closed(&self) -> bool {
         self.inbox.strong_count() == 0

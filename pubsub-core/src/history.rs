@@ -255,6 +255,22 @@ pub trait HistoryStore: Send + Sync + 'static {
         let _ = sink;
         false
     }
+
+    /// How many topics and entries the store holds, for metrics; `None` (the default) when it
+    /// cannot tell cheaply.
+    fn size(&self) -> Option<HistorySize> {
+        None
+    }
+}
+
+/// What a [`HistoryStore`] holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HistorySize {
+    /// Topics with a history.
+    pub topics: usize,
+    /// Broadcasts kept, over every topic.
+    pub entries: usize,
 }
 
 /// Where a store that delivers the broadcasts it keeps ([`HistoryStore::deliver_to`]) hands them.

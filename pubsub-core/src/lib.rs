@@ -85,11 +85,11 @@ pub use adapter::{Adapter, RemoteInbound};
 pub use cluster::{Cluster, RequestError, ServiceGuard};
 pub use envelope::{Body, Envelope, EnvelopeError};
 pub use history::{
-    Entry, HistoryError, HistoryOptions, HistorySink, HistoryStore, MalformedPosition, Position, ReadAfter,
+    Entry, HistoryError, HistoryOptions, HistorySink, HistorySize, HistoryStore, MalformedPosition, Position, ReadAfter,
 };
 pub use node::NodeId;
 pub use outgoing::{Backoff, Outgoing, OutgoingQueue};
-pub use stats::ClusterStats;
+pub use stats::{ClusterStats, LATENCY_BOUNDS, LatencyHistogram};
 
 /// `docs/writing-an-adapter.md`, whose code is compiled with the doc tests.
 #[cfg(doctest)]

@@ -22,6 +22,25 @@ pub struct ClusterStats {
     pub dropped: u64,
     /// Envelopes that arrived unreadable and were ignored.
     pub malformed: u64,
+    /// How long the backend took to accept the messages sent to other nodes.
+    pub publish_latency: LatencyHistogram,
+}
+
+/// Upper bounds, in seconds, of the buckets of a [`LatencyHistogram`] (the last bucket, past
+/// them, is unbounded).
+pub const LATENCY_BOUNDS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// Latencies counted in buckets, as a Prometheus histogram shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative): `buckets[i]` counts those at most
+    /// `LATENCY_BOUNDS[i]` and above the bound before; the last counts those above every bound.
+    pub buckets: [u64; LATENCY_BOUNDS.len() + 1],
+    /// Observations.
+    pub count: u64,
+    /// Their sum, in microseconds.
+    pub sum_micros: u64,
 }
 
 #[derive(Debug, Default)]
@@ -34,9 +53,19 @@ pub(crate) struct Counters {
     pub(crate) malformed: AtomicU64,
     /// The sequence number of the next envelope sent.
     pub(crate) seq: AtomicU64,
+    pub(crate) publish_buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    pub(crate) publish_sum_micros: AtomicU64,
 }
 
 impl Counters {
+    /// `n` messages that the backend accepted `took` after they were taken off the queue.
+    pub(crate) fn published(&self, n: u64, took: std::time::Duration) {
+        let secs = took.as_secs_f64();
+        let bucket = LATENCY_BOUNDS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BOUNDS.len());
+        self.publish_buckets[bucket].fetch_add(n, Ordering::Relaxed);
+        self.publish_sum_micros.fetch_add(n.saturating_mul(took.as_micros() as u64), Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self, node: NodeId) -> ClusterStats {
         ClusterStats {
             node,
@@ -46,6 +75,14 @@ impl Counters {
             received: self.received.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
             malformed: self.malformed.load(Ordering::Relaxed),
+            publish_latency: {
+                let buckets = std::array::from_fn(|i| self.publish_buckets[i].load(Ordering::Relaxed));
+                LatencyHistogram {
+                    buckets,
+                    count: buckets.iter().sum(),
+                    sum_micros: self.publish_sum_micros.load(Ordering::Relaxed),
+                }
+            },
         }
     }
 }

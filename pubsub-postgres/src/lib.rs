@@ -14,6 +14,14 @@
 //! is disconnected is lost for that node (PostgreSQL keeps nothing for a listener that is not
 //! connected); Presence repairs itself from heartbeats afterwards.
 //!
+//! TLS: the URL's `sslmode` says whether to use it, as with libpq: `require` encrypts without
+//! checking the certificate, `verify-ca` checks that a trusted root signed it, `verify-full` also
+//! checks that it names the host connected to (rustls; no OpenSSL). The roots are Mozilla's, or
+//! those in the PEM file `sslrootcert` names (a managed database's CA):
+//! `postgres://app@db.example.com/app?sslmode=verify-full&sslrootcert=ca.pem`.
+//! [`PostgresAdapter::check`] connects once and tells a refused certificate
+//! ([`PostgresAdapterError::Tls`]) from an unreachable server.
+//!
 //! ```no_run
 //! use fawkes_channel::PubSub;
 //! use fawkes_pubsub_postgres::PostgresAdapter;
@@ -82,6 +90,13 @@ pub enum PostgresAdapterError {
     /// The URL is not a PostgreSQL URL.
     #[error("invalid PostgreSQL URL: {0}")]
     Url(#[from] sqlx::Error),
+    /// The TLS handshake failed: the server's certificate is not signed by a trusted root, does
+    /// not name the host connected to, or the server does not speak TLS while `sslmode` asks for it.
+    #[error("TLS refused: {0}")]
+    Tls(String),
+    /// The server could not be reached or refused the connection.
+    #[error("unreachable: {0}")]
+    Unreachable(sqlx::Error),
 }
 
 /// Carries a PubSub's messages through PostgreSQL. Create it, give it to
@@ -117,6 +132,24 @@ impl PostgresAdapter {
             channel: format!("fawkes_{}", cluster.to_ascii_lowercase()),
             queue: OutgoingQueue::new(options.queue),
         })
+    }
+}
+
+impl PostgresAdapter {
+    /// Connects once and runs `SELECT 1`: `Ok` when the server answers,
+    /// [`PostgresAdapterError::Tls`] when TLS is refused (a setting to fix rather than an outage
+    /// to wait out), [`PostgresAdapterError::Unreachable`] otherwise. The adapter itself needs no
+    /// such call: it connects and reconnects in the background.
+    pub async fn check(&self) -> Result<(), PostgresAdapterError> {
+        match sqlx::query("SELECT 1").execute(&self.pool).await {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Tls(e)) => Err(PostgresAdapterError::Tls(e.to_string())),
+            // rustls's refusals arrive as I/O errors of the handshake.
+            Err(sqlx::Error::Io(e)) if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
+                Err(PostgresAdapterError::Tls(e.to_string()))
+            }
+            Err(e) => Err(PostgresAdapterError::Unreachable(e)),
+        }
     }
 }
 
@@ -297,13 +330,17 @@ async fn send(pool: &PgPool, channels: &mut Vec<String>, payloads: &mut Vec<Stri
     if payloads.is_empty() {
         return true;
     }
+    let started = tokio::time::Instant::now();
     let sent = sqlx::query("SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS m(c, p)")
         .bind(&*channels)
         .bind(&*payloads)
         .execute(pool)
         .await;
     let ok = match sent {
-        Ok(_) => true,
+        Ok(_) => {
+            inbound.published(payloads.len() as u64, started.elapsed());
+            true
+        }
         Err(e) => {
             inbound.dropped(payloads.len() as u64);
             tracing::warn!(error = %e, dropped = payloads.len(), "postgres notify failed");

@@ -207,9 +207,10 @@ impl RedisHistory {
         RedisHistory::with_options(url, RedisOptions::default())
     }
 
-    /// A store for the cluster [`RedisOptions::cluster`] names (the same as its adapter's).
+    /// A store for the cluster [`RedisOptions::cluster`] names (the same as its adapter's),
+    /// over TLS with [`RedisOptions::tls_ca`] as the adapter.
     pub fn with_options(url: &str, options: RedisOptions) -> Result<RedisHistory, RedisAdapterError> {
-        let client = redis::Client::open(url)?;
+        let client = crate::client(url, &options)?;
         Ok(RedisHistory {
             shared: Arc::new(Shared {
                 client,

@@ -18,6 +18,12 @@
 //! position space, any node recovers any client), and puts every node's subscribers in the
 //! stream's order.
 //!
+//! TLS: a `rediss://` URL connects over TLS (rustls; no OpenSSL), verifying the server's
+//! certificate and host name against the system's root certificates, or against the PEM roots
+//! given with [`RedisOptions::tls_ca`] (a private CA, as managed Redis services use).
+//! [`RedisAdapter::check`] connects once and tells a refused certificate
+//! ([`RedisAdapterError::Tls`]) from an unreachable server.
+//!
 //! ```no_run
 //! use fawkes_channel::PubSub;
 //! use fawkes_pubsub_redis::RedisAdapter;
@@ -54,11 +60,14 @@ pub struct RedisOptions {
     pub cluster: String,
     /// Messages kept while Redis is unreachable; more are dropped (and counted).
     pub queue: usize,
+    /// PEM root certificates that a `rediss://` server's certificate must chain to, instead of
+    /// the system's.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 impl Default for RedisOptions {
     fn default() -> RedisOptions {
-        RedisOptions { cluster: "fawkes".into(), queue: 65_536 }
+        RedisOptions { cluster: "fawkes".into(), queue: 65_536, tls_ca: None }
     }
 }
 
@@ -73,15 +82,30 @@ impl RedisOptions {
         self.queue = messages.max(1);
         self
     }
+    /// Sets [`RedisOptions::tls_ca`]: the PEM text of one or more CA certificates.
+    pub fn tls_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(pem.into());
+        self
+    }
 }
 
 /// Why a [`RedisAdapter`] could not be made.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RedisAdapterError {
-    /// The URL is not a Redis URL.
+    /// The URL is not a Redis URL, or the TLS settings cannot be used with it.
     #[error("invalid Redis URL: {0}")]
     Url(#[from] redis::RedisError),
+    /// [`RedisOptions::tls_ca`] was given for a `redis://` URL, which does not use TLS.
+    #[error("a TLS CA was given but the URL is redis://, without TLS; use rediss://")]
+    CaWithoutTls,
+    /// The TLS handshake failed: the server's certificate is not signed by a trusted root, does
+    /// not name the host connected to, or has expired.
+    #[error("TLS refused: {0}")]
+    Tls(String),
+    /// The server could not be reached or did not answer.
+    #[error("unreachable: {0}")]
+    Unreachable(redis::RedisError),
 }
 
 /// Carries a PubSub's messages through Redis. Create it, give it to
@@ -99,6 +123,20 @@ impl fmt::Debug for RedisAdapter {
     }
 }
 
+/// A client for `url` with the options' TLS roots: what the adapter and [`RedisHistory`] connect with.
+pub(crate) fn client(url: &str, options: &RedisOptions) -> Result<redis::Client, RedisAdapterError> {
+    // The one rustls crypto provider of this process, unless the application chose one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Ok(match &options.tls_ca {
+        None => redis::Client::open(url)?,
+        Some(_) if !url.starts_with("rediss://") => return Err(RedisAdapterError::CaWithoutTls),
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
+        )?,
+    })
+}
+
 impl RedisAdapter {
     /// An adapter for the Redis server at `url` (`redis://host:port`), cluster `"fawkes"`.
     pub fn new(url: &str) -> Result<RedisAdapter, RedisAdapterError> {
@@ -107,10 +145,40 @@ impl RedisAdapter {
 
     /// An adapter with its own cluster name and queue size.
     pub fn with_options(url: &str, options: RedisOptions) -> Result<RedisAdapter, RedisAdapterError> {
-        let client = redis::Client::open(url)?;
+        let client = client(url, &options)?;
         let queue = OutgoingQueue::new(options.queue);
         Ok(RedisAdapter { client, options, queue })
     }
+
+    /// Connects once and sends `PING`: `Ok` when the server answers, [`RedisAdapterError::Tls`]
+    /// when the TLS handshake is refused (a setting to fix rather than an outage to wait out),
+    /// [`RedisAdapterError::Unreachable`] otherwise. The adapter itself needs no such call: it
+    /// connects and reconnects in the background.
+    pub async fn check(&self) -> Result<(), RedisAdapterError> {
+        let ping = async {
+            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<()>(&mut conn).await
+        };
+        ping.await.map_err(|e| match tls_error(&e) {
+            Some(tls) => RedisAdapterError::Tls(tls),
+            None => RedisAdapterError::Unreachable(e),
+        })
+    }
+}
+
+/// The TLS failure behind a connection error, if it is one. The redis crate keeps the cause
+/// behind an `Arc`, out of reach of a downcast, so its text is read: rustls's messages.
+fn tls_error(e: &redis::RedisError) -> Option<String> {
+    const TLS: [&str; 6] = [
+        "invalid peer certificate",
+        "received fatal alert",
+        "peer is incompatible",
+        "peer misbehaved",
+        "peer sent no certificates",
+        "invalid dns name",
+    ];
+    let text = e.to_string();
+    TLS.iter().any(|t| text.contains(t)).then_some(text)
 }
 
 impl Adapter for RedisAdapter {
@@ -208,6 +276,7 @@ async fn publisher(client: redis::Client, broadcast: String, mut rx: mpsc::Recei
             if rx.recv_many(&mut batch, BATCH).await == 0 {
                 return;
             }
+            let taken = tokio::time::Instant::now();
             let mut pipe = redis::pipe();
             let mut flushes = Vec::new();
             let mut sent = 0;
@@ -225,6 +294,9 @@ async fn publisher(client: redis::Client, broadcast: String, mut rx: mpsc::Recei
             let result = if sent > 0 { pipe.query_async::<()>(&mut conn).await } else { Ok(()) };
             for done in flushes {
                 let _ = done.send(());
+            }
+            if result.is_ok() && sent > 0 {
+                inbound.published(sent, taken.elapsed());
             }
             if let Err(e) = result {
                 inbound.dropped(sent);

@@ -39,6 +39,8 @@ pub struct FileConfig {
     pub cluster: Option<String>,
     /// `secret`: signs long-poll and SSE sessions.
     pub secret: Option<String>,
+    /// `tls_ca`: PEM root certificates for TLS to the backends.
+    pub tls_ca: Option<PathBuf>,
     /// `presence_timeout`: seconds without a word from a node before its presences go.
     pub presence_timeout: Option<f64>,
     /// `log_format`: `text` or `json`.
@@ -272,6 +274,10 @@ pub struct ServeArgs {
     /// Key that signs long-poll and SSE sessions; the same on every node of a cluster.
     #[arg(long, env = "FAWKES_SECRET", hide_env_values = true, value_name = "KEY")]
     pub secret: Option<String>,
+    /// PEM file of the CA certificates that TLS backends' certificates must chain to (rediss://,
+    /// postgres://...?sslmode=verify-full), instead of the system's roots. [default: system roots]
+    #[arg(long, env = "FAWKES_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
     /// Seconds without a word from a node before its presences are removed. [default: 30]
     #[arg(long, env = "FAWKES_PRESENCE_TIMEOUT", value_name = "SECS")]
     pub presence_timeout: Option<f64>,
@@ -377,6 +383,8 @@ pub struct ServeConfig {
     pub cluster: String,
     /// The session-signing key.
     pub secret: Option<String>,
+    /// PEM root certificates for TLS to the backends (checked to exist).
+    pub tls_ca: Option<PathBuf>,
     /// A node not heard from this long has its presences removed.
     pub presence_timeout: Duration,
     /// Log format.
@@ -513,6 +521,15 @@ impl ServeConfig {
         if secret.as_deref() == Some("") {
             return Err(invalid("secret (--secret, FAWKES_SECRET)", "empty"));
         }
+        let tls_ca = args.tls_ca.clone().or(file.tls_ca);
+        if let Some(path) = &tls_ca
+            && !path.is_file()
+        {
+            return Err(invalid(
+                "tls_ca (--tls-ca, FAWKES_TLS_CA)",
+                format!("{}: no such file; expected a PEM file of CA certificates", path.display()),
+            ));
+        }
         let cluster = args.cluster.clone().or(file.cluster).unwrap_or_else(|| "fawkes".into());
         if cluster.is_empty() {
             return Err(invalid("cluster (--cluster, FAWKES_CLUSTER)", "empty"));
@@ -541,6 +558,7 @@ impl ServeConfig {
             pubsub,
             cluster,
             secret,
+            tls_ca,
             presence_timeout,
             log_format,
             channel,

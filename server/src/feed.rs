@@ -15,32 +15,15 @@
 //! With phoenix.js, give the channel its params as a function so every rejoin carries the last
 //! position seen: `socket.channel("feed:x", () => ({since: last}))` (see `clients/js/history.js`).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use fawkes::pubsub_redis::{RedisHistory, RedisOptions};
-use fawkes::{Channel, HandleIn, HistoryOptions, HistoryStore, Payload, SocketRef, reason};
+use fawkes::{Channel, HandleIn, HistoryOptions, Payload, SocketRef, reason};
 
 /// The demo's feed history: the last 10,000 broadcasts, none older than an hour.
 pub fn history_options() -> HistoryOptions {
     HistoryOptions::default().max_len(10_000).max_age(Duration::from_secs(3600))
-}
-
-/// Where the feeds' history is kept for the PubSub `--pubsub` names: `None` keeps the default
-/// (in memory, this node only). With Redis, the cluster's Redis Streams (same cluster name as
-/// the adapter), shared by every node. With PostgreSQL, still in memory for now: the SQL
-/// history store plugs in here.
-pub fn history_store(pubsub: Option<&str>, cluster: &str) -> Result<Option<Arc<dyn HistoryStore>>, String> {
-    match pubsub {
-        Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
-            let store = RedisHistory::with_options(url, RedisOptions::default().cluster(cluster))
-                .map_err(|e| format!("feed history: {e}"))?;
-            Ok(Some(Arc::new(store)))
-        }
-        _ => Ok(None),
-    }
 }
 
 /// A feed with history.

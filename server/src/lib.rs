@@ -25,6 +25,7 @@ pub mod demo;
 pub mod feed;
 pub mod namespace;
 pub mod proxy;
+pub mod metrics;
 mod server;
 
 pub use server::{

@@ -11,8 +11,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use fawkes::db::{Db, DbClients, DbClientsOptions, SqlHistory, StreamOptions, TableStream};
 use fawkes::longpoll::LongPollOptions;
-use fawkes::pubsub_postgres::{PostgresAdapter, PostgresOptions};
-use fawkes::pubsub_redis::{RedisAdapter, RedisOptions};
+use fawkes::pubsub_postgres::{PostgresAdapter, PostgresAdapterError, PostgresOptions};
+use fawkes::pubsub_redis::{RedisAdapter, RedisAdapterError, RedisHistory, RedisOptions};
 use fawkes::{ClusterOptions, Endpoint, HistoryStore, PubSub};
 use fawkes_server::auth::Auth;
 use fawkes_server::config::{ConfigError, FileConfig, LogFormat, ServeArgs, ServeConfig, parse_bind, redact};
@@ -151,8 +151,12 @@ async fn serve(mut config: ServeConfig) -> Result<(), Box<dyn std::error::Error>
     let listener = listen(&config.bind).await?;
     let addr = listener.local_addr()?;
     config.bound(addr);
-    let pubsub = pubsub(&config)?;
-    let db = connect_database(&config.database).await?;
+    let pubsub = pubsub(&config).await?;
+    let database = match &config.tls_ca {
+        Some(ca) => with_root_cert(&config.database, ca),
+        None => config.database.clone(),
+    };
+    let db = connect_database(&database).await?;
     db.notify_on("fawkes_events").await?;
     let events = TableStream::start(db.clone(), StreamOptions::table("fawkes_events")).await?;
     let auth = Auth::new(config.auth.jwt.clone(), config.auth.anonymous, config.proxy.clone());
@@ -170,11 +174,7 @@ async fn serve(mut config: ServeConfig) -> Result<(), Box<dyn std::error::Error>
         .build();
     // Feed history lives in the cluster's backend when `--pubsub` names one: Redis Streams or
     // PostgreSQL; in memory otherwise.
-    let store = match fawkes_server::feed::history_store(config.pubsub.as_deref(), &config.cluster)? {
-        Some(store) => Some(store),
-        None => feed_history(&config).await?,
-    };
-    if let Some(store) = store {
+    if let Some(store) = feed_history(&config).await? {
         endpoint.history().set_store(store);
     }
     let _db_clients = DbClients::start(db, endpoint.clone(), DbClientsOptions::default()).await?;
@@ -272,31 +272,87 @@ fn postgres_host(url: &str) -> Option<(String, u16)> {
     }
 }
 
-/// Where `feed:*` keeps its history: in the cluster's PostgreSQL when `--pubsub` names one (so
-/// any node recovers a client, and a restart loses nothing), otherwise in memory (the default
-/// store). The store connects when first used, as the PubSub adapter does.
+/// Where `feed:*` (and namespaces with history) keep their history: in the cluster's backend when
+/// `--pubsub` names one, so any node recovers a client — Redis Streams (same cluster name as the
+/// adapter) or PostgreSQL (a restart loses nothing) — otherwise in memory (the default store).
+/// Stores connect when first used, as the PubSub adapter does, over TLS as the adapter does.
 async fn feed_history(config: &ServeConfig) -> Result<Option<std::sync::Arc<dyn HistoryStore>>, String> {
-    match config.pubsub.as_deref() {
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            let store =
-                SqlHistory::connect_lazy(url).await.map_err(|e| format!("feed history {}: {e}", redact(url)))?;
-            Ok(Some(std::sync::Arc::new(store)))
+    let Some(url) = config.pubsub.as_deref() else { return Ok(None) };
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        let mut redis = RedisOptions::default().cluster(&config.cluster);
+        if let Some(ca) = &config.tls_ca {
+            let pem = std::fs::read(ca).map_err(|e| format!("tls_ca {}: {e}", ca.display()))?;
+            redis = redis.tls_ca(pem);
         }
-        _ => Ok(None),
+        let store = RedisHistory::with_options(url, redis).map_err(|e| format!("feed history {}: {e}", redact(url)))?;
+        return Ok(Some(std::sync::Arc::new(store)));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let url = match &config.tls_ca {
+            Some(ca) => with_root_cert(url, ca),
+            None => url.to_owned(),
+        };
+        let store = SqlHistory::connect_lazy(&url).await.map_err(|e| format!("feed history {}: {e}", redact(&url)))?;
+        return Ok(Some(std::sync::Arc::new(store)));
+    }
+    Ok(None)
+}
+
+/// The PubSub `--pubsub` asks for: alone, or a node of a Redis or PostgreSQL cluster. The
+/// backend is tried once first: a TLS refusal (wrong CA, wrong host name, no TLS) stops the
+/// start with the reason, since waiting will not mend it; an unreachable backend is only
+/// warned about (the node serves alone until it answers, and `/health` says so).
+async fn pubsub(config: &ServeConfig) -> Result<PubSub, Box<dyn std::error::Error>> {
+    let Some(url) = &config.pubsub else { return Ok(PubSub::new()) };
+    let shown = redact(url);
+    let options = ClusterOptions::default().node_timeout(config.presence_timeout);
+    let probe = Duration::from_secs(3);
+    let fix = "check tls_ca (--tls-ca) and that the URL's host is a name the server's certificate carries";
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        let mut redis = RedisOptions::default().cluster(&config.cluster);
+        if let Some(ca) = &config.tls_ca {
+            let pem = std::fs::read(ca).map_err(|e| format!("tls_ca {}: {e}", ca.display()))?;
+            redis = redis.tls_ca(pem);
+        }
+        let adapter = RedisAdapter::with_options(url, redis).map_err(|e| format!("pubsub {shown}: {e}"))?;
+        match tokio::time::timeout(probe, adapter.check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e @ RedisAdapterError::Tls(_))) => return Err(format!("pubsub {shown}: {e}; {fix}").into()),
+            Ok(Err(e)) => tracing::warn!("pubsub {shown}: {e}; serving alone until it answers"),
+            Err(_) => tracing::warn!("pubsub {shown}: no answer within {probe:?}; serving alone until it answers"),
+        }
+        Ok(PubSub::with_options(adapter, options))
+    } else {
+        let url = match &config.tls_ca {
+            Some(ca) => with_root_cert(url, ca),
+            None => url.clone(),
+        };
+        let adapter = PostgresAdapter::with_options(&url, PostgresOptions::default().cluster(&config.cluster))
+            .map_err(|e| format!("pubsub {shown}: {e}"))?;
+        match tokio::time::timeout(probe, adapter.check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e @ PostgresAdapterError::Tls(_))) => return Err(format!("pubsub {shown}: {e}; {fix}").into()),
+            Ok(Err(e)) => tracing::warn!("pubsub {shown}: {e}; serving alone until it answers"),
+            Err(_) => tracing::warn!("pubsub {shown}: no answer within {probe:?}; serving alone until it answers"),
+        }
+        Ok(PubSub::with_options(adapter, options))
     }
 }
 
-/// The PubSub `--pubsub` asks for: alone, or a node of a Redis or PostgreSQL cluster.
-fn pubsub(config: &ServeConfig) -> Result<PubSub, Box<dyn std::error::Error>> {
-    let Some(url) = &config.pubsub else { return Ok(PubSub::new()) };
-    let options = ClusterOptions::default().node_timeout(config.presence_timeout);
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
-        let adapter = RedisAdapter::with_options(url, RedisOptions::default().cluster(&config.cluster))
-            .map_err(|e| format!("pubsub {}: {e}", redact(url)))?;
-        Ok(PubSub::with_options(adapter, options))
-    } else {
-        let adapter = PostgresAdapter::with_options(url, PostgresOptions::default().cluster(&config.cluster))
-            .map_err(|e| format!("pubsub {}: {e}", redact(url)))?;
-        Ok(PubSub::with_options(adapter, options))
+/// A `postgres://` URL with `sslrootcert` set to `ca` unless it names one already; other URLs
+/// as they are.
+fn with_root_cert(url: &str, ca: &std::path::Path) -> String {
+    if postgres_host(url).is_none() || url.contains("sslrootcert=") {
+        return url.to_owned();
     }
+    let ca: String = ca
+        .to_string_lossy()
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}sslrootcert={ca}")
 }

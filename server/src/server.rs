@@ -45,7 +45,7 @@ pub fn app_with_metrics(
     let socket_routes = sockets(SOCKET_PATH, endpoint.clone(), longpoll);
     axum::Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
-        .route("/metrics", get(move || std::future::ready(metrics(&endpoint, more()))))
+        .route("/metrics", get(move || std::future::ready(crate::metrics::metrics(&endpoint, more()))))
         .route(
             "/assets/phoenix.min.js",
             get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], PHOENIX_JS).into_response() }),
@@ -67,46 +67,6 @@ pub fn sockets(path: &str, endpoint: Endpoint, longpoll: LongPollOptions) -> axu
         .route_service(&format!("{path}/websocket"), WebSocketService::new(endpoint.clone()))
         .route_service(&format!("{path}/longpoll"), LongPollService::with_options(endpoint, longpoll))
         .layer(axum::middleware::map_request(peer_addr))
-}
-
-/// Prometheus text: open sockets and the cluster link.
-fn metrics(endpoint: &Endpoint, more: String) -> impl IntoResponse + use<> {
-    let c = endpoint.pubsub().stats();
-    let h = endpoint.history().stats();
-    let body = format!(
-        "# HELP fawkes_sockets Open sockets.\n# TYPE fawkes_sockets gauge\nfawkes_sockets {}\n\
-         # HELP fawkes_pubsub_connected Whether the PubSub backend is reachable (1 on a single node).\n\
-         # TYPE fawkes_pubsub_connected gauge\nfawkes_pubsub_connected {}\n\
-         # HELP fawkes_pubsub_disconnects_total Times the PubSub backend was lost.\n\
-         # TYPE fawkes_pubsub_disconnects_total counter\nfawkes_pubsub_disconnects_total {}\n\
-         # HELP fawkes_pubsub_sent_total Messages handed to the PubSub backend for other nodes.\n\
-         # TYPE fawkes_pubsub_sent_total counter\nfawkes_pubsub_sent_total {}\n\
-         # HELP fawkes_pubsub_received_total Messages from other nodes delivered here.\n\
-         # TYPE fawkes_pubsub_received_total counter\nfawkes_pubsub_received_total {}\n\
-         # HELP fawkes_pubsub_dropped_total Messages not sent because the backend was away and the queue was full.\n\
-         # TYPE fawkes_pubsub_dropped_total counter\nfawkes_pubsub_dropped_total {}\n\
-         # HELP fawkes_pubsub_malformed_total Messages from the backend that could not be read.\n\
-         # TYPE fawkes_pubsub_malformed_total counter\nfawkes_pubsub_malformed_total {}\n\
-         # HELP fawkes_draining Whether the server is draining (1 from the first moment of SIGTERM).\n\
-         # TYPE fawkes_draining gauge\nfawkes_draining {}\n\
-         # HELP fawkes_history_errors_total History store failures: broadcasts not sent (append), joins not recovered or missed broadcasts not read back (read).\n\
-         # TYPE fawkes_history_errors_total counter\n\
-         fawkes_history_errors_total{{op=\"append\"}} {}\nfawkes_history_errors_total{{op=\"read\"}} {}\n\
-         # HELP fawkes_slow_consumers_total Sockets closed because their peer read too slowly.\n\
-         # TYPE fawkes_slow_consumers_total counter\nfawkes_slow_consumers_total {}\n",
-        endpoint.connected(),
-        u8::from(c.connected),
-        c.disconnects,
-        c.sent,
-        c.received,
-        c.dropped,
-        c.malformed,
-        u8::from(endpoint.is_shutting_down()),
-        h.append_errors,
-        h.read_errors,
-        endpoint.slow_consumers(),
-    ) + &more;
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 async fn peer_addr(mut req: Request) -> Request {

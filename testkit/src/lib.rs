@@ -69,6 +69,8 @@ mod channel;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 mod scenarios;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::fmt;
 use std::future::Future;

@@ -8,4 +8,5 @@
 mod channels;
 mod history;
 mod lifecycle;
+mod stats;
 mod support;
