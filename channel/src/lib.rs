@@ -157,7 +157,7 @@ pub use history::{
 };
 pub use origin::{OriginCheck, OriginPatternError};
 pub use outbox::{CloseReason, Outbound};
-pub use presence::{ClusterOptions, Presence, PresenceError};
+pub use presence::{ClusterOptions, Presence, PresenceError, PresenceOptions};
 pub use pubsub::{BroadcastFrames, PubSub, SubscriberId, Subscription};
 pub use router::Router;
 pub use session::Session;

@@ -134,6 +134,7 @@ async fn serve(config: ServeConfig) -> Result<(), Box<dyn std::error::Error>> {
     let listener = listen(&config.bind).await?;
     let addr = listener.local_addr()?;
     let pubsub = pubsub(&config)?;
+    pubsub.presence().set_options(config.presence.clone());
     let db = connect_database(&config.database).await?;
     db.notify_on("fawkes_events").await?;
     let events = TableStream::start(db.clone(), StreamOptions::table("fawkes_events")).await?;
