@@ -91,8 +91,9 @@ pub struct PresenceOptions {
     /// past it is refused. Default 16 MiB.
     pub max_bytes_per_topic: usize,
     /// A `presence_state` larger than this is sent in parts: the state with the first part, then
-    /// `presence_diff`s joining the rest, so no frame outgrows what clients accept. Keep it at or
-    /// below the endpoint's `max_frame_size`. Default 1 MiB minus 1 KiB.
+    /// `presence_diff`s joining the rest, so no frame outgrows what clients accept (keep it at or
+    /// below the endpoint's `max_frame_size`), and no socket's write buffer, which keeps the
+    /// size of the largest frame it wrote, grows with the room. Default 8 KiB.
     pub state_part_bytes: usize,
 }
 
@@ -103,7 +104,7 @@ impl Default for PresenceOptions {
             max_meta_bytes: 4096,
             max_entries_per_topic: 100_000,
             max_bytes_per_topic: 16 << 20,
-            state_part_bytes: (1 << 20) - 1024,
+            state_part_bytes: 8 << 10,
         }
     }
 }
@@ -946,7 +947,9 @@ fn send(pubsub: &PubSub, target: Option<NodeId>, msg: &Msg) {
 /// Sends what is left of local changes, then tells the other nodes this one is leaving.
 pub(crate) async fn goodbye(pubsub: &PubSub) {
     // The ends of the channels that just closed go out before the goodbye.
-    tokio::task::yield_now().await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
     flush(pubsub);
     send(pubsub, None, &Msg::Goodbye);
 }

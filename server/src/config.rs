@@ -320,7 +320,7 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// The channel layer's configuration: limits and the origin check.
     pub channel: Config,
-    /// Presence batching and limits; a state is cut into parts that fit `max_frame_size`.
+    /// Presence batching and limits; a state is cut into parts that fit `max_frame_size` too.
     pub presence: PresenceOptions,
     /// Drain and health settings.
     pub serve: ServeOptions,
@@ -481,7 +481,8 @@ impl ServeConfig {
 
 fn presence(file: &PresenceFile, max_frame_size: usize) -> Result<PresenceOptions, ConfigError> {
     let d = PresenceOptions::default();
-    let mut options = d.clone().state_part_bytes(max_frame_size.saturating_sub(1024).max(1024));
+    let part = d.state_part_bytes.min(max_frame_size.saturating_sub(1024)).max(1024);
+    let mut options = d.clone().state_part_bytes(part);
     if let Some(ms) = file.window_ms {
         options = options.window(Duration::from_millis(ms));
     }
