@@ -377,6 +377,15 @@ impl SocketRef {
         self.presence.as_ref().is_some_and(|owner| owner.untrack(&self.topic, key))
     }
 
+    /// Sends this client the topic's `presence_state`, in step with the `presence_diff`s it gets:
+    /// every change reaches it once, in the state or in a diff after it. The state is encoded
+    /// once per presence window and shared by every joiner of that window; a state larger than
+    /// [`PresenceOptions::state_part_bytes`](crate::PresenceOptions) comes in parts (the state,
+    /// then diffs joining the rest). Call it after the join (in `after_join`).
+    pub fn push_presence_state(&self) {
+        crate::presence::push_state(&self.pubsub, &self.topic, &self.outbox, self.info.serializer, self.subscriber);
+    }
+
     /// Everyone present on this topic, on every node: the payload of `presence_state`.
     pub fn presence_list(&self) -> Value {
         self.pubsub.presence().list(&self.topic)

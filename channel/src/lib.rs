@@ -159,7 +159,7 @@ pub use history::{
 pub use metrics::EndpointStats;
 pub use origin::{OriginCheck, OriginPatternError};
 pub use outbox::{CloseReason, Outbound};
-pub use presence::{ClusterOptions, Presence, PresenceError};
+pub use presence::{ClusterOptions, Presence, PresenceError, PresenceOptions};
 pub use pubsub::{BroadcastFrames, PubSub, SubscriberId, Subscription};
 pub use router::Router;
 pub use session::Session;

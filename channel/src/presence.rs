@@ -10,22 +10,36 @@
 //! entries are removed; if it was only cut off, its next heartbeat brings them back. Every node
 //! works out `presence_diff` for its own subscribers from what it merges, so diffs never cross
 //! the network twice.
+//!
+//! Large rooms: changes, local and remote, wait for the end of a short window
+//! ([`PresenceOptions::window`]) and go out as one `presence_diff` per topic (and one delta to
+//! the other nodes), so N joins cost N / window diffs instead of N. What a topic's subscribers
+//! see is the published list: the list as of the last diff. A joiner's `presence_state`
+//! ([`SocketRef::push_presence_state`](crate::SocketRef::push_presence_state)) is that list,
+//! encoded once per window and serializer and shared by every joiner of the window; when a diff
+//! reached the joiner between its subscription and its state, it gets the list as it was before
+//! that diff instead, so that phoenix.js, which applies diffs that came before the state after
+//! it, ends with every change applied exactly once. A state larger than
+//! [`PresenceOptions::state_part_bytes`] goes out as a `presence_state` with the first part and
+//! `presence_diff`s that join the rest.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use fawkes_pubsub_core::{Body, NodeId};
-use fawkes_serializer::Broadcast;
+use fawkes_serializer::{Broadcast, Frame, Payload, Serializer};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::pubsub::{PubSub, WeakPubSub};
+use crate::outbox::Outbox;
+use crate::pubsub::{PubSub, SubscriberId, WeakPubSub};
 
 /// Timing of the cluster's own traffic: presence heartbeats and how long a silent node is
 /// trusted.
@@ -58,6 +72,71 @@ impl ClusterOptions {
     }
 }
 
+/// How presence batches its changes and how much of it one topic may hold. Set with
+/// [`Presence::set_options`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PresenceOptions {
+    /// Changes wait this long after the first of them, then go out together: one
+    /// `presence_diff` per topic and one delta to the other nodes. Zero sends each round of
+    /// changes at once. Default 50 ms.
+    pub window: Duration,
+    /// The largest entry one `track` or `update` may add: its key and its meta, as JSON.
+    /// Default 4 KiB.
+    pub max_meta_bytes: usize,
+    /// Entries (metas, on every node) one topic may hold; a `track` past it is refused.
+    /// Default 100,000.
+    pub max_entries_per_topic: usize,
+    /// Bytes of entries (keys and metas as JSON, on every node) one topic may hold; a `track`
+    /// past it is refused. Default 16 MiB.
+    pub max_bytes_per_topic: usize,
+    /// A `presence_state` larger than this is sent in parts: the state with the first part, then
+    /// `presence_diff`s joining the rest, so no frame outgrows what clients accept (keep it at or
+    /// below the endpoint's `max_frame_size`), and no socket's write buffer, which keeps the
+    /// size of the largest frame it wrote, grows with the room. Default 8 KiB.
+    pub state_part_bytes: usize,
+}
+
+impl Default for PresenceOptions {
+    fn default() -> PresenceOptions {
+        PresenceOptions {
+            window: Duration::from_millis(50),
+            max_meta_bytes: 4096,
+            max_entries_per_topic: 100_000,
+            max_bytes_per_topic: 16 << 20,
+            state_part_bytes: 8 << 10,
+        }
+    }
+}
+
+impl PresenceOptions {
+    /// Sets [`PresenceOptions::window`].
+    pub fn window(mut self, d: Duration) -> Self {
+        self.window = d;
+        self
+    }
+    /// Sets [`PresenceOptions::max_meta_bytes`].
+    pub fn max_meta_bytes(mut self, n: usize) -> Self {
+        self.max_meta_bytes = n;
+        self
+    }
+    /// Sets [`PresenceOptions::max_entries_per_topic`].
+    pub fn max_entries_per_topic(mut self, n: usize) -> Self {
+        self.max_entries_per_topic = n;
+        self
+    }
+    /// Sets [`PresenceOptions::max_bytes_per_topic`].
+    pub fn max_bytes_per_topic(mut self, n: usize) -> Self {
+        self.max_bytes_per_topic = n;
+        self
+    }
+    /// Sets [`PresenceOptions::state_part_bytes`].
+    pub fn state_part_bytes(mut self, n: usize) -> Self {
+        self.state_part_bytes = n.max(1);
+        self
+    }
+}
+
 /// Why a presence could not be tracked or changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -71,10 +150,27 @@ pub enum PresenceError {
     /// Metadata must be a JSON object, as it is merged with `phx_ref`.
     #[error("presence metadata must be a JSON object")]
     MetaNotObject,
+    /// The entry (key and meta as JSON) is larger than [`PresenceOptions::max_meta_bytes`].
+    #[error("presence entry of {bytes} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// The entry's size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The topic holds as many entries or bytes as [`PresenceOptions`] allows.
+    #[error("presence on this topic is full ({entries} entries, {bytes} bytes)")]
+    TopicFull {
+        /// Entries the topic holds.
+        entries: usize,
+        /// Bytes the topic holds.
+        bytes: usize,
+    },
 }
 
 /// Presence on every topic of the cluster, as this node knows it. Channels track themselves
-/// with [`SocketRef::track`](crate::SocketRef::track); a list is what `presence_state` carries.
+/// with [`SocketRef::track`](crate::SocketRef::track) and send a joiner the list with
+/// [`SocketRef::push_presence_state`](crate::SocketRef::push_presence_state).
 ///
 /// ```
 /// use fawkes_channel::{Channel, HandleIn, Payload, SocketRef};
@@ -90,7 +186,7 @@ pub enum PresenceError {
 ///     async fn after_join(&mut self, socket: &mut SocketRef) {
 ///         // Untracked by itself when the channel ends (leave, crash, socket closed).
 ///         let _ = socket.track(self.user.clone(), json!({"online_at": 0}));
-///         socket.push("presence_state", socket.presence_list());
+///         socket.push_presence_state();
 ///     }
 ///     async fn handle_in(&mut self, _: &str, _: Payload, _: &mut SocketRef) -> HandleIn {
 ///         HandleIn::NoReply
@@ -114,23 +210,40 @@ impl PubSub {
 }
 
 impl Presence {
-    /// Everyone on `topic`: `{key: {"metas": [{"phx_ref": ..., ...meta}, ...]}, ...}`, the payload
-    /// of `presence_state`.
+    /// Everyone on `topic` as of the last `presence_diff`: `{key: {"metas": [{"phx_ref": ...,
+    /// ...meta}, ...]}, ...}`, the payload of `presence_state`.
     pub fn list(&self, topic: &str) -> Value {
         let state = self.0.state.lock();
         let mut out = Map::new();
-        if let Some(keys) = state.topics.get(topic) {
-            for (key, metas) in keys {
-                let metas: Vec<Value> = metas.iter().map(|m| m.meta.clone()).collect();
+        if let Some(t) = state.topics.get(topic) {
+            for (key, metas) in &t.keys {
+                let metas: Vec<Value> = metas.iter().filter_map(|m| serde_json::from_str(&m.meta).ok()).collect();
                 out.insert(key.clone(), json!({ "metas": metas }));
             }
         }
         Value::Object(out)
     }
 
-    /// How many keys are present on `topic`.
+    /// How many keys are present on `topic` (as of the last `presence_diff`).
     pub fn count(&self, topic: &str) -> usize {
-        self.0.state.lock().topics.get(topic).map_or(0, BTreeMap::len)
+        self.0.state.lock().topics.get(topic).map_or(0, |t| t.keys.len())
+    }
+
+    /// Replaces the options; changes already waiting keep their window.
+    pub fn set_options(&self, options: PresenceOptions) {
+        *self.0.presence_options.lock() = options;
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> PresenceOptions {
+        self.0.presence_options.lock().clone()
+    }
+
+    /// Sends every change waiting for its window now (tests, shutdown).
+    pub fn flush(&self) {
+        if let Some(pubsub) = self.0.pubsub.lock().as_ref().and_then(WeakPubSub::upgrade) {
+            flush(&pubsub);
+        }
     }
 
     /// How many topics have anyone present, across every node (for metrics).
@@ -141,7 +254,7 @@ impl Presence {
     /// How many entries (one per key per tracking socket, every node's included) this node
     /// holds, across every topic (for metrics).
     pub fn entry_count(&self) -> usize {
-        self.0.state.lock().topics.values().flat_map(BTreeMap::values).map(Vec::len).sum()
+        self.0.state.lock().topics.values().map(|t| t.entries).sum()
     }
 }
 
@@ -181,10 +294,21 @@ impl Op {
     }
 }
 
+/// One meta of a key: who owns it, its ref, and the meta as JSON (`phx_ref` included), kept
+/// encoded since it is only ever sent.
+#[derive(Clone)]
 struct Entry {
     node: NodeId,
     phx_ref: Arc<str>,
-    meta: Value,
+    meta: Box<str>,
+}
+
+/// A change waiting for the end of its window.
+struct Pending {
+    join: bool,
+    topic: Arc<str>,
+    key: String,
+    entry: Entry,
 }
 
 struct Local {
@@ -204,14 +328,45 @@ struct Replica {
     asked: Option<Instant>,
 }
 
+/// Windows kept per topic to give a late joiner the list as it was before a diff it got.
+const KEPT_WINDOWS: usize = 32;
+
+/// The changes of one published diff, and its mark (see `PubSub::dispatch_marked`).
+struct Window {
+    mark: u64,
+    changes: Vec<(bool, String, Entry)>,
+}
+
+/// One topic's published list and what it took to get there.
+#[derive(Default)]
+struct Topic {
+    keys: BTreeMap<String, Vec<Entry>>,
+    /// Entries and bytes in `keys`.
+    entries: usize,
+    bytes: usize,
+    /// Entries and bytes of local joins waiting for their window.
+    pending_entries: usize,
+    pending_bytes: usize,
+    windows: VecDeque<Window>,
+    /// Whether a diff was dropped from `windows` that a joiner might have needed.
+    windows_lost: bool,
+    /// The encoded state of `keys`, per serializer, until the next diff.
+    cache: [Option<Arc<[Frame]>>; 3],
+}
+
+/// The size an entry counts for in the limits: its key and meta as JSON, with the framing.
+fn entry_bytes(key: &str, meta: &str) -> usize {
+    key.len() + meta.len() + 16
+}
+
 #[derive(Default)]
 struct State {
     /// This node's clock: bumped by every local change.
     clock: u64,
     /// The clock of the last delta sent.
     flushed: u64,
-    pending: Vec<Op>,
-    topics: HashMap<Arc<str>, BTreeMap<String, Vec<Entry>>>,
+    pending: Vec<Pending>,
+    topics: HashMap<Arc<str>, Topic>,
     owners: HashMap<u64, Vec<Local>>,
     replicas: HashMap<NodeId, Replica>,
 }
@@ -220,6 +375,9 @@ struct State {
 pub(crate) struct Tracker {
     node: NodeId,
     options: ClusterOptions,
+    presence_options: Mutex<PresenceOptions>,
+    /// The PubSub this tracker belongs to, for [`Presence::flush`].
+    pubsub: Mutex<Option<WeakPubSub>>,
     state: Mutex<State>,
     wake: Arc<Notify>,
     started: AtomicBool,
@@ -228,10 +386,12 @@ pub(crate) struct Tracker {
 }
 
 impl Tracker {
-    fn new(node: NodeId, options: ClusterOptions) -> Tracker {
+    fn new(pubsub: &PubSub, options: ClusterOptions) -> Tracker {
         Tracker {
-            node,
+            node: pubsub.node(),
             options,
+            presence_options: Mutex::new(PresenceOptions::default()),
+            pubsub: Mutex::new(Some(pubsub.downgrade())),
             state: Mutex::new(State::default()),
             wake: Arc::new(Notify::new()),
             started: AtomicBool::new(false),
@@ -251,13 +411,13 @@ impl Tracker {
 
 /// This node's presence replica; a single node's until [`replicate`] makes it a cluster's.
 fn tracker(pubsub: &PubSub) -> Arc<Tracker> {
-    pubsub.layer(|| Tracker::new(pubsub.node(), ClusterOptions::default()))
+    pubsub.layer(|| Tracker::new(pubsub, ClusterOptions::default()))
 }
 
 /// Replicates presence through the PubSub's cluster, with `options`' timing. Call it before the
 /// cluster starts, so no presence message arrives before it is listened for.
 pub(crate) fn replicate(pubsub: &PubSub, options: ClusterOptions) {
-    let _ = pubsub.layer(|| Tracker::new(pubsub.node(), options));
+    let _ = pubsub.layer(|| Tracker::new(pubsub, options));
     let weak = pubsub.downgrade();
     pubsub.cluster().on_presence(move |origin, json| {
         if let Some(pubsub) = weak.upgrade() {
@@ -278,20 +438,58 @@ impl Owner {
         Owner { pubsub: pubsub.downgrade(), id: tracker(pubsub).next_owner.fetch_add(1, Ordering::Relaxed) }
     }
 
+    /// The meta with its `phx_ref`, encoded, and checked against the size limit.
+    fn encode_meta(
+        tracker: &Tracker,
+        key: &str,
+        mut meta: Map<String, Value>,
+        phx_ref: &str,
+        prev: Option<&str>,
+    ) -> Result<Box<str>, PresenceError> {
+        meta.insert("phx_ref".into(), Value::String(phx_ref.to_owned()));
+        if let Some(prev) = prev {
+            meta.insert("phx_ref_prev".into(), Value::String(prev.to_owned()));
+        }
+        let meta = Value::Object(meta).to_string();
+        let max = tracker.presence_options.lock().max_meta_bytes;
+        let bytes = entry_bytes(key, &meta);
+        if bytes > max {
+            return Err(PresenceError::TooLarge { bytes, max });
+        }
+        Ok(meta.into())
+    }
+
     pub(crate) fn track(&self, topic: &Arc<str>, key: String, meta: Value) -> Result<String, PresenceError> {
-        let Value::Object(mut meta) = meta else { return Err(PresenceError::MetaNotObject) };
+        let Value::Object(meta) = meta else { return Err(PresenceError::MetaNotObject) };
         let Some(pubsub) = self.pubsub.upgrade() else { return Err(PresenceError::NotTracked(key)) };
         let tracker = tracker(&pubsub);
         let phx_ref = tracker.new_ref();
-        meta.insert("phx_ref".into(), Value::String(phx_ref.to_string()));
+        let meta = Owner::encode_meta(&tracker, &key, meta, &phx_ref, None)?;
+        let (max_entries, max_bytes) = {
+            let o = tracker.presence_options.lock();
+            (o.max_entries_per_topic, o.max_bytes_per_topic)
+        };
         {
-            let mut state = tracker.state.lock();
+            let mut guard = tracker.state.lock();
+            let state = &mut *guard;
             let locals = state.owners.entry(self.id).or_default();
             if locals.iter().any(|l| l.topic == *topic && l.key == key) {
                 return Err(PresenceError::AlreadyTracked(key));
             }
+            let bytes = entry_bytes(&key, &meta);
+            let t = state.topics.entry(topic.clone()).or_default();
+            let (held_entries, held_bytes) = (t.entries + t.pending_entries, t.bytes + t.pending_bytes);
+            if held_entries + 1 > max_entries || held_bytes + bytes > max_bytes {
+                if locals.is_empty() {
+                    state.owners.remove(&self.id);
+                }
+                return Err(PresenceError::TopicFull { entries: held_entries, bytes: held_bytes });
+            }
+            t.pending_entries += 1;
+            t.pending_bytes += bytes;
             locals.push(Local { topic: topic.clone(), key: key.clone(), phx_ref: phx_ref.clone() });
-            state.local_op(tracker.node, Op { join: true, topic: topic.clone(), key, meta: Value::Object(meta) });
+            let entry = Entry { node: tracker.node, phx_ref: phx_ref.clone(), meta };
+            state.local_op(Pending { join: true, topic: topic.clone(), key, entry });
         }
         start(&pubsub);
         tracker.wake.notify_one();
@@ -299,27 +497,34 @@ impl Owner {
     }
 
     pub(crate) fn update(&self, topic: &Arc<str>, key: &str, meta: Value) -> Result<String, PresenceError> {
-        let Value::Object(mut meta) = meta else { return Err(PresenceError::MetaNotObject) };
+        let Value::Object(meta) = meta else { return Err(PresenceError::MetaNotObject) };
         let Some(pubsub) = self.pubsub.upgrade() else { return Err(PresenceError::NotTracked(key.into())) };
         let tracker = tracker(&pubsub);
         let phx_ref = tracker.new_ref();
         {
-            let mut state = tracker.state.lock();
+            let mut guard = tracker.state.lock();
+            let state = &mut *guard;
             let old = state
+                .owners
+                .get(&self.id)
+                .and_then(|locals| locals.iter().find(|l| l.topic == *topic && l.key == key))
+                .map(|l| l.phx_ref.clone())
+                .ok_or_else(|| PresenceError::NotTracked(key.into()))?;
+            let meta = Owner::encode_meta(&tracker, key, meta, &phx_ref, Some(&old))?;
+            if let Some(l) = state
                 .owners
                 .get_mut(&self.id)
                 .and_then(|locals| locals.iter_mut().find(|l| l.topic == *topic && l.key == key))
-                .map(|l| std::mem::replace(&mut l.phx_ref, phx_ref.clone()))
-                .ok_or_else(|| PresenceError::NotTracked(key.into()))?;
-            meta.insert("phx_ref".into(), Value::String(phx_ref.to_string()));
-            meta.insert("phx_ref_prev".into(), Value::String(old.to_string()));
-            if let Some(old_meta) = state.remove_entry(topic, key, &old) {
-                state.local_op(tracker.node, Op { join: false, topic: topic.clone(), key: key.into(), meta: old_meta });
+            {
+                l.phx_ref = phx_ref.clone();
             }
-            state.local_op(
-                tracker.node,
-                Op { join: true, topic: topic.clone(), key: key.into(), meta: Value::Object(meta) },
-            );
+            let t = state.topics.entry(topic.clone()).or_default();
+            t.pending_entries += 1;
+            t.pending_bytes += entry_bytes(key, &meta);
+            let gone = Entry { node: tracker.node, phx_ref: old, meta: "{}".into() };
+            state.local_op(Pending { join: false, topic: topic.clone(), key: key.into(), entry: gone });
+            let entry = Entry { node: tracker.node, phx_ref: phx_ref.clone(), meta };
+            state.local_op(Pending { join: true, topic: topic.clone(), key: key.into(), entry });
         }
         tracker.wake.notify_one();
         Ok(phx_ref.to_string())
@@ -342,9 +547,8 @@ impl Owner {
                 *locals = kept;
             }
             for l in &gone {
-                if let Some(meta) = state.remove_entry(&l.topic, &l.key, &l.phx_ref) {
-                    state.local_op(tracker.node, Op { join: false, topic: l.topic.clone(), key: l.key.clone(), meta });
-                }
+                let entry = Entry { node: tracker.node, phx_ref: l.phx_ref.clone(), meta: "{}".into() };
+                state.local_op(Pending { join: false, topic: l.topic.clone(), key: l.key.clone(), entry });
             }
             gone.len()
         };
@@ -362,74 +566,45 @@ impl Drop for Owner {
 }
 
 impl State {
-    /// Applies a change made on this node and queues it for the next delta.
-    fn local_op(&mut self, node: NodeId, op: Op) {
-        if op.join
-            && let Some(phx_ref) = op.phx_ref()
-        {
-            self.insert_entry(node, &op.topic, &op.key, phx_ref, op.meta.clone());
-        }
+    /// Queues a change made on this node for the next window.
+    fn local_op(&mut self, op: Pending) {
         self.clock += 1;
         self.pending.push(op);
     }
 
-    fn insert_entry(&mut self, node: NodeId, topic: &Arc<str>, key: &str, phx_ref: Arc<str>, meta: Value) {
-        let keys = self.topics.entry(topic.clone()).or_default();
-        let metas = keys.entry(key.to_owned()).or_default();
-        metas.retain(|e| e.phx_ref != phx_ref);
-        metas.push(Entry { node, phx_ref, meta });
-    }
-
-    /// Removes one entry; its meta, if it was there.
-    fn remove_entry(&mut self, topic: &str, key: &str, phx_ref: &str) -> Option<Value> {
-        let keys = self.topics.get_mut(topic)?;
-        let metas = keys.get_mut(key)?;
-        let at = metas.iter().position(|e| &*e.phx_ref == phx_ref)?;
-        let entry = metas.remove(at);
-        if metas.is_empty() {
-            keys.remove(key);
-            if keys.is_empty() {
-                self.topics.remove(topic);
-            }
-        }
-        Some(entry.meta)
-    }
-
-    /// Applies another node's op; records it in `diffs`.
-    fn apply_remote(&mut self, node: NodeId, op: Op, diffs: &mut Diffs) {
+    /// Queues another node's op for the next window, keeping that node's register up to date.
+    fn remote_op(&mut self, node: NodeId, op: Op) {
         let Some(phx_ref) = op.phx_ref() else { return };
         let Some(replica) = self.replicas.get_mut(&node) else { return };
         if op.join {
             replica.entries.insert(phx_ref.clone(), (op.topic.clone(), op.key.clone()));
-            self.insert_entry(node, &op.topic, &op.key, phx_ref, op.meta.clone());
-            diffs.add(op);
-        } else {
-            replica.entries.remove(&phx_ref);
-            if let Some(meta) = self.remove_entry(&op.topic, &op.key, &phx_ref) {
-                diffs.add(Op { meta, ..op });
-            }
+        } else if replica.entries.remove(&phx_ref).is_none() {
+            return;
         }
+        let meta = if op.join { op.meta.to_string().into() } else { "{}".into() };
+        let entry = Entry { node, phx_ref, meta };
+        self.pending.push(Pending { join: op.join, topic: op.topic, key: op.key, entry });
     }
 
-    /// Removes every entry of `node`; records the leaves in `diffs`.
-    fn drop_replica(&mut self, node: NodeId, diffs: &mut Diffs) -> usize {
+    /// Queues the removal of every entry of `node`.
+    fn drop_replica(&mut self, node: NodeId) -> usize {
         let Some(replica) = self.replicas.remove(&node) else { return 0 };
         let n = replica.entries.len();
         for (phx_ref, (topic, key)) in replica.entries {
-            if let Some(meta) = self.remove_entry(&topic, &key, &phx_ref) {
-                diffs.add(Op { join: false, topic, key, meta });
-            }
+            let entry = Entry { node, phx_ref, meta: "{}".into() };
+            self.pending.push(Pending { join: false, topic, key, entry });
         }
         n
     }
 
-    /// Every entry this node owns, as joins.
+    /// Every entry this node owns as of the last delta, as joins.
     fn local_entries(&self, node: NodeId) -> Vec<Op> {
         let mut out = Vec::new();
-        for (topic, keys) in &self.topics {
-            for (key, metas) in keys {
+        for (topic, t) in &self.topics {
+            for (key, metas) in &t.keys {
                 for e in metas.iter().filter(|e| e.node == node) {
-                    out.push(Op { join: true, topic: topic.clone(), key: key.clone(), meta: e.meta.clone() });
+                    let meta = serde_json::from_str(&e.meta).unwrap_or(Value::Null);
+                    out.push(Op { join: true, topic: topic.clone(), key: key.clone(), meta });
                 }
             }
         }
@@ -437,33 +612,210 @@ impl State {
     }
 }
 
-/// `presence_diff` payloads by topic, in the order the changes happened.
-#[derive(Default)]
-struct Diffs(HashMap<Arc<str>, (Joins, Leaves)>);
-
-type Joins = Map<String, Value>;
-type Leaves = Map<String, Value>;
-
-impl Diffs {
-    fn add(&mut self, op: Op) {
-        let (joins, leaves) = self.0.entry(op.topic).or_default();
-        let side = if op.join { joins } else { leaves };
-        let slot = side.entry(op.key).or_insert_with(|| json!({ "metas": [] }));
-        if let Some(Value::Array(metas)) = slot.get_mut("metas") {
-            metas.push(op.meta);
+impl Topic {
+    /// Adds an entry to the published list.
+    fn insert(&mut self, key: &str, entry: Entry) {
+        let metas = self.keys.entry(key.to_owned()).or_default();
+        if let Some(at) = metas.iter().position(|e| e.phx_ref == entry.phx_ref) {
+            let old = metas.remove(at);
+            self.entries -= 1;
+            self.bytes -= entry_bytes(key, &old.meta);
         }
+        self.entries += 1;
+        self.bytes += entry_bytes(key, &entry.meta);
+        metas.push(entry);
     }
 
-    /// Sends each topic's diff to this node's subscribers (every node works out its own).
-    fn publish(self, pubsub: &PubSub) {
-        for (topic, (joins, leaves)) in self.0 {
-            let payload = json!({ "joins": joins, "leaves": leaves });
-            pubsub.local_broadcast(Broadcast {
-                topic: topic.to_string(),
-                event: "presence_diff".into(),
-                payload: payload.into(),
-            });
+    /// Removes an entry from the published list; the entry, if it was there.
+    fn remove(&mut self, key: &str, phx_ref: &str) -> Option<Entry> {
+        let metas = self.keys.get_mut(key)?;
+        let at = metas.iter().position(|e| &*e.phx_ref == phx_ref)?;
+        let entry = metas.remove(at);
+        if metas.is_empty() {
+            self.keys.remove(key);
         }
+        self.entries -= 1;
+        self.bytes -= entry_bytes(key, &entry.meta);
+        Some(entry)
+    }
+
+    /// The state's frames for `serializer`, as the list was before every diff marked above
+    /// `since` (a joiner's subscription id), so that those diffs, which the joiner got before
+    /// its state, apply after it exactly once.
+    fn state_frames(&mut self, topic: &str, serializer: Serializer, since: Option<u64>, part: usize) -> Arc<[Frame]> {
+        // Marks grow window after window: the windows the joiner got are the last ones.
+        let first = since.and_then(|id| self.windows.iter().position(|w| w.mark > id)).unwrap_or(self.windows.len());
+        if first == self.windows.len() {
+            if let Some(frames) = &self.cache[serializer.index()] {
+                return frames.clone();
+            }
+            let frames: Arc<[Frame]> = encode_state(topic, serializer, self.keys.iter(), part).into();
+            self.cache[serializer.index()] = Some(frames.clone());
+            return frames;
+        }
+        let later: Vec<&Window> = self.windows.range(first..).collect();
+        if self.windows_lost && first == 0 {
+            tracing::debug!(topic, "joiner older than the diffs kept: state as of now");
+        }
+        // Undo the later windows, newest first, on a copy of the keys they touched.
+        let mut touched: BTreeMap<&str, Vec<Entry>> = BTreeMap::new();
+        for w in &later {
+            for (_, key, _) in &w.changes {
+                touched.entry(key).or_insert_with(|| self.keys.get(key.as_str()).cloned().unwrap_or_default());
+            }
+        }
+        for w in later.iter().rev() {
+            for (join, key, entry) in w.changes.iter().rev() {
+                let metas = touched.entry(key).or_default();
+                if *join {
+                    metas.retain(|e| e.phx_ref != entry.phx_ref);
+                } else {
+                    metas.push(entry.clone());
+                }
+            }
+        }
+        let untouched = self.keys.iter().filter(|(k, _)| !touched.contains_key(k.as_str()));
+        let mut all: Vec<(&String, &Vec<Entry>)> = untouched.collect();
+        let touched: Vec<(String, Vec<Entry>)> =
+            touched.into_iter().filter(|(_, m)| !m.is_empty()).map(|(k, m)| (k.to_owned(), m)).collect();
+        all.extend(touched.iter().map(|(k, m)| (k, m)));
+        encode_state(topic, serializer, all.into_iter(), part).into()
+    }
+}
+
+/// `{key: {"metas": [...]}, ...}` for `entries`, cut into payloads of at most about `part`
+/// bytes (an entry is never cut).
+fn state_payloads<'a>(entries: impl Iterator<Item = (&'a String, &'a Vec<Entry>)>, part: usize) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut out = String::from("{");
+    for (key, metas) in entries {
+        if metas.is_empty() {
+            continue;
+        }
+        let mut one = serde_json::to_string(key).unwrap_or_else(|_| "\"\"".into());
+        one.push_str(":{\"metas\":[");
+        for (i, m) in metas.iter().enumerate() {
+            if i > 0 {
+                one.push(',');
+            }
+            one.push_str(&m.meta);
+        }
+        one.push_str("]}");
+        if out.len() > 1 && out.len() + one.len() + 2 > part {
+            out.push('}');
+            parts.push(std::mem::replace(&mut out, String::from("{")));
+        }
+        if out.len() > 1 {
+            out.push(',');
+        }
+        out.push_str(&one);
+    }
+    out.push('}');
+    parts.push(out);
+    parts
+}
+
+/// The frames of a `presence_state`: the state with the first part, then a `presence_diff`
+/// joining each further part.
+fn encode_state<'a>(
+    topic: &str,
+    serializer: Serializer,
+    entries: impl Iterator<Item = (&'a String, &'a Vec<Entry>)>,
+    part: usize,
+) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    for (i, payload) in state_payloads(entries, part).into_iter().enumerate() {
+        let (event, payload) = if i == 0 {
+            ("presence_state", payload)
+        } else {
+            ("presence_diff", format!("{{\"joins\":{payload},\"leaves\":{{}}}}"))
+        };
+        match frame_with_payload(serializer, topic, event, &payload) {
+            Some(frame) => frames.push(frame),
+            None => tracing::warn!(topic, "presence state not encodable"),
+        }
+    }
+    frames
+}
+
+/// A broadcast frame (no join_ref, no ref) whose payload is `json`, already encoded: the
+/// serializer encodes the frame around a `null` payload and `json` takes its place.
+fn frame_with_payload(serializer: Serializer, topic: &str, event: &str, json: &str) -> Option<Frame> {
+    let b = Broadcast { topic: topic.to_owned(), event: event.to_owned(), payload: Payload::Json(Value::Null) };
+    let Ok(Frame::Text(text)) = serializer.encode_broadcast(&b) else { return None };
+    let at = if serializer == Serializer::V1 {
+        let needle = b"\"payload\":null";
+        text.windows(needle.len()).position(|w| w == needle)? + needle.len() - 4
+    } else {
+        text.len().checked_sub(5).filter(|&at| &text[at..] == b"null]")?
+    };
+    let mut out = BytesMut::with_capacity(text.len() + json.len());
+    out.extend_from_slice(&text[..at]);
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(&text[at + 4..]);
+    Some(Frame::Text(out.freeze()))
+}
+
+/// Sends a joiner its `presence_state` (see the module's documentation).
+pub(crate) fn push_state(
+    pubsub: &PubSub,
+    topic: &str,
+    outbox: &Outbox,
+    serializer: Serializer,
+    subscriber: Option<SubscriberId>,
+) {
+    let tracker = tracker(pubsub);
+    let part = tracker.presence_options.lock().state_part_bytes;
+    let mut state = tracker.state.lock();
+    let frames: Arc<[Frame]> = match state.topics.get_mut(topic) {
+        Some(t) => t.state_frames(topic, serializer, subscriber.map(SubscriberId::get), part),
+        None => encode_state(topic, serializer, std::iter::empty::<(&String, &Vec<Entry>)>(), part).into(),
+    };
+    // Under the lock, so no diff goes out between the state and the joiner's queue.
+    for frame in frames.iter() {
+        outbox.push(frame.clone());
+    }
+}
+
+/// One topic's `presence_diff` in the making: joins and leaves by key, with a meta that joins
+/// and leaves within the window cancelled out.
+#[derive(Default)]
+struct Diff {
+    joins: BTreeMap<String, Vec<Entry>>,
+    leaves: BTreeMap<String, Vec<Entry>>,
+    changes: Vec<(bool, String, Entry)>,
+}
+
+impl Diff {
+    fn join(&mut self, key: &str, entry: Entry) {
+        self.changes.push((true, key.to_owned(), entry.clone()));
+        self.joins.entry(key.to_owned()).or_default().push(entry);
+    }
+
+    fn leave(&mut self, key: &str, entry: Entry) {
+        self.changes.push((false, key.to_owned(), entry.clone()));
+        if let Some(metas) = self.joins.get_mut(key)
+            && let Some(at) = metas.iter().position(|e| e.phx_ref == entry.phx_ref)
+        {
+            metas.remove(at);
+            if metas.is_empty() {
+                self.joins.remove(key);
+            }
+            return;
+        }
+        self.leaves.entry(key.to_owned()).or_default().push(entry);
+    }
+
+    fn payload(&self) -> Value {
+        let side = |m: &BTreeMap<String, Vec<Entry>>| -> Value {
+            let mut out = Map::new();
+            for (key, metas) in m {
+                let metas: Vec<Value> = metas.iter().filter_map(|e| serde_json::from_str(&e.meta).ok()).collect();
+                out.insert(key.clone(), json!({ "metas": metas }));
+            }
+            Value::Object(out)
+        };
+        json!({ "joins": side(&self.joins), "leaves": side(&self.leaves) })
     }
 }
 
@@ -483,33 +835,85 @@ fn start(pubsub: &PubSub) {
     }
 }
 
-/// Sends local changes: `presence_diff` to this node's subscribers and a delta to the others.
-/// Changes made while a round is under way go out together in the next one.
+/// Applies the waiting changes, local and remote: one `presence_diff` per topic to this node's
+/// subscribers, and one delta of the local ones to the other nodes.
+fn flush(pubsub: &PubSub) {
+    let tracker = tracker(pubsub);
+    let mut guard = tracker.state.lock();
+    let state = &mut *guard;
+    if state.pending.is_empty() {
+        return;
+    }
+    let from = state.flushed;
+    state.flushed = state.clock;
+    let to = state.clock;
+    let mut ops = Vec::new();
+    let mut diffs: HashMap<Arc<str>, Diff> = HashMap::new();
+    for p in std::mem::take(&mut state.pending) {
+        let local = p.entry.node == tracker.node;
+        let t = state.topics.entry(p.topic.clone()).or_default();
+        let diff = diffs.entry(p.topic.clone()).or_default();
+        if p.join {
+            if local {
+                t.pending_entries = t.pending_entries.saturating_sub(1);
+                t.pending_bytes = t.pending_bytes.saturating_sub(entry_bytes(&p.key, &p.entry.meta));
+                let meta = serde_json::from_str(&p.entry.meta).unwrap_or(Value::Null);
+                ops.push(Op { join: true, topic: p.topic.clone(), key: p.key.clone(), meta });
+            }
+            t.insert(&p.key, p.entry.clone());
+            diff.join(&p.key, p.entry);
+        } else if let Some(entry) = t.remove(&p.key, &p.entry.phx_ref) {
+            if local {
+                let meta = json!({ "phx_ref": &*entry.phx_ref });
+                ops.push(Op { join: false, topic: p.topic.clone(), key: p.key.clone(), meta });
+            }
+            diff.leave(&p.key, entry);
+        }
+    }
+    for (topic, diff) in diffs {
+        let Some(t) = state.topics.get_mut(&topic) else { continue };
+        if diff.changes.is_empty() {
+            continue;
+        }
+        t.cache = Default::default();
+        let mark = if diff.joins.is_empty() && diff.leaves.is_empty() {
+            // Everything cancelled out: nobody is told, and the list is as it was.
+            None
+        } else {
+            let b =
+                Broadcast { topic: topic.to_string(), event: "presence_diff".into(), payload: diff.payload().into() };
+            Some(pubsub.0.dispatch_marked(&Arc::new(b), None, None).1)
+        };
+        if let Some(mark) = mark {
+            if t.windows.len() == KEPT_WINDOWS {
+                t.windows.pop_front();
+                t.windows_lost = true;
+            }
+            t.windows.push_back(Window { mark, changes: diff.changes });
+        }
+        if t.keys.is_empty() && t.pending_entries == 0 {
+            state.topics.remove(&topic);
+        }
+    }
+    drop(guard);
+    if pubsub.is_clustered() && from != to {
+        send(pubsub, None, &Msg::Delta { from, to, ops });
+    }
+}
+
+/// Sends waiting changes at the end of each window.
 async fn flusher(pubsub: WeakPubSub) {
     let Some(wake) = pubsub.upgrade().map(|p| tracker(&p).wake.clone()) else { return };
     loop {
         // `notify_one` leaves a permit when nobody waits, so no change is missed between a round
         // and the wait below.
-        let Some(strong) = pubsub.upgrade() else { return };
-        let tracker = tracker(&strong);
-        let (from, to, ops) = {
-            let mut state = tracker.state.lock();
-            let from = state.flushed;
-            state.flushed = state.clock;
-            (from, state.clock, std::mem::take(&mut state.pending))
-        };
-        if !ops.is_empty() {
-            let mut diffs = Diffs::default();
-            for op in &ops {
-                diffs.add(op.clone());
-            }
-            diffs.publish(&strong);
-            if strong.is_clustered() {
-                send(&strong, None, &Msg::Delta { from, to, ops });
-            }
-        }
-        drop(strong);
         wake.notified().await;
+        let Some(window) = pubsub.upgrade().map(|p| tracker(&p).presence_options.lock().window) else { return };
+        if !window.is_zero() {
+            tokio::time::sleep(window).await;
+        }
+        let Some(strong) = pubsub.upgrade() else { return };
+        flush(&strong);
     }
 }
 
@@ -526,19 +930,20 @@ async fn ticker(pubsub: WeakPubSub) {
     loop {
         tick.tick().await;
         let Some(inner) = pubsub.upgrade() else { return };
-        let mut diffs = Diffs::default();
         let tracker = tracker(&inner);
-        let clock = {
+        let (clock, dropped) = {
             let mut state = tracker.state.lock();
             let dead: Vec<NodeId> =
                 state.replicas.iter().filter(|(_, r)| r.last_seen.elapsed() > timeout).map(|(n, _)| *n).collect();
-            for node in dead {
-                let n = state.drop_replica(node, &mut diffs);
+            for &node in &dead {
+                let n = state.drop_replica(node);
                 tracing::warn!(node = %inner.node(), peer = %node, presences = n, ?timeout, "node silent; its presences removed");
             }
-            state.flushed
+            (state.flushed, !dead.is_empty())
         };
-        diffs.publish(&inner);
+        if dropped {
+            tracker.wake.notify_one();
+        }
         send(&inner, None, &Msg::Heartbeat { clock });
     }
 }
@@ -552,16 +957,11 @@ fn send(pubsub: &PubSub, target: Option<NodeId>, msg: &Msg) {
 
 /// Sends what is left of local changes, then tells the other nodes this one is leaving.
 pub(crate) async fn goodbye(pubsub: &PubSub) {
-    let tracker = tracker(pubsub);
-    // Wait for the flusher to take the last local changes (the ends of the channels that just
-    // closed), so they go out before the goodbye.
-    for _ in 0..100 {
-        if tracker.state.lock().pending.is_empty() {
-            break;
-        }
-        tracker.wake.notify_one();
+    // The ends of the channels that just closed go out before the goodbye.
+    for _ in 0..10 {
         tokio::task::yield_now().await;
     }
+    flush(pubsub);
     send(pubsub, None, &Msg::Goodbye);
 }
 
@@ -578,12 +978,11 @@ fn receive(inner: &PubSub, origin: NodeId, json: &[u8]) {
     start(inner);
     let tracker = tracker(inner);
     let ask_every = tracker.options.heartbeat_interval * 2;
-    let mut diffs = Diffs::default();
     let mut reply = None;
     if let Msg::Goodbye = msg {
-        let n = tracker.state.lock().drop_replica(origin, &mut diffs);
+        let n = tracker.state.lock().drop_replica(origin);
         tracing::info!(node = %inner.node(), peer = %origin, presences = n, "node left");
-        diffs.publish(inner);
+        tracker.wake.notify_one();
         return;
     }
     {
@@ -602,7 +1001,7 @@ fn receive(inner: &PubSub, origin: NodeId, json: &[u8]) {
                 if replica.clock == from {
                     replica.clock = to;
                     for op in ops {
-                        state.apply_remote(origin, op, &mut diffs);
+                        state.remote_op(origin, op);
                     }
                 } else if replica.clock < to {
                     behind = true;
@@ -610,7 +1009,7 @@ fn receive(inner: &PubSub, origin: NodeId, json: &[u8]) {
             }
             Msg::Goodbye => {}
             Msg::StateRequest => {
-                reply = Some(Msg::State { clock: state.clock, entries: state.local_entries(tracker.node) });
+                reply = Some(Msg::State { clock: state.flushed, entries: state.local_entries(tracker.node) });
             }
             Msg::State { clock, entries } => {
                 if clock >= replica.clock {
@@ -629,11 +1028,11 @@ fn receive(inner: &PubSub, origin: NodeId, json: &[u8]) {
                     for (phx_ref, (topic, key)) in old {
                         if keep.remove(&phx_ref).is_none() {
                             let meta = json!({ "phx_ref": &*phx_ref });
-                            state.apply_remote(origin, Op { join: false, topic, key, meta }, &mut diffs);
+                            state.remote_op(origin, Op { join: false, topic, key, meta });
                         }
                     }
                     for (_, op) in keep {
-                        state.apply_remote(origin, op, &mut diffs);
+                        state.remote_op(origin, op);
                     }
                 }
             }
@@ -646,7 +1045,7 @@ fn receive(inner: &PubSub, origin: NodeId, json: &[u8]) {
             reply = Some(Msg::StateRequest);
         }
     }
-    diffs.publish(inner);
+    tracker.wake.notify_one();
     if let Some(reply) = reply {
         send(inner, Some(origin), &reply);
     }
@@ -734,7 +1133,11 @@ mod tests {
         owners[2].update(&topic, "user2", json!({"n": 22})).expect("updated");
         net.set_up(2, true);
         for node in &nodes {
-            until("convergence after healing", || keys(node, "room:1") == ["user1", "user2"]).await;
+            until("convergence after healing", || {
+                keys(node, "room:1") == ["user1", "user2"]
+                    && node.presence().list("room:1")["user2"]["metas"][0]["n"] == 22
+            })
+            .await;
         }
         let list = nodes[1].presence().list("room:1");
         assert_eq!(list["user2"]["metas"][0]["n"], 22, "{list}");
@@ -747,7 +1150,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn local_changes_reach_subscribers_as_presence_diff() {
         let pubsub = PubSub::new();
         let mut sub = pubsub.subscribe("room:1", 16);
@@ -765,5 +1168,241 @@ mod tests {
         let payload = diff.payload.as_json().cloned().unwrap_or_default();
         assert_eq!(payload["leaves"]["alice"]["metas"][0]["phx_ref"], json!(phx_ref));
         assert_eq!(pubsub.presence().list("room:1"), json!({}));
+    }
+
+    /// A client keeping its list as phoenix.js's `Presence` does, that records every join of a
+    /// ref it already had and every leave of a ref it did not have (a change applied twice).
+    struct Client {
+        out: crate::outbox::Outbound,
+        list: Option<BTreeMap<String, Vec<String>>>,
+        pending: Vec<Value>,
+        twice: Vec<String>,
+        frames: Vec<Frame>,
+    }
+
+    impl Client {
+        /// Subscribes a V2 socket to `topic`.
+        fn join(pubsub: &PubSub, topic: &str) -> (Client, crate::outbox::Outbox, SubscriberId) {
+            use crate::pubsub::Subscriber;
+            let limits = crate::outbox::OutboxLimits {
+                frames: 10_000,
+                bytes: usize::MAX,
+                policy: crate::config::SlowConsumerPolicy::Disconnect,
+            };
+            let counters = std::sync::Arc::new(crate::metrics::Counters::default());
+            let outbox = Outbox::new(1, limits, counters.clone(), counters.flow("test"));
+            let sub = Subscriber::Socket { outbox: outbox.clone(), serializer: Serializer::V2, intercept: None };
+            let id = pubsub.insert(topic, sub);
+            let out = crate::outbox::Outbound::new(outbox.clone(), Duration::from_secs(3600));
+            (Client { out, list: None, pending: Vec::new(), twice: Vec::new(), frames: Vec::new() }, outbox, id)
+        }
+
+        fn read(&mut self) {
+            let mut frames = Vec::new();
+            self.out.try_recv_many(&mut frames, usize::MAX);
+            for frame in frames {
+                let msg: Value = serde_json::from_slice(frame.as_bytes()).expect("JSON frame");
+                match msg[3].as_str() {
+                    Some("presence_state") => {
+                        let mut list = BTreeMap::new();
+                        for (key, v) in msg[4].as_object().expect("state object") {
+                            let refs = v["metas"].as_array().expect("metas").iter();
+                            list.insert(
+                                key.clone(),
+                                refs.map(|m| m["phx_ref"].as_str().unwrap_or("").to_owned()).collect(),
+                            );
+                        }
+                        self.list = Some(list);
+                        for diff in std::mem::take(&mut self.pending) {
+                            self.apply(&diff);
+                        }
+                    }
+                    Some("presence_diff") if self.list.is_none() => self.pending.push(msg[4].clone()),
+                    Some("presence_diff") => self.apply(&msg[4]),
+                    other => panic!("unexpected event {other:?}"),
+                }
+                self.frames.push(frame);
+            }
+        }
+
+        /// Joins, then leaves, as `syncDiff`.
+        fn apply(&mut self, diff: &Value) {
+            let list = self.list.as_mut().expect("a state first");
+            for (key, v) in diff["joins"].as_object().expect("joins") {
+                for m in v["metas"].as_array().expect("metas") {
+                    let r = m["phx_ref"].as_str().unwrap_or("").to_owned();
+                    let refs = list.entry(key.clone()).or_default();
+                    if refs.contains(&r) {
+                        self.twice.push(format!("join {key} {r}"));
+                    } else {
+                        refs.push(r);
+                    }
+                }
+            }
+            for (key, v) in diff["leaves"].as_object().expect("leaves") {
+                for m in v["metas"].as_array().expect("metas") {
+                    let r = m["phx_ref"].as_str().unwrap_or("");
+                    match list.get_mut(key).and_then(|refs| refs.iter().position(|x| x == r).map(|at| (refs, at))) {
+                        Some((refs, at)) => {
+                            refs.remove(at);
+                        }
+                        None => self.twice.push(format!("leave {key} {r}")),
+                    }
+                    if list.get(key).is_some_and(Vec::is_empty) {
+                        list.remove(key);
+                    }
+                }
+            }
+        }
+
+        fn keys(&self) -> Vec<String> {
+            self.list.as_ref().map(|l| l.keys().cloned().collect()).unwrap_or_default()
+        }
+    }
+
+    fn topic(name: &str) -> Arc<str> {
+        name.into()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_within_a_window_go_out_as_one_diff() {
+        let pubsub = PubSub::new();
+        pubsub.presence().set_options(PresenceOptions::default().window(Duration::from_millis(50)));
+        let mut sub = pubsub.subscribe("room:big", 16);
+        let t = topic("room:big");
+        let owners: Vec<Owner> = (0..100).map(|_| Owner::new(&pubsub)).collect();
+        for (i, o) in owners.iter().enumerate() {
+            o.track(&t, format!("u{i}"), json!({})).expect("tracked");
+        }
+        // One joins and leaves within the window: nobody hears of it.
+        let brief = Owner::new(&pubsub);
+        brief.track(&t, "brief".into(), json!({})).expect("tracked");
+        drop(brief);
+        // Nothing before the window ends; the published list is still empty.
+        tokio::time::sleep(Duration::from_millis(49)).await;
+        assert!(futures_util::FutureExt::now_or_never(sub.recv()).is_none(), "a diff before the window ended");
+        assert_eq!(pubsub.presence().count("room:big"), 0);
+        let diff = sub.recv().await.expect("diff");
+        let payload = diff.payload.as_json().cloned().unwrap_or_default();
+        assert_eq!(payload["joins"].as_object().map(Map::len), Some(100), "{payload}");
+        assert_eq!(payload["leaves"], json!({}));
+        assert_eq!(pubsub.presence().count("room:big"), 100);
+        // Leaves batch the same way.
+        drop(owners);
+        let diff = sub.recv().await.expect("diff");
+        let payload = diff.payload.as_json().cloned().unwrap_or_default();
+        assert_eq!(payload["leaves"].as_object().map(Map::len), Some(100), "{payload}");
+        assert!(futures_util::FutureExt::now_or_never(sub.recv()).is_none(), "one diff for the leaves");
+        assert_eq!(pubsub.presence().list("room:big"), json!({}));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_joiner_gets_each_change_once_whether_in_its_state_or_a_diff() {
+        let pubsub = PubSub::new();
+        let window = Duration::from_millis(20);
+        pubsub.presence().set_options(PresenceOptions::default().window(window));
+        let t = topic("room:seam");
+        let a = Owner::new(&pubsub);
+        a.track(&t, "a".into(), json!({})).expect("tracked");
+        tokio::time::sleep(window * 2).await;
+
+        // J subscribes; before it asks for its state, b joins and a leaves, and that diff reaches
+        // J first. Its state must be the list before that diff.
+        let (mut j, j_out, j_id) = Client::join(&pubsub, "room:seam");
+        let b = Owner::new(&pubsub);
+        b.track(&t, "b".into(), json!({})).expect("tracked");
+        drop(a);
+        tokio::time::sleep(window * 2).await;
+        push_state(&pubsub, "room:seam", &j_out, Serializer::V2, Some(j_id));
+        // K and L subscribe now and get the same state, encoded once.
+        let (mut k, k_out, k_id) = Client::join(&pubsub, "room:seam");
+        let (mut l, l_out, l_id) = Client::join(&pubsub, "room:seam");
+        push_state(&pubsub, "room:seam", &k_out, Serializer::V2, Some(k_id));
+        push_state(&pubsub, "room:seam", &l_out, Serializer::V2, Some(l_id));
+        let c = Owner::new(&pubsub);
+        c.track(&t, "c".into(), json!({})).expect("tracked");
+        tokio::time::sleep(window * 2).await;
+        for client in [&mut j, &mut k, &mut l] {
+            client.read();
+            assert_eq!(client.keys(), ["b", "c"]);
+            assert!(client.twice.is_empty(), "changes applied twice: {:?}", client.twice);
+        }
+        let state = |c: &Client| {
+            c.frames
+                .iter()
+                .find(|f| f.as_bytes().windows(14).any(|w| w == b"presence_state"))
+                .map(|f| f.as_bytes().as_ptr())
+        };
+        assert_eq!(state(&k), state(&l), "joiners of one window share the encoded state");
+        assert_ne!(state(&j), state(&k));
+        drop((b, c));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_state_larger_than_a_part_comes_as_a_state_and_diffs_joining_the_rest() {
+        let pubsub = PubSub::new();
+        pubsub
+            .presence()
+            .set_options(PresenceOptions::default().window(Duration::from_millis(10)).state_part_bytes(1000));
+        let t = topic("room:parts");
+        let owners: Vec<Owner> = (0..200).map(|_| Owner::new(&pubsub)).collect();
+        for (i, o) in owners.iter().enumerate() {
+            o.track(&t, format!("user{i:03}"), json!({"online_at": i})).expect("tracked");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (mut j, j_out, j_id) = Client::join(&pubsub, "room:parts");
+        push_state(&pubsub, "room:parts", &j_out, Serializer::V2, Some(j_id));
+        j.read();
+        assert!(j.frames.len() > 10, "{} frames", j.frames.len());
+        assert!(j.frames.iter().all(|f| f.as_bytes().len() <= 1000 + 100));
+        assert_eq!(j.keys().len(), 200);
+        assert!(j.twice.is_empty(), "{:?}", j.twice);
+        let listed: Vec<String> =
+            pubsub.presence().list("room:parts").as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+        assert_eq!(j.keys(), listed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn oversized_entries_and_full_topics_are_refused() {
+        let pubsub = PubSub::new();
+        pubsub.presence().set_options(
+            PresenceOptions::default().max_meta_bytes(200).max_entries_per_topic(3).max_bytes_per_topic(10_000),
+        );
+        let t = topic("room:limits");
+        let big = "x".repeat(300);
+        let o = Owner::new(&pubsub);
+        assert!(matches!(o.track(&t, big.clone(), json!({})), Err(PresenceError::TooLarge { max: 200, .. })));
+        assert!(matches!(o.track(&t, "k".into(), json!({"m": big})), Err(PresenceError::TooLarge { .. })));
+        let owners: Vec<Owner> = (0..4).map(|_| Owner::new(&pubsub)).collect();
+        for (i, o) in owners.iter().enumerate().take(3) {
+            o.track(&t, format!("u{i}"), json!({})).expect("tracked");
+        }
+        assert!(matches!(
+            owners[3].track(&t, "u3".into(), json!({})),
+            Err(PresenceError::TopicFull { entries: 3, .. })
+        ));
+        // A leave makes room once it is published.
+        owners[0].untrack(&t, "u0");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        owners[3].track(&t, "u3".into(), json!({})).expect("room after a leave");
+        // The byte bound.
+        pubsub.presence().set_options(PresenceOptions::default().max_bytes_per_topic(150));
+        let e = Owner::new(&pubsub).track(&topic("room:bytes"), "a".repeat(100), json!({}));
+        assert_eq!(e.map(|_| ()), Ok(()));
+        let e = Owner::new(&pubsub).track(&topic("room:bytes"), "b".repeat(100), json!({}));
+        assert!(matches!(e, Err(PresenceError::TopicFull { entries: 1, .. })), "{e:?}");
+    }
+
+    #[test]
+    fn a_state_frame_is_the_serializer_s_own_encoding() {
+        let payload = json!({"a\"b": {"metas": [{"phx_ref": "r1", "x": [1, 2]}]}});
+        for serializer in Serializer::ALL {
+            let b =
+                Broadcast { topic: "room:é".into(), event: "presence_state".into(), payload: payload.clone().into() };
+            let expected = serializer.encode_broadcast(&b).expect("encodes");
+            let got =
+                frame_with_payload(serializer, "room:é", "presence_state", &payload.to_string()).expect("encodes");
+            assert_eq!(got, expected, "{serializer:?}");
+        }
     }
 }

@@ -24,6 +24,13 @@ use crate::outbox::Outbox;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SubscriberId(u64);
 
+impl SubscriberId {
+    /// The number behind the id; ids grow with every subscription.
+    pub(crate) fn get(self) -> u64 {
+        self.0
+    }
+}
+
 /// Events a channel routes through its `handle_out` instead of straight to the socket.
 pub(crate) struct Intercept {
     pub(crate) events: &'static [&'static str],
@@ -270,8 +277,11 @@ impl PubSub {
     }
 
     pub(crate) fn insert(&self, topic: &str, sub: Subscriber) -> SubscriberId {
+        // The id is taken under the shard's lock, so that ids on a topic grow in the order
+        // subscriptions and broadcasts take the lock (see `Inner::dispatch_marked`).
+        let mut shard = self.0.shard(topic).write();
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
-        self.0.shard(topic).write().entry(topic.into()).or_default().insert(id, sub);
+        shard.entry(topic.into()).or_default().insert(id, sub);
         SubscriberId(id)
     }
 
@@ -302,15 +312,28 @@ impl Inner {
     }
 
     pub(crate) fn dispatch(&self, b: &Arc<Broadcast>, from: Option<SubscriberId>) -> usize {
-        self.dispatch_at(b, from, None)
+        self.dispatch_marked(b, from, None).0
     }
 
     /// [`Inner::dispatch`] of a broadcast at a position in its topic's history.
     pub(crate) fn dispatch_at(&self, b: &Arc<Broadcast>, from: Option<SubscriberId>, at: Option<Position>) -> usize {
+        self.dispatch_marked(b, from, at).0
+    }
+
+    /// [`Inner::dispatch_at`], and a mark: every subscriber of the topic with an id below it got
+    /// the broadcast, every later one did not (presence uses it to give a joiner the state that
+    /// fits the diffs it got).
+    pub(crate) fn dispatch_marked(
+        &self,
+        b: &Arc<Broadcast>,
+        from: Option<SubscriberId>,
+        at: Option<Position>,
+    ) -> (usize, u64) {
         let frames = BroadcastFrames::new(b);
         let shard = self.shard(&b.topic).read();
+        let mark = self.next_id.load(Ordering::Relaxed);
         let Some(subs) = shard.get(&*b.topic) else {
-            return 0;
+            return (0, mark);
         };
         let mut reached = 0;
         for (&id, sub) in subs {
@@ -320,7 +343,7 @@ impl Inner {
             reached += 1;
             deliver(sub, b, at, &frames);
         }
-        reached
+        (reached, mark)
     }
 }
 

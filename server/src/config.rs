@@ -19,7 +19,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
-use fawkes::{Config, OriginCheck, SlowConsumerPolicy};
+use fawkes::{Config, OriginCheck, PresenceOptions, SlowConsumerPolicy};
 
 use crate::server::ServeOptions;
 
@@ -60,6 +60,9 @@ pub struct FileConfig {
     /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// `[presence]`.
+    #[serde(default)]
+    pub presence: PresenceFile,
     /// `[drain]`.
     #[serde(default)]
     pub drain: DrainFile,
@@ -191,6 +194,21 @@ pub struct LimitsFile {
     pub connect_rate: Option<u32>,
     /// Sockets one IP address may open at once.
     pub connect_burst: Option<u32>,
+}
+
+/// `[presence]`: how presence batches its changes and how much one topic may hold
+/// ([`fawkes::PresenceOptions`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceFile {
+    /// Milliseconds changes wait to go out together as one `presence_diff` per topic.
+    pub window_ms: Option<u64>,
+    /// Largest presence entry (key and meta as JSON), in bytes.
+    pub max_meta_bytes: Option<usize>,
+    /// Entries one topic may hold.
+    pub max_entries_per_topic: Option<usize>,
+    /// Bytes of entries one topic may hold.
+    pub max_bytes_per_topic: Option<usize>,
 }
 
 /// `[drain]`: what SIGTERM does.
@@ -391,6 +409,8 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// The channel layer's configuration: limits and the origin check.
     pub channel: Config,
+    /// Presence batching and limits; a state is cut into parts that fit `max_frame_size` too.
+    pub presence: PresenceOptions,
     /// Drain and health settings.
     pub serve: ServeOptions,
     /// Settings given that this version parses but does not enforce yet.
@@ -542,6 +562,7 @@ impl ServeConfig {
         let log_format = args.log_format.or(file.log_format).unwrap_or_default();
 
         let channel = limits(args, &file.limits)?.check_origin(check_origin);
+        let presence = presence(&file.presence, channel.max_frame_size)?;
         let mut serve = serve_options(args, &file.drain, &file.health)?;
         http_timeouts(args, &file.http, &mut serve)?;
 
@@ -562,6 +583,7 @@ impl ServeConfig {
             presence_timeout,
             log_format,
             channel,
+            presence,
             serve,
             not_yet_active,
             auth,
@@ -718,6 +740,21 @@ fn namespaces(entries: &[Namespace], who: bool) -> Result<Vec<crate::namespace::
         rules.push(crate::namespace::Rules::from_config(ns));
     }
     Ok(rules)
+}
+
+fn presence(file: &PresenceFile, max_frame_size: usize) -> Result<PresenceOptions, ConfigError> {
+    let d = PresenceOptions::default();
+    let part = d.state_part_bytes.min(max_frame_size.saturating_sub(1024)).max(1024);
+    let mut options = d.clone().state_part_bytes(part);
+    if let Some(ms) = file.window_ms {
+        options = options.window(Duration::from_millis(ms));
+    }
+    let meta = file.max_meta_bytes.unwrap_or(d.max_meta_bytes);
+    options = options.max_meta_bytes(positive("[presence] max_meta_bytes", meta)?);
+    let entries = file.max_entries_per_topic.unwrap_or(d.max_entries_per_topic);
+    options = options.max_entries_per_topic(positive("[presence] max_entries_per_topic", entries)?);
+    let bytes = file.max_bytes_per_topic.unwrap_or(d.max_bytes_per_topic);
+    Ok(options.max_bytes_per_topic(positive("[presence] max_bytes_per_topic", bytes)?))
 }
 
 fn limits(args: &ServeArgs, file: &LimitsFile) -> Result<Config, ConfigError> {

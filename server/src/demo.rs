@@ -4,7 +4,10 @@
 //!   replies ok `{}`. A join that names its user is tracked in Presence under that user, with
 //!   meta `{"online_at": <unix ms>}`: the client gets `presence_state` right after the join
 //!   reply (after the rows a `last_event_id` asks for), and every subscriber gets
-//!   `presence_diff` as users come and go, on every node.
+//!   `presence_diff` as users come and go, on every node (changes batched per presence window).
+//!   A user too long for `[presence] max_meta_bytes` is refused with `{"reason": "user too long"}`,
+//!   and a join past the room's presence limits (`max_entries_per_topic`, `max_bytes_per_topic`)
+//!   with `{"reason": "room full"}`.
 //! - With a database, rows of `fawkes_events` for the topic arrive as `event` with
 //!   `{"id": <row id>, "data": <payload>}`: every row written from the moment of the join on, or,
 //!   with `{"last_event_id": N}` in the join params, every row with id > N first (the table is
@@ -18,7 +21,7 @@
 use serde_json::{Value, json};
 
 use fawkes::db::TableStream;
-use fawkes::{Channel, HandleIn, Payload, Router, SocketRef, reason};
+use fawkes::{Channel, HandleIn, Payload, PresenceError, Router, SocketRef, reason};
 
 /// A chat room.
 #[derive(Debug, Default)]
@@ -33,7 +36,17 @@ impl Channel for Room {
         let params = params.as_json();
         let user = params.and_then(|p| p.get("user")).and_then(Value::as_str);
         self.user = user.unwrap_or("anonymous").to_owned();
-        self.tracked = user.is_some();
+        if user.is_some() {
+            // Tracked here rather than after the join, so a user presence refuses is refused the join.
+            let online_at =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            match socket.track(self.user.clone(), json!({ "online_at": online_at })) {
+                Ok(_) => self.tracked = true,
+                Err(PresenceError::TooLarge { .. }) => return Err(reason("user too long")),
+                Err(PresenceError::TopicFull { .. }) => return Err(reason("room full")),
+                Err(e) => tracing::warn!(error = %e, "presence not tracked"),
+            }
+        }
         if let Some(events) = &self.events {
             // Without a last_event_id, rows from the moment of the join on.
             let last_event_id = params.and_then(|p| p.get("last_event_id")).and_then(Value::as_i64);
@@ -47,12 +60,7 @@ impl Channel for Room {
 
     async fn after_join(&mut self, socket: &mut SocketRef) {
         if self.tracked {
-            let online_at =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-            if let Err(e) = socket.track(self.user.clone(), json!({ "online_at": online_at })) {
-                tracing::warn!(error = %e, "presence not tracked");
-            }
-            socket.push("presence_state", socket.presence_list());
+            socket.push_presence_state();
         }
     }
 

@@ -152,6 +152,7 @@ async fn serve(mut config: ServeConfig) -> Result<(), Box<dyn std::error::Error>
     let addr = listener.local_addr()?;
     config.bound(addr);
     let pubsub = pubsub(&config).await?;
+    pubsub.presence().set_options(config.presence.clone());
     let database = match &config.tls_ca {
         Some(ca) => with_root_cert(&config.database, ca),
         None => config.database.clone(),

@@ -105,16 +105,15 @@ async fn named_users_are_tracked_in_presence_with_their_online_time() {
     let ep = endpoint();
     let mut a = connect(&ep).await;
     a.send(r#"["1","1","room:here","phx_join",{"user":"ann"}]"#).await;
-    // presence_state lists ann; the diff of her own join may come before or after it.
-    let state = loop {
+    // ann is listed: in presence_state, or in the diff of her own join's window after it.
+    let mut list = PresenceList::default();
+    while !list.0.contains_key("ann") {
         let (event, payload) = a.next_presence().await;
-        if event == "presence_state" {
-            break payload;
-        }
-    };
-    let metas = state["ann"]["metas"].as_array().expect("ann is listed");
-    assert_eq!(metas.len(), 1, "{state}");
-    assert!(metas[0]["phx_ref"].is_string() && metas[0]["online_at"].is_u64(), "{state}");
+        list.apply(&event, &payload);
+    }
+    let metas = list.0["ann"].as_array().expect("ann is listed");
+    assert_eq!(metas.len(), 1, "{metas:?}");
+    assert!(metas[0]["phx_ref"].is_string() && metas[0]["online_at"].is_u64(), "{metas:?}");
 
     let mut b = connect(&ep).await;
     b.send(r#"["2","1","room:here","phx_join",{"user":"bob"}]"#).await;
@@ -131,4 +130,95 @@ async fn named_users_are_tracked_in_presence_with_their_online_time() {
     anon.send(r#"["3","1","room:here","phx_join",{}]"#).await;
     assert_eq!(anon.next_text().await, r#"["3","1","room:here","phx_reply",{"response":{},"status":"ok"}]"#);
     assert_eq!(ep.pubsub().presence().list("room:here").as_object().map(|o| o.len()), Some(2));
+}
+
+/// A presence list kept as phoenix.js's `Presence` keeps it: key → metas. Diffs before the first
+/// state wait for it; a join of a meta already listed or a leave of one not listed is recorded
+/// in `twice` (a change applied twice).
+#[derive(Default)]
+struct PresenceList(std::collections::BTreeMap<String, Value>, Option<Vec<Value>>, bool, Vec<String>);
+
+impl PresenceList {
+    fn apply(&mut self, event: &str, payload: &Value) {
+        if event == "presence_state" {
+            self.0 = payload.as_object().expect("state").iter().map(|(k, v)| (k.clone(), v["metas"].clone())).collect();
+            self.2 = true;
+            for diff in self.1.take().unwrap_or_default() {
+                self.diff(&diff);
+            }
+        } else if self.2 {
+            self.diff(payload);
+        } else {
+            self.1.get_or_insert_with(Vec::new).push(payload.clone());
+        }
+    }
+
+    fn diff(&mut self, diff: &Value) {
+        let refs = |v: &Value| -> Vec<Value> { v["metas"].as_array().cloned().unwrap_or_default() };
+        for (key, v) in diff["joins"].as_object().expect("joins") {
+            let metas = self.0.entry(key.clone()).or_insert_with(|| json!([]));
+            for m in refs(v) {
+                let list = metas.as_array_mut().expect("metas");
+                if list.iter().any(|x| x["phx_ref"] == m["phx_ref"]) {
+                    self.3.push(format!("join {key}"));
+                } else {
+                    list.push(m);
+                }
+            }
+        }
+        for (key, v) in diff["leaves"].as_object().expect("leaves") {
+            for m in refs(v) {
+                let Some(list) = self.0.get_mut(key).and_then(Value::as_array_mut) else {
+                    self.3.push(format!("leave {key}"));
+                    continue;
+                };
+                let before = list.len();
+                list.retain(|x| x["phx_ref"] != m["phx_ref"]);
+                if list.len() == before {
+                    self.3.push(format!("leave {key}"));
+                }
+                if list.is_empty() {
+                    self.0.remove(key);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_huge_user_is_refused_and_ordinary_users_keep_a_correct_state() {
+    // The attack: 20 sockets join a room with a 1 MB user, then 50 ordinary users join it.
+    let ep = endpoint();
+    let huge = "x".repeat(1_000_000);
+    let mut attackers = Vec::new();
+    for i in 0..20 {
+        let mut c = connect(&ep).await;
+        let join = json!(["1", "1", "room:target", "phx_join", {"user": format!("{i}{huge}")}]).to_string();
+        c.send(&join).await;
+        assert_eq!(
+            c.next_text().await,
+            r#"["1","1","room:target","phx_reply",{"response":{"reason":"user too long"},"status":"error"}]"#
+        );
+        attackers.push(c);
+    }
+    let mut users = Vec::new();
+    for i in 0..50 {
+        let mut c = connect(&ep).await;
+        c.send(&json!(["1", "1", "room:target", "phx_join", {"user": format!("user{i}")}]).to_string()).await;
+        assert_eq!(c.next_chat_text().await, r#"["1","1","room:target","phx_reply",{"response":{},"status":"ok"}]"#);
+        users.push((c, PresenceList::default()));
+    }
+    // Every ordinary user ends with the 50 of them, each change applied once, and the socket open.
+    let expected: Vec<String> =
+        (0..50).map(|i| format!("user{i}")).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    for (c, list) in &mut users {
+        while list.0.keys().cloned().collect::<Vec<_>>() != expected {
+            let (event, payload) = c.next_presence().await;
+            list.apply(&event, &payload);
+        }
+        assert!(list.3.is_empty(), "applied twice: {:?}", list.3);
+        c.send(r#"["1","2","room:target","ping",{}]"#).await;
+        assert_eq!(c.next_chat_text().await, r#"["1","2","room:target","phx_reply",{"response":{},"status":"ok"}]"#);
+    }
+    assert_eq!(ep.pubsub().presence().count("room:target"), 50);
 }

@@ -70,7 +70,7 @@ impl Channel for Probe {
     async fn after_join(&mut self, socket: &mut SocketRef) {
         if self.track {
             socket.track(self.user.clone(), json!({ "device": "memory" })).expect("first track of this key");
-            socket.push("presence_state", socket.presence_list());
+            socket.push_presence_state();
         }
         if self.welcome {
             socket.push("welcome", json!({ "topic": socket.topic() }));

@@ -69,21 +69,12 @@ function freePort() {
  */
 async function startNode(opts) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "fawkes-node-"));
-  const args = [
-    "serve",
-    "--bind",
-    opts.bind || "127.0.0.1:0",
-    "--database",
-    `sqlite://${path.join(dir, "node.db")}`,
-    "--pubsub",
-    opts.pubsub,
-    "--cluster",
-    opts.cluster,
-    "--secret",
-    opts.secret || "cluster test secret",
-    "--presence-timeout",
-    String(opts.presenceTimeout || 3),
-  ];
+  const args = ["serve", "--bind", opts.bind || "127.0.0.1:0", "--database", `sqlite://${path.join(dir, "node.db")}`];
+  // Without a backend, a node alone.
+  if (opts.pubsub) {
+    args.push("--pubsub", opts.pubsub, "--cluster", opts.cluster, "--secret", opts.secret || "cluster test secret");
+    args.push("--presence-timeout", String(opts.presenceTimeout || 3));
+  }
   const node = await server.start({
     binary: fawkesBinary(),
     readyRe: FAWKES_READY_RE,
