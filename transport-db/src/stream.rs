@@ -217,13 +217,23 @@ impl TableStream {
     /// `(last_event_id, S]` (none without a `last_event_id`: rows from the moment of the join
     /// on). Pass the result to [`Replay::deliver`] in `after_join`; until then, or until it is
     /// dropped, nothing more is published.
+    ///
+    /// Without a `last_event_id` there is nothing to replay and the stream is not held: the
+    /// socket is subscribed before its join reply goes out, so every row written after the
+    /// client sees the reply reaches it. Joins then never wait on the reader (a database round
+    /// trip per batch of joins), which would make a stream of joins as slow as the database.
     pub async fn replay(&self, socket: &SocketRef, last_event_id: Option<i64>) -> Replay {
         let _ = self.0.pubsub.get_or_init(|| socket.pubsub().clone());
-        let (at, reached) = oneshot::channel();
         let (release, held) = oneshot::channel();
-        let until = match self.0.holds.send(Hold { at, release: held }).await {
-            Ok(()) => reached.await.unwrap_or_else(|_| self.position()),
-            Err(_) => self.position(),
+        let until = match last_event_id {
+            None => self.position(),
+            Some(_) => {
+                let (at, reached) = oneshot::channel();
+                match self.0.holds.send(Hold { at, release: held }).await {
+                    Ok(()) => reached.await.unwrap_or_else(|_| self.position()),
+                    Err(_) => self.position(),
+                }
+            }
         };
         Replay {
             stream: self.clone(),

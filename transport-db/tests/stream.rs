@@ -7,8 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::{Client, TestDb, chat, insert_event, postgres, sqlite};
-use fawkes_transport_db::Db;
-use serde_json::json;
+use fawkes_channel::{Channel, Config, Endpoint, HandleIn, Payload, Router, SocketRef};
+use fawkes_transport_db::{Db, Replay, StreamOptions, TableStream};
+use serde_json::{Value, json};
 
 async fn streams_rows_in_order(t: TestDb) {
     let (endpoint, _events) = chat(&t.db).await;
@@ -123,6 +124,64 @@ async fn sqlite_resumes_from_its_saved_cursor_after_a_restart() {
 async fn postgres_resumes_from_its_saved_cursor_after_a_restart() {
     if let Some(t) = postgres().await {
         resumes_from_its_saved_cursor_after_a_restart(t).await;
+    }
+}
+
+/// Joins a topic and asks for a replay it never delivers, so the stream stays held (publishes
+/// nothing) until the socket leaves or the hold limit passes.
+struct Stalled {
+    events: TableStream,
+    replay: Option<Replay>,
+}
+
+impl Channel for Stalled {
+    async fn join(&mut self, _: Payload, socket: &mut SocketRef) -> Result<Value, Value> {
+        self.replay = Some(self.events.replay(socket, Some(0)).await);
+        Ok(json!({}))
+    }
+
+    async fn handle_in(&mut self, _: &str, _: Payload, _: &mut SocketRef) -> HandleIn {
+        HandleIn::NoReply
+    }
+}
+
+/// A join that asks for no replay never waits on the stream: not while another join holds it
+/// (a stream of joins would otherwise go at the pace of the reader's database round trips). It
+/// still gets every row written after its reply once the stream publishes again.
+async fn joins_without_a_replay_never_wait_on_the_stream(t: TestDb) {
+    let events = TableStream::start(t.db.clone(), StreamOptions::table("fawkes_events")).await.expect("stream");
+    let (room, stalled) = (events.clone(), events.clone());
+    let router = Router::new()
+        .channel("room:*", move || common::Room::with_events(room.clone()))
+        .channel("stalled:*", move || Stalled { events: stalled.clone(), replay: None });
+    let endpoint = Endpoint::builder().router(router).config(Config::default()).build();
+    let holder = Client::join(&endpoint, "stalled:x", json!({})).await;
+
+    let joined = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut clients = Vec::new();
+        for _ in 0..20 {
+            clients.push(Client::join(&endpoint, "room:quick", json!({})).await);
+        }
+        clients
+    });
+    let mut clients = joined.await.expect("20 joins without a replay answered while the stream is held");
+
+    let row = insert_event(&t.db, "room:quick", "e", "{}").await;
+    drop(holder);
+    for c in &mut clients {
+        assert_eq!(c.event().await.1, row, "a row written after the join reply reaches the socket");
+    }
+}
+
+#[tokio::test]
+async fn sqlite_joins_without_a_replay_never_wait_on_the_stream() {
+    joins_without_a_replay_never_wait_on_the_stream(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn postgres_joins_without_a_replay_never_wait_on_the_stream() {
+    if let Some(t) = postgres().await {
+        joins_without_a_replay_never_wait_on_the_stream(t).await;
     }
 }
 
