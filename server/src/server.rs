@@ -161,6 +161,13 @@ pub async fn serve_with(
         drain(&closing, started, &drain_options).await;
     };
     let serving = async {
+        // Frames go out as they are written: with Nagle's algorithm a frame queued on a socket
+        // whose previous write is not yet acknowledged waits for the peer's (delayed) ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         axum::serve(listener, app).with_graceful_shutdown(drain).await?;
         endpoint.drained().await;
         Ok::<_, std::io::Error>(())
