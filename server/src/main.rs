@@ -220,7 +220,7 @@ async fn listen(bind: &str) -> Result<tokio::net::TcpListener, String> {
         .collect();
     let mut last = None;
     for addr in addrs {
-        match tokio::net::TcpListener::bind(addr).await {
+        match bind_listener(addr) {
             Ok(listener) => return Ok(listener),
             Err(e) => last = Some((addr, e)),
         }
@@ -234,6 +234,19 @@ async fn listen(bind: &str) -> Result<tokio::net::TcpListener, String> {
         Some((addr, e)) => format!("cannot listen on {addr}: {e}"),
         None => format!("--bind {bind}: {host:?} resolves to no address"),
     })
+}
+
+/// Connections the kernel may hold ready for `accept` (it caps this at `net.core.somaxconn`).
+/// A storm of clients connecting at once overflows tokio's default of 1,024: the overflowing
+/// handshakes are dropped and each client retries its SYN a second later.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// `TcpListener::bind` (with `SO_REUSEADDR`, as tokio sets it) and a [`LISTEN_BACKLOG`] deep queue.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Connects the demo's database, first checking that a PostgreSQL server answers at all, so

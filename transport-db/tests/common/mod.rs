@@ -161,6 +161,13 @@ pub struct Room {
     events: Option<TableStream>,
 }
 
+impl Room {
+    /// A room fed by `events`.
+    pub fn with_events(events: TableStream) -> Room {
+        Room { events: Some(events), ..Room::default() }
+    }
+}
+
 impl Channel for Room {
     async fn join(&mut self, params: Payload, socket: &mut SocketRef) -> Result<Value, Value> {
         let params = params.as_json();
