@@ -23,9 +23,9 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod feed;
+pub mod metrics;
 pub mod namespace;
 pub mod proxy;
-pub mod metrics;
 mod server;
 
 pub use server::{
