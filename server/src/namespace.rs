@@ -17,7 +17,8 @@
 //!   object too (`{"reason": "payload must be an object"}`).
 //! - **presence**: with `presence = true`, a joining user is tracked under their user id with
 //!   meta `{"online_at": <unix ms>}` (plus `"data"` when the connect hook assigned some), and
-//!   every joiner gets `presence_state` right after the join reply, then `presence_diff`s.
+//!   every joiner gets `presence_state` right after the join reply, then `presence_diff`s (its own
+//!   entry in one or the other: changes go out once per presence window).
 //! - **history**: with `history_size` and/or `history_age` (seconds), the topic keeps its last
 //!   broadcasts; every broadcast's payload then carries `"pos"`, and a join with
 //!   `{"since": POS}` gets every broadcast after POS right after its reply (`"recovered": true`),
@@ -254,7 +255,9 @@ impl Channel for Topic {
                 tracing::warn!(error = %e, "presence not tracked");
             }
         }
-        socket.push("presence_state", socket.presence_list());
+        // The state as of the last presence window, shared by that window's joiners; this
+        // user's own entry comes in it or in the next `presence_diff`.
+        socket.push_presence_state();
     }
 
     async fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut SocketRef) -> HandleIn {
