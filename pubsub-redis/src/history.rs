@@ -42,8 +42,20 @@ if (not epoch) or (last > 0 and redis.call('EXISTS', KEYS[1]) == 0) then
   redis.call('PEXPIRE', KEYS[2], ARGV[8])
 end
 local offset = tonumber(ARGV[2])
-if epoch ~= ARGV[1] or last + 1 ~= offset then
+-- A store that lost several times in a row holds the turn until its append lands (or the turn
+-- expires): the others' appends are refused meanwhile, so no node starves.
+local turn = redis.call('GET', KEYS[3])
+if turn and turn ~= ARGV[9] then
   return {0, epoch, last}
+end
+if epoch ~= ARGV[1] or last + 1 ~= offset then
+  if ARGV[10] == '1' and not turn then
+    redis.call('SET', KEYS[3], ARGV[9], 'PX', 500)
+  end
+  return {0, epoch, last}
+end
+if turn then
+  redis.call('DEL', KEYS[3])
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -193,6 +205,8 @@ struct Shared {
     markers: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     sink: OnceLock<Arc<dyn HistorySink>>,
     subscribed: watch::Sender<bool>,
+    /// This store's name in a topic's turn (see `APPEND`).
+    id: String,
 }
 
 impl fmt::Debug for RedisHistory {
@@ -222,6 +236,7 @@ impl RedisHistory {
                 markers: Mutex::new(HashMap::new()),
                 sink: OnceLock::new(),
                 subscribed: watch::Sender::new(false),
+                id: random_epoch(),
             }),
         })
     }
@@ -250,6 +265,11 @@ fn millis(d: Duration) -> u64 {
 impl Shared {
     fn keys(&self, topic: &str) -> (String, String) {
         (format!("{}:{topic}", self.prefix), format!("{}-meta:{topic}", self.prefix))
+    }
+
+    /// The key of `topic`'s turn: held by a store whose appends keep losing (see `APPEND`).
+    fn turn_key(&self, topic: &str) -> String {
+        format!("{}-turn:{topic}", self.prefix)
     }
 
     /// The shared connection, made (within the timeout) if there is none.
@@ -311,7 +331,8 @@ impl Shared {
             .get(topic)
             .copied()
             .map_or((String::new(), 0), |p| (format!("{:x}", p.epoch()), p.offset()));
-        for _ in 0..ATTEMPTS {
+        let turn = self.turn_key(topic);
+        for attempt in 0..ATTEMPTS {
             let next = match parse_epoch(&guess.0) {
                 Ok(epoch) => Some(Position::new(epoch, guess.1 + 1)),
                 Err(_) => None,
@@ -330,9 +351,10 @@ impl Shared {
             let mut invocation = redis::cmd("EVAL");
             invocation
                 .arg(APPEND)
-                .arg(2)
+                .arg(3)
                 .arg(&stream)
                 .arg(&meta)
+                .arg(&turn)
                 .arg(&guess.0)
                 .arg(guess.1 + 1)
                 .arg(random_epoch())
@@ -340,7 +362,9 @@ impl Shared {
                 .arg(millis(options.max_age))
                 .arg(&self.channel)
                 .arg(message.as_ref())
-                .arg(expire);
+                .arg(expire)
+                .arg(&self.id)
+                .arg(if attempt >= 2 { "1" } else { "0" });
             let (done, epoch, last): (i64, String, u64) = self.invoke(&invocation).await?;
             let position = Position::new(parse_epoch(&epoch)?, last);
             self.remember(topic, position);
