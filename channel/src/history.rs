@@ -398,7 +398,10 @@ impl fmt::Debug for History {
 impl PubSub {
     /// Topics' histories on this PubSub.
     pub fn history(&self) -> History {
-        History { pubsub: self.clone(), layer: self.0.history.get_or_init(|| Arc::new(Layer::new())).clone() }
+        let layer: Arc<dyn std::any::Any + Send + Sync> = self.0.history.get_or_init(|| Arc::new(Layer::new())).clone();
+        let layer =
+            layer.downcast::<Layer>().unwrap_or_else(|_| unreachable!("the history slot holds the history layer"));
+        History { pubsub: self.clone(), layer }
     }
 }
 
@@ -411,6 +414,12 @@ pub struct HistoryStats {
     /// Reads that failed: joins answered `recovered: false`, and broadcasts this node missed
     /// that could not be read back.
     pub read_errors: u64,
+}
+
+impl crate::pubsub::KeepsHistory for Layer {
+    fn keeps(&self, topic: &str) -> bool {
+        Layer::keeps(self, topic)
+    }
 }
 
 /// Hands what a delivering store delivers to a PubSub's history layer.

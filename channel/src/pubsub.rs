@@ -17,8 +17,8 @@ use fawkes_serializer::{Broadcast, Frame, Payload, Serializer};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 
-use crate::history::Position;
 use crate::outbox::Outbox;
+use fawkes_pubsub_core::Position;
 
 /// Identifies one subscription, so a broadcast can skip its sender (`broadcast_from`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,6 +59,13 @@ pub(crate) struct Held {
 
 type Topics = HashMap<Box<str>, HashMap<u64, Subscriber>>;
 
+/// What plain broadcasts ask of the history layer ([`History`](crate::History)), which is built
+/// on this module and keeps its state in [`Inner::history`].
+pub(crate) trait KeepsHistory: Any + Send + Sync {
+    /// Whether broadcasts on `topic` are written to a history (and so must carry a position).
+    fn keeps(&self, topic: &str) -> bool;
+}
+
 pub(crate) struct Inner {
     shards: Box<[RwLock<Topics>]>,
     hasher: std::collections::hash_map::RandomState,
@@ -69,7 +76,7 @@ pub(crate) struct Inner {
     /// The history layer, resolved once (plain broadcasts check it, see [`PubSub::publish`]):
     /// it is used on every broadcast with a position, where [`PubSub::layer`]'s lock would be one
     /// more lock shared by every topic.
-    pub(crate) history: OnceLock<Arc<crate::history::Layer>>,
+    pub(crate) history: OnceLock<Arc<dyn KeepsHistory>>,
 }
 
 /// Topic subscriptions on this node and broadcast fan-out, Presence, and the

@@ -136,8 +136,9 @@ mod sessions;
 mod token;
 
 pub use answer::{Answer, HttpBody, HttpError};
-pub use service::{HttpService, query_param};
+pub use service::HttpService;
 pub use sessions::{
     DetachedSession, HttpTransport, Lookup, Read, ReadEvent, Remote, SessionOptions, Sessions, connect_info,
+    query_param,
 };
 pub use token::{MAX_TOKEN_PAYLOAD, SessionSigner, random_session_id};

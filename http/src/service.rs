@@ -16,7 +16,7 @@ use tower_layer::Layer as _;
 use tower_service::Service;
 
 use crate::ingest::{BodyKind, read_body};
-use crate::{Answer, HttpBody, HttpError, HttpTransport, Lookup, SessionOptions, Sessions};
+use crate::{Answer, HttpBody, HttpError, HttpTransport, Lookup, SessionOptions, Sessions, query_param};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -158,11 +158,4 @@ impl<T: HttpTransport> Sessions<T> {
             Lookup::Gone => HttpError::SessionGone.answer(),
         }
     }
-}
-
-/// The value of the query param `name`, decoded; the last one when it is given more than once
-/// (phoenix.js appends the transport's session `token` after the app's connect params, which may
-/// carry a `token` of their own).
-pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    fawkes_channel::parse_query(query?).filter(|(k, _)| k == name).last().map(|(_, v)| v)
 }

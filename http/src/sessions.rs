@@ -528,6 +528,13 @@ fn app_token(query: Option<&str>, is_session: impl Fn(&str) -> bool) -> Option<S
     if tokens.next().is_some() || !is_session(&first) { Some(first) } else { None }
 }
 
+/// The value of the query param `name`, decoded; the last one when it is given more than once
+/// (phoenix.js appends the transport's session `token` after the app's connect params, which may
+/// carry a `token` of their own).
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    fawkes_channel::parse_query(query?).filter(|(k, _)| k == name).last().map(|(_, v)| v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

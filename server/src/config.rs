@@ -19,8 +19,10 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
-use fawkes::{Config, OriginCheck, PresenceOptions, SlowConsumerPolicy};
+use fawkes::{Config, HistoryOptions, OriginCheck, PresenceOptions, SlowConsumerPolicy};
 
+pub use crate::namespace::JoinPolicy;
+use crate::namespace::Rules;
 use crate::server::ServeOptions;
 
 /// The file form of the settings; every key is optional. Unknown keys are refused.
@@ -123,19 +125,6 @@ pub struct ProxyFile {
     pub join_url: Option<String>,
     /// Seconds a hook may take before the request is refused.
     pub timeout: Option<f64>,
-}
-
-/// Who may join a namespace's topics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JoinPolicy {
-    /// Anyone who connected.
-    Anyone,
-    /// Only clients with a valid token.
-    #[default]
-    Authenticated,
-    /// Only clients whose token's `channels` claim matches the topic.
-    Claim,
 }
 
 /// A `[[namespace]]` entry (see [`crate::namespace`]).
@@ -425,7 +414,7 @@ pub struct ServeConfig {
     /// The connect and join hooks, when a URL is set.
     pub proxy: Option<crate::proxy::Proxy>,
     /// The namespaces; none: the demo app's topics.
-    pub namespaces: Vec<crate::namespace::Rules>,
+    pub namespaces: Vec<Rules>,
 }
 
 /// `[auth]`, checked.
@@ -701,7 +690,30 @@ fn proxy_config(args: &ServeArgs, file: &ProxyFile) -> Result<Option<crate::prox
     Ok(Some(crate::proxy::Proxy::new(connect, join, timeout)))
 }
 
-fn namespaces(entries: &[Namespace], who: bool) -> Result<Vec<crate::namespace::Rules>, ConfigError> {
+/// The rules a `[[namespace]]` entry gives (checked by the configuration).
+fn rules_of(ns: &Namespace) -> Rules {
+    let history = (ns.history_size.is_some() || ns.history_age.is_some()).then(|| {
+        let mut options = HistoryOptions::default();
+        if let Some(n) = ns.history_size {
+            options = options.max_len(n);
+        }
+        if let Some(age) = ns.history_age {
+            options = options.max_age(Duration::from_secs_f64(age));
+        }
+        options
+    });
+    Rules {
+        pattern: ns.pattern.clone(),
+        join: ns.join,
+        publish: ns.publish,
+        presence: ns.presence,
+        history,
+        max_message_size: ns.max_message_size,
+        message_rate: ns.message_rate.map(|rate| (rate, ns.message_burst.unwrap_or(rate))),
+    }
+}
+
+fn namespaces(entries: &[Namespace], who: bool) -> Result<Vec<Rules>, ConfigError> {
     let mut rules = Vec::new();
     for ns in entries {
         check_topic_pattern(&ns.pattern).map_err(|e| invalid("[[namespace]] pattern", e))?;
@@ -737,7 +749,7 @@ fn namespaces(entries: &[Namespace], who: bool) -> Result<Vec<crate::namespace::
                 return Err(invalid("[[namespace]] message_burst", "given without message_rate"));
             }
         }
-        rules.push(crate::namespace::Rules::from_config(ns));
+        rules.push(rules_of(ns));
     }
     Ok(rules)
 }

@@ -29,16 +29,28 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
 use fawkes::{Channel, HandleIn, HistoryOptions, Payload, Router, SocketRef, reason};
 
 use crate::auth::Identity;
-use crate::config::{JoinPolicy, Namespace};
 use crate::proxy::{JoinRequest, Proxy, ProxyError};
+
+/// Who may join a namespace's topics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinPolicy {
+    /// Anyone who connected.
+    Anyone,
+    /// Only clients with a valid token.
+    #[default]
+    Authenticated,
+    /// Only clients whose token's `channels` claim matches the topic.
+    Claim,
+}
 
 /// One namespace's rules, checked.
 #[derive(Debug, Clone)]
@@ -57,31 +69,6 @@ pub struct Rules {
     pub max_message_size: Option<usize>,
     /// Pushes per second and burst, per socket on a topic.
     pub message_rate: Option<(u32, u32)>,
-}
-
-impl Rules {
-    /// The rules a `[[namespace]]` entry gives (checked by the configuration).
-    pub fn from_config(ns: &Namespace) -> Rules {
-        let history = (ns.history_size.is_some() || ns.history_age.is_some()).then(|| {
-            let mut options = HistoryOptions::default();
-            if let Some(n) = ns.history_size {
-                options = options.max_len(n);
-            }
-            if let Some(age) = ns.history_age {
-                options = options.max_age(Duration::from_secs_f64(age));
-            }
-            options
-        });
-        Rules {
-            pattern: ns.pattern.clone(),
-            join: ns.join,
-            publish: ns.publish,
-            presence: ns.presence,
-            history,
-            max_message_size: ns.max_message_size,
-            message_rate: ns.message_rate.map(|rate| (rate, ns.message_burst.unwrap_or(rate))),
-        }
-    }
 }
 
 /// Counters of refused joins and pushes, for `/metrics`.
@@ -307,6 +294,7 @@ impl Channel for Topic {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn topic(rate: Option<(u32, u32)>) -> Topic {
         let rules = Rules {
