@@ -368,6 +368,19 @@ pub struct ServeArgs {
     /// [default: 10]
     #[arg(long, env = "FAWKES_HEALTH_PUBSUB_OUTAGE", value_name = "SECS", help_heading = "Shutdown and health")]
     pub health_pubsub_outage: Option<f64>,
+    /// [presence] Milliseconds presence changes wait to go out as one `presence_diff` per topic.
+    /// [default: 50]
+    #[arg(long, env = "FAWKES_PRESENCE_WINDOW_MS", value_name = "MS", help_heading = "Presence")]
+    pub presence_window_ms: Option<u64>,
+    /// [presence] Largest presence entry (key and meta as JSON), in bytes. [default: 4096]
+    #[arg(long, env = "FAWKES_PRESENCE_MAX_META_BYTES", value_name = "BYTES", help_heading = "Presence")]
+    pub presence_max_meta_bytes: Option<usize>,
+    /// [presence] Entries one topic's presence may hold. [default: 100000]
+    #[arg(long, env = "FAWKES_PRESENCE_MAX_ENTRIES_PER_TOPIC", value_name = "N", help_heading = "Presence")]
+    pub presence_max_entries_per_topic: Option<usize>,
+    /// [presence] Bytes of entries one topic's presence may hold. [default: 16777216]
+    #[arg(long, env = "FAWKES_PRESENCE_MAX_BYTES_PER_TOPIC", value_name = "BYTES", help_heading = "Presence")]
+    pub presence_max_bytes_per_topic: Option<usize>,
     /// [http] Seconds a connection has to send a request's headers in full. [default: 10]
     #[arg(long, env = "FAWKES_HEADER_READ_TIMEOUT", value_name = "SECS", help_heading = "Connections")]
     pub header_read_timeout: Option<f64>,
@@ -551,7 +564,7 @@ impl ServeConfig {
         let log_format = args.log_format.or(file.log_format).unwrap_or_default();
 
         let channel = limits(args, &file.limits)?.check_origin(check_origin);
-        let presence = presence(&file.presence, channel.max_frame_size)?;
+        let presence = presence(args, &file.presence, channel.max_frame_size)?;
         let mut serve = serve_options(args, &file.drain, &file.health)?;
         http_timeouts(args, &file.http, &mut serve)?;
 
@@ -754,19 +767,22 @@ fn namespaces(entries: &[Namespace], who: bool) -> Result<Vec<Rules>, ConfigErro
     Ok(rules)
 }
 
-fn presence(file: &PresenceFile, max_frame_size: usize) -> Result<PresenceOptions, ConfigError> {
+fn presence(args: &ServeArgs, file: &PresenceFile, max_frame_size: usize) -> Result<PresenceOptions, ConfigError> {
     let d = PresenceOptions::default();
     let part = d.state_part_bytes.min(max_frame_size.saturating_sub(1024)).max(1024);
     let mut options = d.clone().state_part_bytes(part);
-    if let Some(ms) = file.window_ms {
+    if let Some(ms) = args.presence_window_ms.or(file.window_ms) {
         options = options.window(Duration::from_millis(ms));
     }
-    let meta = file.max_meta_bytes.unwrap_or(d.max_meta_bytes);
-    options = options.max_meta_bytes(positive("[presence] max_meta_bytes", meta)?);
-    let entries = file.max_entries_per_topic.unwrap_or(d.max_entries_per_topic);
-    options = options.max_entries_per_topic(positive("[presence] max_entries_per_topic", entries)?);
-    let bytes = file.max_bytes_per_topic.unwrap_or(d.max_bytes_per_topic);
-    Ok(options.max_bytes_per_topic(positive("[presence] max_bytes_per_topic", bytes)?))
+    let meta = args.presence_max_meta_bytes.or(file.max_meta_bytes).unwrap_or(d.max_meta_bytes);
+    options = options.max_meta_bytes(positive("[presence] max_meta_bytes (--presence-max-meta-bytes)", meta)?);
+    let entries = args.presence_max_entries_per_topic.or(file.max_entries_per_topic).unwrap_or(d.max_entries_per_topic);
+    options = options.max_entries_per_topic(positive(
+        "[presence] max_entries_per_topic (--presence-max-entries-per-topic)",
+        entries,
+    )?);
+    let bytes = args.presence_max_bytes_per_topic.or(file.max_bytes_per_topic).unwrap_or(d.max_bytes_per_topic);
+    Ok(options.max_bytes_per_topic(positive("[presence] max_bytes_per_topic (--presence-max-bytes-per-topic)", bytes)?))
 }
 
 fn limits(args: &ServeArgs, file: &LimitsFile) -> Result<Config, ConfigError> {
@@ -967,6 +983,18 @@ mod tests {
         assert_eq!(config.database, "sqlite://a.db");
         assert_eq!(config.channel.heartbeat_timeout, Duration::from_secs(5));
         assert_eq!(config.channel.max_frame_size, Config::default().max_frame_size);
+    }
+
+    #[test]
+    fn presence_settings_take_flags_over_the_file() {
+        let file: FileConfig = "[presence]\nwindow_ms = 200\nmax_meta_bytes = 100\n".parse().expect("valid");
+        let args = ServeArgs { presence_max_meta_bytes: Some(300), ..ServeArgs::default() };
+        let config = ServeConfig::resolve(file, &args).expect("valid");
+        assert_eq!(config.presence.window, Duration::from_millis(200));
+        assert_eq!(config.presence.max_meta_bytes, 300);
+        let zero = ServeArgs { presence_max_entries_per_topic: Some(0), ..ServeArgs::default() };
+        let e = ServeConfig::resolve(FileConfig::default(), &zero).expect_err("0 entries").to_string();
+        assert!(e.contains("--presence-max-entries-per-topic"), "{e}");
     }
 
     #[test]
