@@ -5,7 +5,7 @@
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+mod support;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -42,38 +44,15 @@ fn fixture(name: &str) -> PathBuf {
 
 /// A running `fawkes serve --config fawkes.toml`.
 struct Server {
-    child: Child,
+    /// Kept for its lifetime: dropping it stops the server.
+    _process: support::Server,
     addr: SocketAddr,
-    dir: PathBuf,
 }
 
 impl Server {
     fn start(config: &str) -> Server {
-        let dir = scratch();
-        std::fs::write(dir.join("fawkes.toml"), format!("bind = \"127.0.0.1:0\"\n{config}")).expect("write config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fawkes"));
-        cmd.current_dir(&dir).env_remove("RUST_LOG");
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("FAWKES_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.args(["serve", "--config", "fawkes.toml"]);
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn fawkes");
-        let mut line = String::new();
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let _ = stdout.read_line(&mut line);
-        let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
-            let _ = child.kill();
-            let mut err = String::new();
-            let _ = child.stderr.take().expect("stderr").read_to_string(&mut err);
-            panic!("fawkes did not start: {line}{err}");
-        };
-        let addr = url.trim_start_matches("http://").trim_end_matches('/').parse().expect("printed address");
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink()));
-        Server { child, addr, dir }
+        let process = support::Server::start(config, &[]);
+        Server { addr: process.addr, _process: process }
     }
 
     async fn ws(&self, query: &str, protocols: Option<&str>) -> Result<Ws, tungstenite::Error> {
@@ -104,14 +83,6 @@ impl Server {
 
     fn metrics(&self) -> String {
         http(self.addr, "GET", "/metrics", &[], "").1
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -21,7 +21,7 @@ impl Server {
     pub fn start(config: &str, args: &[&str]) -> Server {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "fawkes-hostile-test-{}-{}",
+            "fawkes-serve-test-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
