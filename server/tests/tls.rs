@@ -3,7 +3,7 @@
 //! `ssl = on` serves as database and backend with `sslmode=verify-full`; a server certificate
 //! that `tls_ca` does not vouch for stops the start with the reason.
 
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,6 +14,8 @@ use fawkes_testkit::tls::{Pki, TlsPostgres, TlsRedis};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
+
+mod support;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -55,28 +57,15 @@ fn spawn(config: &str) -> (Child, PathBuf) {
 
 /// A running `fawkes serve`.
 struct Node {
-    child: Child,
+    /// Kept for its lifetime: dropping it stops the server.
+    _process: support::Server,
     addr: SocketAddr,
-    dir: PathBuf,
 }
 
 impl Node {
     fn start(config: &str) -> Node {
-        let (mut child, dir) = spawn(config);
-        let mut line = String::new();
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let _ = stdout.read_line(&mut line);
-        let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
-            let _ = child.kill();
-            let mut err = String::new();
-            let _ = child.stderr.take().expect("stderr").read_to_string(&mut err);
-            panic!("fawkes did not start: {line}{err}");
-        };
-        let addr = url.trim_start_matches("http://").trim_end_matches('/').parse().expect("printed address");
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink()));
-        Node { child, addr, dir }
+        let process = support::Server::start(config, &[]);
+        Node { addr: process.addr, _process: process }
     }
 
     async fn join(&self, topic: &str) -> Client {
@@ -97,14 +86,6 @@ impl Node {
         let mut body = String::new();
         let _ = stream.read_to_string(&mut body);
         body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
