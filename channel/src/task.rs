@@ -56,7 +56,9 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
         joined: false,
     };
 
-    let joined = AssertUnwindSafe(channel.join(params, &mut socket)).catch_unwind().await;
+    // Boxed: a channel's join future can be large (it may read history, or a database), and
+    // inline it would size this task, which lives as long as the channel, for its whole life.
+    let joined = AssertUnwindSafe(Box::pin(channel.join(params, &mut socket))).catch_unwind().await;
     socket.joined = true;
     let (status, response) = match joined {
         Ok(Ok(response)) => (ReplyStatus::Ok, response),
@@ -113,7 +115,7 @@ pub(crate) async fn run<C: Channel>(mut channel: C, req: JoinRequest) {
         (Some(sub), Some(id)) => {
             let entries = socket.replay.take().unwrap_or_default().into_iter().peekable();
             // What fits goes now, before `after_join` pushes anything: most replays are short.
-            Replay { entries, id, sub }.step(&socket, socket.outbox.queued())
+            Box::new(Replay { entries, id, sub }).step(&socket, socket.outbox.queued())
         }
         _ => None,
     };
@@ -205,7 +207,8 @@ enum Next {
 /// socket drains, half a queue at a time, then the live broadcasts held back meanwhile (at most
 /// a queue's worth: a socket that falls further behind is closed as a slow consumer and rejoins
 /// from its last position), then the subscription goes live. Ends with the channel instance, so
-/// nothing of it reaches a later join of the topic.
+/// nothing of it reaches a later join of the topic. Boxed in the task, which it would otherwise
+/// grow for every channel, recovering or not.
 struct Replay {
     entries: std::iter::Peekable<std::vec::IntoIter<Arc<Broadcast>>>,
     id: SubscriberId,
@@ -220,7 +223,7 @@ impl Replay {
 
     /// Queues what fits while `queued` frames are queued; `None` once the subscription is live
     /// (or gone, or the socket closed).
-    fn step(mut self, socket: &SocketRef, queued: usize) -> Option<Replay> {
+    fn step(mut self: Box<Self>, socket: &SocketRef, queued: usize) -> Option<Box<Replay>> {
         if socket.outbox.is_closed() {
             return None;
         }
@@ -242,9 +245,9 @@ impl Replay {
         if self.entries.len() > 0 {
             return Some(self);
         }
-        let Replay { entries, id, sub } = self;
+        let Replay { entries, id, sub } = *self;
         let sub = socket.pubsub.release(&socket.topic, id, room, socket.replay_after, sub)?;
-        Some(Replay { entries, id, sub })
+        Some(Box::new(Replay { entries, id, sub }))
     }
 }
 
@@ -306,4 +309,49 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(non-string panic)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A channel whose join holds 4 KiB across an await (a database read, say).
+    struct Heavy;
+
+    impl Channel for Heavy {
+        async fn handle_in(&mut self, _: &str, _: Payload, _: &mut SocketRef) -> HandleIn {
+            HandleIn::NoReply
+        }
+
+        async fn join(&mut self, _: Payload, _: &mut SocketRef) -> Result<Value, Value> {
+            let buffer = [0u8; 4096];
+            tokio::task::yield_now().await;
+            Ok(Value::from(buffer.iter().map(|&b| u64::from(b)).sum::<u64>()))
+        }
+    }
+
+    struct Light;
+
+    impl Channel for Light {
+        async fn handle_in(&mut self, _: &str, _: Payload, _: &mut SocketRef) -> HandleIn {
+            HandleIn::NoReply
+        }
+
+        async fn join(&mut self, _: Payload, _: &mut SocketRef) -> Result<Value, Value> {
+            Ok(Value::Null)
+        }
+    }
+
+    fn future_size<A, B, F: Future>(_: impl Fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A channel task lives as long as its channel, one per joined topic and socket: a large
+    /// join future inlined in it would cost every idle channel its size for its whole life.
+    #[test]
+    fn a_large_join_future_does_not_grow_the_channel_task() {
+        let heavy = future_size(run::<Heavy>);
+        let light = future_size(run::<Light>);
+        assert!(heavy < light + 256, "a channel task with a 4 KiB join future is {heavy} bytes, {light} without");
+    }
 }
