@@ -157,7 +157,15 @@ pub async fn serve_with(
     };
     let serving = async {
         let limits = ConnLimits { header_read: options.header_read_timeout, idle: options.idle_timeout };
-        let mut connections = accept(listener, app, limits, drain).await;
+        // The accept loop is a task of its own: on a runtime worker, accepting and starting a
+        // connection's task wakes no other thread (the caller's future, `#[tokio::main]`'s
+        // for one, runs on a thread outside the runtime's workers).
+        let mut accepting = Abort(tokio::spawn(accept(listener, app, limits, drain)));
+        let mut connections = match (&mut accepting.0).await {
+            Ok(connections) => connections,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return, // the runtime is shutting down
+        };
         // The connections still open finish their request and close; the deadline cuts the rest
         // (dropping `connections` aborts every connection task).
         while connections.join_next().await.is_some() {}
@@ -192,6 +200,15 @@ pub async fn serve_with(
     };
     endpoint.pubsub().leave(leave.max(Duration::from_millis(100))).await;
     Ok(())
+}
+
+/// Aborts its task when dropped (the deadline cut `serve_with`'s own future short).
+struct Abort<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Abort<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The time limits of one HTTP connection.
