@@ -70,6 +70,9 @@ struct State {
     room: Vec<Waker>,
 }
 
+/// Frames an empty queue makes room for at its first push.
+const BURST: usize = 16;
+
 /// State shared by a socket's session, its channels, its PubSub subscriptions and its transport.
 pub(crate) struct SocketShared {
     pub(crate) id: u64,
@@ -163,8 +166,12 @@ impl Outbox {
                 }
             }
             st.bytes += len;
+            if st.queue.capacity() == 0 {
+                // The queue gave its memory back when it last emptied; a burst of broadcasts
+                // fills it with one allocation rather than growing it 4, 8, 16.
+                st.queue.reserve(BURST);
+            }
             st.queue.push_back(frame);
-            self.0.flow.messages_out.fetch_add(1, Ordering::Relaxed);
             st.waker.take()
         };
         wake(waker);
@@ -286,8 +293,17 @@ impl Outbound {
     /// Moves every frame queued right now into `buf`, without waiting.
     pub fn try_recv_many(&mut self, buf: &mut Vec<Frame>, limit: usize) -> usize {
         let (n, room) = take(&mut self.outbox.0.state.lock(), buf, limit);
+        self.taken(n);
         wake_all(room);
         n
+    }
+
+    /// Counts `n` frames out: once per batch the transport takes, not once per frame queued,
+    /// as the counter is shared by every socket of the transport.
+    fn taken(&self, n: usize) {
+        if n > 0 {
+            self.outbox.0.flow.messages_out.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     /// The poll form of [`Outbound::recv_many`].
@@ -303,6 +319,7 @@ impl Outbound {
                 let (n, room) = take(&mut st, buf, limit);
                 if n > 0 {
                     drop(st);
+                    self.taken(n);
                     wake_all(room);
                     return Poll::Ready(Ok(n));
                 }

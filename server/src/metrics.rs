@@ -39,7 +39,7 @@ pub fn render(endpoint: &Endpoint) -> String {
     out.head(
         "fawkes_messages_out_total",
         "counter",
-        "Messages queued for clients (replies, pushes, broadcasts), by transport.",
+        "Messages taken from the outbound queues to be sent to clients (replies, pushes, broadcasts), by transport.",
     );
     for (transport, n) in &s.messages_out {
         out.sample("fawkes_messages_out_total", &[("transport", transport)], *n);
