@@ -39,7 +39,7 @@ pub struct WsOptions {
 
 impl Default for WsOptions {
     fn default() -> WsOptions {
-        WsOptions { read_buffer_size: 1024, write_buffer_size: 16 * 1024, max_write_buffer_size: 4 * 1024 * 1024 }
+        WsOptions { read_buffer_size: 1024, write_buffer_size: 4 * 1024, max_write_buffer_size: 4 * 1024 * 1024 }
     }
 }
 
