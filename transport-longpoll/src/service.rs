@@ -117,7 +117,7 @@ impl LongPoll {
         // Polling is this client's heartbeat: phoenix.js sends none over long-poll.
         read.keep_alive();
         let mut frames = Vec::new();
-        match read.next(&mut frames, MAX_MESSAGES_PER_POLL, self.poll_window).await {
+        match read.next(&mut frames, MAX_MESSAGES_PER_POLL, usize::MAX, self.poll_window).await {
             ReadEvent::Frames => {
                 let messages: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes().as_ref()).collect();
                 Answer::envelope(200, token, &messages)

@@ -189,7 +189,7 @@ impl Events {
         let read = self.read.as_mut()?;
         let mut frames = Vec::new();
         let options = &self.sessions.transport().options;
-        let idle = match read.next(&mut frames, BATCH, options.keep_alive).await {
+        let idle = match read.next(&mut frames, BATCH, usize::MAX, options.keep_alive).await {
             ReadEvent::Frames => false,
             ReadEvent::Idle => true,
             ReadEvent::Released => {
