@@ -145,7 +145,7 @@ pub use answer::{Answer, HttpBody, HttpError};
 pub use cut::ConnectionCut;
 pub use service::HttpService;
 pub use sessions::{
-    CutWatch, DetachedSession, HttpTransport, Lookup, Read, ReadEvent, Remote, SessionOptions, Sessions,
-    connect_info, query_param,
+    CutWatch, DetachedSession, HttpTransport, Lookup, Read, ReadEvent, Remote, SessionOptions, Sessions, connect_info,
+    query_param,
 };
 pub use token::{MAX_TOKEN_PAYLOAD, SessionSigner, random_session_id};

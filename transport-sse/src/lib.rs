@@ -48,13 +48,13 @@
 //!   that stops reading stops the session's outbound queue from draining, so the endpoint's
 //!   `outbound_queue_limit` and `outbound_byte_limit` close it as a slow consumer. Such a stream
 //!   is never polled again (the HTTP server polls a body only when it can write), so it cannot
-//!   end by itself: its response carries a [`ConnectionCut`](fawkes_http::ConnectionCut), cut
-//!   when the stream's session ends or a newer stream replaces it, and a server that honours it
-//!   closes the connection (`fawkes serve` does; through plain `axum::serve` the connection stays
-//!   open until the peer's TCP connection fails). Until then a stalled reader holds at most its
-//!   queue (`outbound_byte_limit`), the replay window ([`SseOptions::replay_window_bytes`]) and
-//!   what the HTTP server buffered: a chunk of at most 32 KiB of events (or one larger event)
-//!   and the server's write buffer (hyper's `max_buf_size`; `fawkes serve` sets 32 KiB).
+//!   end by itself: its response carries a [`ConnectionCut`], cut when the stream's session ends
+//!   or a newer stream replaces it, and a server that honours it closes the connection
+//!   (`fawkes serve` does; through plain `axum::serve` the connection stays open until the peer's
+//!   TCP connection fails). Until then a stalled reader holds at most its queue
+//!   (`outbound_byte_limit`), the replay window ([`SseOptions::replay_window_bytes`]) and what
+//!   the HTTP server buffered: a chunk of at most 32 KiB of events (or one larger event) and the
+//!   server's write buffer (hyper's `max_buf_size`; `fawkes serve` sets 32 KiB).
 //! - Binary payloads reach SSE clients as `{"binary": "<base64>"}`, as over long-poll.
 //! - Every answer carries `access-control-allow-origin: *`; `OPTIONS` preflights are answered.
 
@@ -62,6 +62,7 @@ mod service;
 
 use std::time::Duration;
 
+pub use fawkes_http::ConnectionCut;
 pub use service::{SseBody, SseService};
 
 /// SSE settings.
