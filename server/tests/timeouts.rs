@@ -203,9 +203,8 @@ async fn a_long_poll_answer_never_read_is_dropped_with_its_connection_and_sessio
     // Two idle timeouts and the session's idle window pass with the answer unread.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let since = Instant::now();
-    let (after, answer) = tokio::task::spawn_blocking(move || ended(stream, since, Duration::from_secs(1)))
-        .await
-        .expect("read");
+    let (after, answer) =
+        tokio::task::spawn_blocking(move || ended(stream, since, Duration::from_secs(1))).await.expect("read");
     assert!(after < Duration::from_secs(1), "the connection was closed before it was read");
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..answer.len().min(200)]);
