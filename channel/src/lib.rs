@@ -22,7 +22,8 @@
 //! | [`ConnectInfo`] | What is known about the connecting peer: `ConnectInfo::new(name, binary_frames)` then [`with_query`](ConnectInfo::with_query) (fills `vsn` and the connect params), plus `auth_token`, `headers`, `peer_addr` where the transport has them (HTTP transports read [`PeerAddr`] from the request's extensions). Remove the transport's own query params (e.g. a session token) from `params`. A transport that cannot carry binary frames says so: binary payloads then reach it as text (`{"binary": "<base64>"}`). |
 //! | [`Endpoint::connect`] | Runs the origin check and the application's connect callback. [`ConnectError`] is a refusal: answer it as one (HTTP 403), except [`ConnectError::ShuttingDown`] (the HTTP transports answer status 500, which phoenix.js retries; WebSocket closes). Never connect before the peer is known to be there. |
 //! | [`Session::handle_frame`] | Every inbound frame, in order, one at a time (it takes `&mut self`). It waits while the target channel's mailbox is full: that is backpressure, so read nothing more from the peer meanwhile. `Err(reason)` means the socket is closed (malformed or oversized frame, or closed already): stop reading, deliver what [`Outbound`] still yields, then close. |
-//! | [`Session::outbound`] → [`Outbound`] | Call once. [`recv`](Outbound::recv) / [`recv_many`](Outbound::recv_many) yield frames in order, then `Err(CloseReason)` once the socket is closed and everything queued before was taken. Cancel-safe. Only take frames you can send: a peer that stops reading must leave frames in the queue, where [`Config::outbound_queue_limit`] and [`SlowConsumerPolicy`] bound them. Never buffer without a bound in the transport. |
+//! | [`Session::outbound`] → [`Outbound`] | Call once. [`recv`](Outbound::recv) / [`recv_many`](Outbound::recv_many) yield frames in order, then `Err(CloseReason)` once the socket is closed and everything queued before was taken. Cancel-safe. Only take frames you can send: a peer that stops reading must leave frames in the queue, where [`Config::outbound_queue_limit`] and [`SlowConsumerPolicy`] bound them. Never buffer without a bound in the transport: [`recv_many_within`](Outbound::recv_many_within) takes a batch within a byte budget. |
+//! | [`CloseSignal`] | A writer waiting on a peer that stopped reading never sees the close through [`Outbound`]: wait on [`Session::close_signal`] beside the write, and once the socket is closed give the write a short grace, then drop the connection. A slow consumer is that peer. |
 //! | [`CloseReason`] | Map it to the transport's own signal (WebSocket: 1000 heartbeat timeout or disconnect, 1001 shutdown, 1008 slow consumer, 1009 frame too large, 1011 malformed; [`CloseReason::TransportClosed`] means the peer went away, so there is no one to tell). |
 //! | dropping the [`Session`] | When the peer is gone, drop the session: its channels terminate, the endpoint forgets the socket ([`Endpoint::connected`], [`Endpoint::drained`]). |
 //! | heartbeats | [`Outbound`] closes a socket that sent nothing for [`Config::heartbeat_timeout`]. A transport whose clients show they are alive other than by frames (a long-poll `GET`) calls [`Outbound::keep_alive`]. |
@@ -158,7 +159,7 @@ pub use history::{
 };
 pub use metrics::EndpointStats;
 pub use origin::{OriginCheck, OriginPatternError};
-pub use outbox::{CloseReason, Outbound};
+pub use outbox::{CloseReason, CloseSignal, Outbound};
 pub use presence::{ClusterOptions, Presence, PresenceError, PresenceOptions};
 pub use pubsub::{BroadcastFrames, PubSub, SubscriberId, Subscription};
 pub use router::Router;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use fawkes_serializer::Frame;
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::SlowConsumerPolicy;
@@ -84,6 +85,8 @@ pub(crate) struct SocketShared {
     last_seen_ms: AtomicU64,
     epoch: Instant,
     dropped: AtomicU64,
+    /// Told when the socket closes ([`CloseSignal`]).
+    closing: Notify,
     /// The endpoint's counters and those of this socket's transport.
     pub(crate) counters: Arc<Counters>,
     pub(crate) flow: Arc<Flow>,
@@ -119,6 +122,7 @@ impl Outbox {
             last_seen_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             dropped: AtomicU64::new(0),
+            closing: Notify::new(),
             counters,
             flow,
         }))
@@ -151,7 +155,10 @@ impl Outbox {
                         st.closed = Some(CloseReason::SlowConsumer);
                         wake_all(std::mem::take(&mut st.room));
                         self.0.counters.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
-                        return wake(st.waker.take());
+                        let waker = st.waker.take();
+                        drop(st);
+                        self.0.closing.notify_waiters();
+                        return wake(waker);
                     }
                     SlowConsumerPolicy::DropOldest => {
                         while full(&st) {
@@ -189,7 +196,13 @@ impl Outbox {
             wake_all(std::mem::take(&mut st.room));
             st.waker.take()
         };
+        self.0.closing.notify_waiters();
         wake(waker);
+    }
+
+    /// Why the socket closed, once it has.
+    fn close_reason(&self) -> Option<CloseReason> {
+        self.0.state.lock().closed.clone()
     }
 
     /// Waits until at most `at_most` frames are queued, or the socket is closed; returns how
@@ -287,12 +300,27 @@ impl Outbound {
     /// how many. `Err` carries the close reason once the queue is drained. Cancel-safe: nothing
     /// is taken from the queue unless it is returned.
     pub async fn recv_many(&mut self, buf: &mut Vec<Frame>, limit: usize) -> Result<usize, CloseReason> {
-        poll_fn(|cx| self.poll_recv_many(cx, buf, limit)).await
+        poll_fn(|cx| self.poll_recv_within(cx, buf, limit, usize::MAX)).await
+    }
+
+    /// [`Outbound::recv_many`] within a byte budget as well: stops before the frame that would
+    /// take the frames moved past `max_bytes` (the first is always moved, however large). A
+    /// transport that holds what it took until the peer reads it (a write in progress) holds at
+    /// most this much besides the queue, which [`Config::outbound_byte_limit`] bounds.
+    ///
+    /// [`Config::outbound_byte_limit`]: crate::Config::outbound_byte_limit
+    pub async fn recv_many_within(
+        &mut self,
+        buf: &mut Vec<Frame>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<usize, CloseReason> {
+        poll_fn(|cx| self.poll_recv_within(cx, buf, limit, max_bytes)).await
     }
 
     /// Moves every frame queued right now into `buf`, without waiting.
     pub fn try_recv_many(&mut self, buf: &mut Vec<Frame>, limit: usize) -> usize {
-        let (n, room) = take(&mut self.outbox.0.state.lock(), buf, limit);
+        let (n, room) = take(&mut self.outbox.0.state.lock(), buf, limit, usize::MAX);
         self.taken(n);
         wake_all(room);
         n
@@ -313,10 +341,21 @@ impl Outbound {
         buf: &mut Vec<Frame>,
         limit: usize,
     ) -> Poll<Result<usize, CloseReason>> {
+        self.poll_recv_within(cx, buf, limit, usize::MAX)
+    }
+
+    /// The poll form of [`Outbound::recv_many_within`].
+    pub fn poll_recv_within(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<Frame>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Poll<Result<usize, CloseReason>> {
         loop {
             {
                 let mut st = self.outbox.0.state.lock();
-                let (n, room) = take(&mut st, buf, limit);
+                let (n, room) = take(&mut st, buf, limit, max_bytes);
                 if n > 0 {
                     drop(st);
                     self.taken(n);
@@ -355,12 +394,65 @@ impl Outbound {
     pub fn close(&self, reason: CloseReason) {
         self.outbox.close(reason);
     }
+
+    /// A signal of this socket's close, for a task that does not read the queue.
+    pub fn close_signal(&self) -> CloseSignal {
+        CloseSignal(self.outbox.clone())
+    }
 }
 
-/// Moves up to `limit` frames into `buf`; returns how many, and the tasks waiting for room to
-/// wake once the lock is released.
-fn take(st: &mut State, buf: &mut Vec<Frame>, limit: usize) -> (usize, Vec<Waker>) {
-    let n = st.queue.len().min(limit);
+/// Tells when a socket closes, without taking anything from its queue: for a transport whose
+/// writer may be stuck on a peer that stopped reading, and so never sees the close through
+/// [`Outbound`] (a slow consumer, closed because its queue overflowed, is exactly that peer).
+/// Cheap to clone; got from [`Session::close_signal`](crate::Session::close_signal) or
+/// [`Outbound::close_signal`].
+///
+/// It fires when the socket is closed: by a limit, the application, shutdown, the peer's bad
+/// input, or the session being dropped. A heartbeat timeout is noticed by the transport's
+/// [`Outbound`] reads, and fires it then.
+#[derive(Clone)]
+pub struct CloseSignal(pub(crate) Outbox);
+
+impl fmt::Debug for CloseSignal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CloseSignal").field("socket", &self.0.0.id).finish_non_exhaustive()
+    }
+}
+
+impl CloseSignal {
+    /// Why the socket closed, once it has.
+    pub fn reason(&self) -> Option<CloseReason> {
+        self.0.close_reason()
+    }
+
+    /// Waits until the socket is closed; returns why. Cancel-safe.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            let notified = self.0.0.closing.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(reason) = self.reason() {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Moves up to `limit` frames, and no more than `max_bytes` of them past the first, into `buf`;
+/// returns how many, and the tasks waiting for room to wake once the lock is released.
+fn take(st: &mut State, buf: &mut Vec<Frame>, limit: usize, max_bytes: usize) -> (usize, Vec<Waker>) {
+    let mut n = st.queue.len().min(limit);
+    let mut bytes = 0;
+    if max_bytes < st.bytes {
+        let within = st.queue.iter().take(n).position(|f| {
+            bytes += f.len();
+            bytes > max_bytes
+        });
+        if let Some(over) = within {
+            n = over.max(1);
+        }
+    }
     let start = buf.len();
     buf.extend(st.queue.drain(..n));
     st.bytes -= buf[start..].iter().map(Frame::len).sum::<usize>();
@@ -421,6 +513,44 @@ mod tests {
         outbox.push(frame(10));
         assert_eq!(outbox.queued_bytes(), 10);
         assert_eq!(slow.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_batch_within_a_byte_budget_stops_before_the_frame_that_would_pass_it() {
+        let (outbox, _) = outbox(1024, 1 << 20, SlowConsumerPolicy::Disconnect);
+        for len in [4000, 4000, 4000, 100] {
+            outbox.push(frame(len));
+        }
+        let mut out = Outbound::new(outbox.clone(), Duration::from_secs(60));
+        let mut buf = Vec::new();
+        assert_eq!(out.recv_many_within(&mut buf, 100, 9000).await, Ok(2));
+        assert_eq!(outbox.queued_bytes(), 4100);
+        buf.clear();
+        assert_eq!(out.recv_many_within(&mut buf, 100, 1000).await, Ok(1), "the first frame always goes");
+        assert_eq!(out.recv_many_within(&mut buf, 100, 1000).await, Ok(1));
+        assert_eq!(outbox.queued_bytes(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_close_signal_fires_for_a_slow_consumer_whose_queue_nobody_reads() {
+        let (outbox, _) = outbox(1024, 10_000, SlowConsumerPolicy::Disconnect);
+        let out = Outbound::new(outbox.clone(), Duration::from_secs(60));
+        let signal = out.close_signal();
+        let waiting = tokio::spawn({
+            let signal = signal.clone();
+            async move { signal.closed().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        assert_eq!(signal.reason(), None);
+        for _ in 0..3 {
+            outbox.push(frame(4096));
+        }
+        let fired = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+        assert_eq!(fired.ok().and_then(Result::ok), Some(CloseReason::SlowConsumer));
+        assert_eq!(signal.closed().await, CloseReason::SlowConsumer, "a late waiter sees it at once");
+        out.close(CloseReason::TransportClosed);
+        assert_eq!(signal.reason(), Some(CloseReason::SlowConsumer), "the first reason wins");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::channel::reason;
-use crate::outbox::{CloseReason, Outbound, Outbox};
+use crate::outbox::{CloseReason, CloseSignal, Outbound, Outbox};
 use crate::registry::Shared;
 use crate::socket::SocketInfo;
 use crate::task::{ChannelMsg, JoinRequest, send_reply};
@@ -125,6 +125,11 @@ impl Session {
     /// application); the transport should deliver what is left and drop the session.
     pub fn is_closed(&self) -> bool {
         self.outbox.is_closed()
+    }
+
+    /// A signal of this socket's close that takes nothing from the queue (see [`CloseSignal`]).
+    pub fn close_signal(&self) -> CloseSignal {
+        CloseSignal(self.outbox.clone())
     }
 
     /// Closes the socket: what is queued is still delivered, then the reason.

@@ -44,6 +44,11 @@
 //! - **CORS** with tower-http's `CorsLayer`: every answer allows any origin (the endpoint checks
 //!   `Origin` at connect), a preflight echoes the requested headers, allows `get, post, options`
 //!   and is cached for an hour.
+//! - **Cutting a stream nobody reads**: a streamed response is polled only while its connection
+//!   can write, so a stream whose peer stopped reading never sees its session end. The
+//!   transport attaches a [`ConnectionCut`] to the response, cut when the read ends
+//!   ([`Read::cut_when_ended`]); a server that honours it (`fawkes serve` does) closes the
+//!   connection.
 //! - **The tower glue**: [`HttpService`] dispatches by method: `GET` to the transport, `POST`
 //!   to the session, `OPTIONS` to CORS.
 //!
@@ -83,7 +88,7 @@
 //!         };
 //!         let mut read = session.read();
 //!         let mut frames = Vec::new();
-//!         let answer = match read.next(&mut frames, 100, Duration::from_secs(1)).await {
+//!         let answer = match read.next(&mut frames, 100, usize::MAX, Duration::from_secs(1)).await {
 //!             ReadEvent::Frames => {
 //!                 let messages: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes().as_ref()).collect();
 //!                 Answer::envelope(200, Some(session.token()), &messages)
@@ -129,6 +134,7 @@
 #![forbid(unsafe_code)]
 
 mod answer;
+mod cut;
 mod forward;
 mod ingest;
 mod service;
@@ -136,9 +142,10 @@ mod sessions;
 mod token;
 
 pub use answer::{Answer, HttpBody, HttpError};
+pub use cut::ConnectionCut;
 pub use service::HttpService;
 pub use sessions::{
-    DetachedSession, HttpTransport, Lookup, Read, ReadEvent, Remote, SessionOptions, Sessions, connect_info,
+    CutWatch, DetachedSession, HttpTransport, Lookup, Read, ReadEvent, Remote, SessionOptions, Sessions, connect_info,
     query_param,
 };
 pub use token::{MAX_TOKEN_PAYLOAD, SessionSigner, random_session_id};

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use fawkes_channel::{CloseReason, ConnectInfo, Endpoint, Frame, NodeId, Outbound, PeerAddr, ServiceGuard, Session};
+use fawkes_channel::{
+    CloseReason, CloseSignal, ConnectInfo, Endpoint, Frame, NodeId, Outbound, PeerAddr, ServiceGuard, Session,
+};
 use http::Response;
 use http::request::Parts;
 use parking_lot::Mutex;
@@ -15,6 +17,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::answer::{Answer, HttpBody, HttpError};
+use crate::cut::ConnectionCut;
 use crate::ingest::{BodyKind, RecentLines, line_frame, lines};
 use crate::token::{SessionSigner, random_session_id};
 
@@ -93,6 +96,8 @@ pub(crate) struct Entry<S> {
     id: SessionId,
     pub(crate) session: tokio::sync::Mutex<(Session, RecentLines)>,
     outbound: tokio::sync::Mutex<Outbound>,
+    /// Fires when the socket closes, for those who do not hold `outbound` (a stream nobody reads).
+    closing: CloseSignal,
     /// The generation of the newest read; each read holds a receiver, so the receiver count is
     /// the number of reads in flight.
     reads: watch::Sender<u64>,
@@ -165,6 +170,12 @@ impl<S> DetachedSession<S> {
     }
 }
 
+/// Ends the watch of [`Read::cut_when_ended`] when dropped.
+#[derive(Debug)]
+pub struct CutWatch {
+    _watching: tokio::sync::oneshot::Sender<std::convert::Infallible>,
+}
+
 /// What [`Read::next`] saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadEvent {
@@ -209,9 +220,44 @@ impl<S> Read<S> {
         self.session.0.last_read_ms.store(now, Ordering::Release);
     }
 
-    /// Waits up to `wait` for frames and takes at most `limit` of them into `frames`. Cancel-safe:
-    /// nothing is taken from the queue unless it is returned.
-    pub async fn next(&mut self, frames: &mut Vec<Frame>, limit: usize, wait: Duration) -> ReadEvent {
+    /// Completes once this read can yield nothing more: the session's socket closed, or a newer
+    /// read released this one. It takes nothing from the queue and holds no lock, so it fires for
+    /// a read that nobody polls (a stream whose peer stopped reading; see
+    /// [`ConnectionCut`](crate::ConnectionCut)). While pending it counts as a read, so keep it no
+    /// longer than the read.
+    pub fn ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let closing = self.session.0.closing.clone();
+        let mut released = self.released.clone();
+        let generation = self.generation;
+        async move {
+            tokio::select! {
+                _ = closing.closed() => {}
+                _ = released.wait_for(|g| *g != generation) => {}
+            }
+        }
+    }
+
+    /// A [`ConnectionCut`] for the response that streams this read, cut once the read ends
+    /// ([`Read::ended`]). A task watches for it until the returned [`CutWatch`] is dropped: keep
+    /// that with the stream, so that a stream that ends by itself stops the watch.
+    pub fn cut_when_ended(&self) -> (ConnectionCut, CutWatch) {
+        let cut = ConnectionCut::new();
+        let (watch, stream_gone) = tokio::sync::oneshot::channel();
+        let ended = self.ended();
+        let cutting = cut.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = ended => cutting.cut(),
+                _ = stream_gone => {}
+            }
+        });
+        (cut, CutWatch { _watching: watch })
+    }
+
+    /// Waits up to `wait` for frames and takes at most `limit` of them, and no more than
+    /// `max_bytes` past the first, into `frames`. Cancel-safe: nothing is taken from the queue
+    /// unless it is returned.
+    pub async fn next(&mut self, frames: &mut Vec<Frame>, limit: usize, max_bytes: usize, wait: Duration) -> ReadEvent {
         let entry = &self.session.0;
         let generation = self.generation;
         let keep_alive = std::mem::take(&mut self.keep_alive);
@@ -221,7 +267,7 @@ impl<S> Read<S> {
             if keep_alive {
                 outbound.keep_alive();
             }
-            outbound.recv_many(frames, limit).await
+            outbound.recv_many_within(frames, limit, max_bytes).await
         };
         tokio::select! {
             biased;
@@ -296,7 +342,7 @@ type Shard<S> = Mutex<HashMap<SessionId, Arc<Entry<S>>>>;
 ///         };
 ///         let mut read = session.read();
 ///         let mut frames = Vec::new();
-///         let answer = match read.next(&mut frames, 100, Duration::from_secs(1)).await {
+///         let answer = match read.next(&mut frames, 100, usize::MAX, Duration::from_secs(1)).await {
 ///             ReadEvent::Frames => {
 ///                 let messages: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes().as_ref()).collect();
 ///                 Answer::envelope(200, Some(session.token()), &messages)
@@ -458,6 +504,7 @@ impl<T: HttpTransport> Sessions<T> {
             token,
             id,
             outbound: tokio::sync::Mutex::new(session.outbound()),
+            closing: session.close_signal(),
             session: tokio::sync::Mutex::new((session, RecentLines::new())),
             reads: watch::Sender::new(0),
             last_read_ms: AtomicU64::new(self.0.epoch.elapsed().as_millis() as u64),
@@ -572,12 +619,29 @@ mod tests {
         let session = open(&sessions, "vsn=2.0.0").await.expect("opens");
         let mut older = session.read();
         let mut frames = Vec::new();
-        assert_eq!(older.next(&mut frames, 10, Duration::from_secs(1)).await, ReadEvent::Idle);
+        assert_eq!(older.next(&mut frames, 10, usize::MAX, Duration::from_secs(1)).await, ReadEvent::Idle);
         let mut newer = session.read();
-        assert_eq!(older.next(&mut frames, 10, Duration::from_secs(1)).await, ReadEvent::Released);
+        assert_eq!(older.next(&mut frames, 10, usize::MAX, Duration::from_secs(1)).await, ReadEvent::Released);
         ingest_heartbeat(&session).await;
-        assert_eq!(newer.next(&mut frames, 10, Duration::from_secs(1)).await, ReadEvent::Frames);
+        assert_eq!(newer.next(&mut frames, 10, usize::MAX, Duration::from_secs(1)).await, ReadEvent::Frames);
         assert_eq!(frames.len(), 1, "the heartbeat reply, taken once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_nobody_polls_ends_when_a_newer_read_starts_or_its_socket_closes() {
+        let sessions = sessions(Duration::from_secs(20));
+        let session = open(&sessions, "vsn=2.0.0").await.expect("opens");
+        let older = session.read();
+        let ended = tokio::spawn(older.ended());
+        tokio::task::yield_now().await;
+        assert!(!ended.is_finished(), "a read in flight has not ended");
+        let newer = session.read();
+        assert!(tokio::time::timeout(Duration::from_secs(1), ended).await.is_ok(), "released by the newer read");
+        let ended = tokio::spawn(newer.ended());
+        tokio::task::yield_now().await;
+        assert!(!ended.is_finished());
+        session.0.session.lock().await.0.close(CloseReason::SlowConsumer);
+        assert!(tokio::time::timeout(Duration::from_secs(1), ended).await.is_ok(), "its socket closed");
     }
 
     async fn ingest_heartbeat(session: &DetachedSession<()>) {

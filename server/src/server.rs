@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use fawkes::Endpoint;
 use fawkes::longpoll::{LongPollOptions, LongPollService};
-use fawkes::sse::{SseOptions, SseService};
+use fawkes::sse::{ConnectionCut, SseOptions, SseService};
 use fawkes::ws::{PeerAddr, WebSocketService};
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
@@ -135,6 +135,15 @@ pub async fn serve(
 /// connections still open are asked to finish their request; at
 /// [`ServeOptions::drain_deadline`] whatever is left (a slow body, a stalled stream, a peer that
 /// does not read) is cut and `serve_with` returns.
+///
+/// A response may ask for its connection to be closed with a [`ConnectionCut`] extension: an SSE
+/// stream does, cut when its session ends. hyper polls a stream only when it can write, so a
+/// stream whose peer stopped reading (closed as a slow consumer) would never end by itself. Once
+/// the cut is made, the connection reads no further request, the response has 2 s to finish (a
+/// peer that reads gets the last event), then the connection is dropped with what hyper buffered
+/// for it. An app served with plain `axum::serve` has no such cut: a stalled stream's connection
+/// stays open until the peer's TCP connection fails or times out. hyper's buffer is 32 KiB per
+/// connection here (its default is about 400 KB), which also bounds a request's head.
 pub async fn serve_with(
     listener: tokio::net::TcpListener,
     app: axum::Router,
@@ -252,16 +261,56 @@ async fn accept(
     connections
 }
 
-/// What a connection's requests have done, for its idle timeout.
-#[derive(Debug, Default)]
+/// How long a connection whose response asked for it to be cut ([`ConnectionCut`]) may still
+/// take to finish that response: a peer that reads gets the stream's last event, one that does not
+/// is dropped with what hyper buffered for it.
+const CUT_GRACE: Duration = Duration::from_secs(2);
+/// hyper's buffer per connection (its default is about 400 KB): the most a response may queue for
+/// a peer that stopped reading besides the chunk being written, and the largest request head.
+const MAX_BUF_SIZE: usize = 32 * 1024;
+
+/// What a connection's requests have done, for its idle timeout and its cut.
+#[derive(Debug)]
 struct Activity {
     /// Responses begun on this connection.
     responses: AtomicU64,
     /// Response bodies being sent (an SSE stream) right now.
     streaming: AtomicUsize,
+    /// The cut of the last response, until the next request begins.
+    cut: tokio::sync::watch::Sender<Option<ConnectionCut>>,
 }
 
-/// Serves one connection until it ends, is idle too long, or the server stops.
+impl Default for Activity {
+    fn default() -> Activity {
+        Activity {
+            responses: AtomicU64::new(0),
+            streaming: AtomicUsize::new(0),
+            cut: tokio::sync::watch::Sender::new(None),
+        }
+    }
+}
+
+/// Completes when the response being sent on the connection asks for it to be cut.
+async fn cut_requested(cuts: &mut tokio::sync::watch::Receiver<Option<ConnectionCut>>) {
+    loop {
+        let current = cuts.borrow_and_update().clone();
+        let changed = async {
+            if cuts.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        match current {
+            Some(cut) => tokio::select! {
+                () = cut.wait() => return,
+                () = changed => {}
+            },
+            None => changed.await,
+        }
+    }
+}
+
+/// Serves one connection until it ends, is idle too long, its response asks for a cut, or the
+/// server stops.
 async fn connection(
     io: tokio::net::TcpStream,
     remote: SocketAddr,
@@ -271,9 +320,12 @@ async fn connection(
 ) {
     let activity = Arc::new(Activity::default());
     let seen = activity.clone();
+    let mut cuts = activity.cut.subscribe();
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let mut app = app.clone();
         let activity = activity.clone();
+        // A cut asked for by an earlier response is done with: its response was sent.
+        activity.cut.send_replace(None);
         async move {
             let mut req = req.map(axum::body::Body::new);
             req.extensions_mut().insert(ConnectInfo(remote));
@@ -282,17 +334,21 @@ async fn connection(
                 Err(never) => match never {},
             };
             activity.responses.fetch_add(1, Ordering::Relaxed);
+            if let Some(cut) = res.extensions().get::<ConnectionCut>() {
+                activity.cut.send_replace(Some(cut.clone()));
+            }
             Ok::<_, Infallible>(res.map(|body| axum::body::Body::new(Streaming::new(body, activity))))
         }
     });
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read);
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read).max_buf_size(MAX_BUF_SIZE);
     let conn = http.serve_connection(TokioIo::new(io), service).with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let mut graceful = false;
     let mut responses = 0;
     let idle = tokio::time::sleep(limits.idle);
     let mut idle = std::pin::pin!(idle);
+    let mut cut_at = None;
     loop {
         tokio::select! {
             done = conn.as_mut() => {
@@ -304,6 +360,19 @@ async fn connection(
             _ = stopping.changed(), if !graceful => {
                 graceful = true;
                 conn.as_mut().graceful_shutdown();
+            }
+            () = cut_requested(&mut cuts), if cut_at.is_none() => {
+                // The stream ended (its session closed): finish the response, read no more.
+                tracing::debug!(peer = %remote, "the response's stream ended; closing the connection");
+                cut_at = Some(tokio::time::Instant::now() + CUT_GRACE);
+                if !graceful {
+                    graceful = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            () = tokio::time::sleep_until(cut_at.unwrap_or_else(tokio::time::Instant::now)), if cut_at.is_some() => {
+                tracing::debug!(peer = %remote, grace = ?CUT_GRACE, "cutting a connection whose peer does not read");
+                return;
             }
             () = &mut idle => {
                 let now = seen.responses.load(Ordering::Relaxed);

@@ -272,9 +272,40 @@ async fn a_join_flood_is_rate_limited_on_its_own_socket() {
     healthy.finish(0).await;
 }
 
+/// A stream whose session ends is finished, its last event included, and then its connection
+/// is closed rather than kept for another request: a reading peer loses nothing to the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_gets_the_last_event_of_a_stream_whose_session_ends_then_the_end_of_the_connection() {
+    let h = start(Config::default()).await;
+    let addr = h.addr;
+    let mut io = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET /socket/sse?vsn=2.0.0 HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+    io.write_all(req.as_bytes()).await.expect("open");
+    let mut head = Vec::new();
+    while !String::from_utf8_lossy(&head).contains("phx_session\ndata: ") || !head.ends_with(b"\n\n") {
+        head.push(io.read_u8().await.expect("the session event"));
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let token = text.lines().find_map(|l| l.strip_prefix("data: ")).expect("a token").trim().to_owned();
+    let post = format!(
+        "POST /socket/sse?token={token} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: 9\r\nConnection: close\r\n\r\n[not json"
+    );
+    let (status, body) = tokio::task::spawn_blocking(move || http(addr, post.as_bytes())).await.expect("post");
+    assert!(status == 200 && body.contains(r#""status":400"#), "{status} {body}");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, io.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(_))), "the connection ends: {read:?}");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("event: phx_socket_close\ndata: malformed frame"), "the last event: {rest}");
+    assert!(rest.ends_with("0\r\n\r\n"), "the response was finished before the close: {rest}");
+}
+
 /// A WebSocket reader and SSE streams that stop reading while 4 KiB broadcasts keep coming: each
-/// is closed as a slow consumer once its queue holds a mebibyte, and the healthy client, on the
-/// same topic, gets every broadcast.
+/// is closed as a slow consumer once its queue holds a mebibyte, counted in `/metrics`, and its
+/// TCP connection is closed though it never reads again (hyper polls a stream only when it can
+/// write, so the stream cannot end by itself). The healthy client, on the same topic, gets every
+/// broadcast.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_readers_are_closed_at_the_byte_bound_and_a_reader_alongside_gets_everything() {
     let h = start(Config::default()).await;
@@ -328,6 +359,31 @@ async fn stalled_readers_are_closed_at_the_byte_bound_and_a_reader_alongside_get
     tokio::time::timeout(WAIT, closed)
         .await
         .unwrap_or_else(|_| panic!("{} slow consumers", h.endpoint.slow_consumers()));
-    drop(stalled_ws);
-    drop(stalled_sse);
+    let (status, metrics) = tokio::task::spawn_blocking(move || {
+        http(addr, format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+    })
+    .await
+    .expect("metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.lines().any(|l| l == "fawkes_slow_consumer_closes_total 5"), "{metrics}");
+
+    // Every stalled connection is dropped by the server while its peer still reads nothing (the
+    // SSE streams' after their cut's grace of 2 s, the WebSocket's once its stuck write has had
+    // 10 s), and its session with it: only the healthy client's socket may be left.
+    let dropped = async {
+        while h.endpoint.connected() > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(WAIT, dropped).await.is_err() {
+        panic!("{} sockets still open: the stalled ones were not dropped", h.endpoint.connected());
+    }
+    // Reading now gives what the kernel still held for each, then the end.
+    let quick = Duration::from_secs(5);
+    for (n, mut io) in stalled_sse.into_iter().enumerate() {
+        let read = tokio::time::timeout(quick, io.read_to_end(&mut Vec::new())).await;
+        assert!(matches!(read, Ok(Ok(_))), "stalled SSE stream {n} was closed by the server: {read:?}");
+    }
+    let read = tokio::time::timeout(quick, stalled_ws.read_to_end(&mut Vec::new())).await;
+    assert!(matches!(read, Ok(Ok(_))), "the stalled WebSocket was closed by the server: {read:?}");
 }

@@ -147,3 +147,67 @@ async fn header_read_and_idle_timeouts_cut_slow_peers_but_not_a_chatting_client(
     }
     assert_eq!(replies, sent + 1, "replies to the join and every push");
 }
+
+/// A long-poll client whose answer is never read: the answer is finite (at most 64 KiB of
+/// messages), so the poll's read ends and the session ends after its idle window; the connection
+/// holding the unread answer is closed by the idle timeout (within two of them), while the peer
+/// still reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_answer_never_read_is_dropped_with_its_connection_and_session() {
+    let endpoint = Endpoint::new(fawkes_server::demo::router());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let longpoll = fawkes::longpoll::LongPollOptions::default().session_idle(Duration::from_secs(1));
+    let app = fawkes_server::app_with(endpoint.clone(), longpoll);
+    let mut options = ServeOptions::default();
+    options.idle_timeout = Duration::from_millis(1500);
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(fawkes_server::serve_with(
+        listener,
+        app,
+        endpoint.clone(),
+        async {
+            let _ = stopped.await;
+        },
+        options,
+    ));
+
+    let token = tokio::task::spawn_blocking(move || longpoll_token(addr)).await.expect("a session");
+    let join = r#"["1","1","room:hung","phx_join",{}]"#;
+    let post = format!(
+        "POST /socket/longpoll?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{join}",
+        join.len()
+    );
+    tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.write_all(post.as_bytes()).expect("post");
+        let _ = stream.read_to_end(&mut Vec::new());
+    })
+    .await
+    .expect("joined");
+    let pad = "x".repeat(4096);
+    for n in 0..100 {
+        endpoint.pubsub().broadcast("room:hung", "news", serde_json::json!({ "n": n, "pad": pad }));
+    }
+    // The poll, on a connection that holds little, never read.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("receive buffer");
+    let io = socket.connect(addr).await.expect("connect");
+    let stream = io.into_std().expect("std");
+    stream.set_nonblocking(false).expect("blocking");
+    let mut writer = stream.try_clone().expect("clone");
+    let poll = format!("GET /socket/longpoll?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    writer.write_all(poll.as_bytes()).expect("poll");
+
+    // Two idle timeouts and the session's idle window pass with the answer unread.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let since = Instant::now();
+    let (after, answer) =
+        tokio::task::spawn_blocking(move || ended(stream, since, Duration::from_secs(1))).await.expect("read");
+    assert!(after < Duration::from_secs(1), "the connection was closed before it was read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..answer.len().min(200)]);
+    assert!(answer.len() < 80 * 1024, "one answer of at most 64 KiB of messages: {} bytes", answer.len());
+    assert_eq!(endpoint.connected(), 0, "the session ended");
+}

@@ -20,8 +20,9 @@
 //! - `GET` without a token opens a session (the connect callback runs; `403` if it refuses or the
 //!   origin check fails; `500` while shutting down) and answers `410` with the session's token.
 //!   The bearer token is the `X-Phoenix-AuthToken` header (or an `auth_token` param).
-//! - `GET` with a token waits up to [`LongPollOptions::poll_window`] for messages: `200` with every
-//!   queued message, or `204`. A newer `GET` for the same session releases the older one with
+//! - `GET` with a token waits up to [`LongPollOptions::poll_window`] for messages: `200` with the
+//!   queued messages (up to 1,024 and 64 KiB of them, or one larger message; the client polls
+//!   again at once for the rest), or `204`. A newer `GET` for the same session releases the older one with
 //!   `204`; nothing is taken from the queue unless it is answered.
 //! - A token that is forged, altered, or names a session that ended or expired is answered `410`
 //!   (the client reconnects and rejoins); `GET` also opens a fresh session. Never `403`.

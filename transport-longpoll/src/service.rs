@@ -16,6 +16,11 @@ use http_body::Body;
 
 /// Messages answered by one poll at most; the rest wait for the next poll.
 const MAX_MESSAGES_PER_POLL: usize = 1024;
+/// Bytes of messages answered by one poll at most (a larger message goes alone); the rest wait
+/// for the next poll. An answer its client never reads stays in the HTTP server's buffer until
+/// the connection closes, besides the session's queue: small, so that a stalled client holds
+/// little more than `outbound_byte_limit`.
+const MAX_BYTES_PER_POLL: usize = 64 * 1024;
 
 /// Long-poll settings.
 #[derive(Debug, Clone)]
@@ -109,15 +114,15 @@ impl HttpTransport for LongPoll {
 }
 
 impl LongPoll {
-    /// One poll: every queued message (`200`), or none within the poll window (`204`). A newer
-    /// poll of the same session releases this one with `204`.
+    /// One poll: the queued messages, up to 1,024 and 64 KiB of them (`200`), or none within the
+    /// poll window (`204`). A newer poll of the same session releases this one with `204`.
     async fn poll(&self, sessions: &Sessions<Self>, session: DetachedSession<()>) -> Answer {
         let token = Some(session.token());
         let mut read = session.read();
         // Polling is this client's heartbeat: phoenix.js sends none over long-poll.
         read.keep_alive();
         let mut frames = Vec::new();
-        match read.next(&mut frames, MAX_MESSAGES_PER_POLL, self.poll_window).await {
+        match read.next(&mut frames, MAX_MESSAGES_PER_POLL, MAX_BYTES_PER_POLL, self.poll_window).await {
             ReadEvent::Frames => {
                 let messages: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes().as_ref()).collect();
                 Answer::envelope(200, token, &messages)

@@ -74,6 +74,37 @@ async fn an_empty_poll_answers_204_and_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_poll_answers_at_most_64_kib_of_messages_and_the_next_poll_the_rest() {
+    let lp = lp(LongPollOptions::default());
+    let token = lp.open().await;
+    lp.post(&token, &[r#"["1","1","test:big","phx_join",{}]"#]).await;
+    lp.messages(&token, 1).await;
+    // 40 broadcasts of about 4 KiB: 160 KiB queued.
+    let pad = "x".repeat(4096);
+    for n in 0..40 {
+        lp.endpoint.pubsub().broadcast("test:big", "n", json!({"n": n, "pad": pad}));
+    }
+    let mut sizes = Vec::new();
+    let mut next = 0;
+    while next < 40 {
+        let body = lp.get(&format!("vsn=2.0.0&token={token}")).await;
+        let messages = body["messages"].as_array().expect("messages");
+        sizes.push(messages.iter().map(|m| m.as_str().map_or(0, str::len)).sum::<usize>());
+        for m in messages {
+            let m: Value = serde_json::from_str(m.as_str().expect("string")).expect("V2 JSON");
+            assert_eq!(m[4]["n"], next, "in order, none lost");
+            next += 1;
+        }
+    }
+    assert!(sizes.len() >= 3 && sizes.iter().all(|s| *s <= 64 * 1024), "bytes per poll: {sizes:?}");
+    // A message larger than that still goes, alone.
+    lp.endpoint.pubsub().broadcast("test:big", "n", json!({"pad": "y".repeat(100_000)}));
+    lp.endpoint.pubsub().broadcast("test:big", "n", json!({"n": 41}));
+    assert_eq!(lp.get(&format!("vsn=2.0.0&token={token}")).await["messages"].as_array().map(Vec::len), Some(1));
+    assert_eq!(lp.messages(&token, 1).await[0][4]["n"], 41);
+}
+
+#[tokio::test]
 async fn bad_tokens_get_410_never_403() {
     let lp = lp(LongPollOptions::default());
     let token = lp.open().await;

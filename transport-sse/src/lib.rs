@@ -28,7 +28,8 @@
 //!   `auth_token` is the `auth_token` query parameter (EventSource cannot send headers).
 //! - `GET …&token=T` with `Last-Event-ID: N` (or `&last_event_id=N`, for clients that cannot
 //!   set headers) resumes the session: events after `N` still in the replay window
-//!   ([`SseOptions::replay_window`] events) are sent again, then live ones. A newer `GET` of the
+//!   ([`SseOptions::replay_window`] events, [`SseOptions::replay_window_bytes`] bytes) are sent
+//!   again, then live ones. A newer `GET` of the
 //!   same session ends the older stream. A token that is forged, expired, or whose events after
 //!   `N` are no longer all in the window opens a fresh session instead (its `phx_session` token
 //!   differs, so the client knows to rejoin): never `403` for a token.
@@ -45,7 +46,15 @@
 //!   be forwarded: a `GET` with a token that reaches another node opens a new session there.
 //! - A session with no stream attached for [`SseOptions::session_idle`] ends. A stream's reader
 //!   that stops reading stops the session's outbound queue from draining, so the endpoint's
-//!   `outbound_queue_limit` closes it as a slow consumer: memory stays bounded.
+//!   `outbound_queue_limit` and `outbound_byte_limit` close it as a slow consumer. Such a stream
+//!   is never polled again (the HTTP server polls a body only when it can write), so it cannot
+//!   end by itself: its response carries a [`ConnectionCut`], cut when the stream's session ends
+//!   or a newer stream replaces it, and a server that honours it closes the connection
+//!   (`fawkes serve` does; through plain `axum::serve` the connection stays open until the peer's
+//!   TCP connection fails). Until then a stalled reader holds at most its queue
+//!   (`outbound_byte_limit`), the replay window ([`SseOptions::replay_window_bytes`]) and what
+//!   the HTTP server buffered: a chunk of at most 32 KiB of events (or one larger event) and the
+//!   server's write buffer (hyper's `max_buf_size`; `fawkes serve` sets 32 KiB).
 //! - Binary payloads reach SSE clients as `{"binary": "<base64>"}`, as over long-poll.
 //! - Every answer carries `access-control-allow-origin: *`; `OPTIONS` preflights are answered.
 
@@ -53,6 +62,7 @@ mod service;
 
 use std::time::Duration;
 
+pub use fawkes_http::ConnectionCut;
 pub use service::{SseBody, SseService};
 
 /// SSE settings.
@@ -65,6 +75,10 @@ pub struct SseOptions {
     pub keep_alive: Duration,
     /// Events a session keeps to resend after a reconnect with `Last-Event-ID`.
     pub replay_window: usize,
+    /// Bytes of those events (counted as the messages' length) a session keeps at most: the
+    /// window holds what was already sent, outside the endpoint's `outbound_byte_limit`, so a
+    /// stalled reader's session holds at most this much besides its queue.
+    pub replay_window_bytes: usize,
     /// Largest `POST` body, in bytes.
     pub max_body_size: usize,
     /// The key tokens are signed with (by default a random one per process).
@@ -77,6 +91,7 @@ impl Default for SseOptions {
             session_idle: Duration::from_secs(20),
             keep_alive: Duration::from_secs(15),
             replay_window: 256,
+            replay_window_bytes: 64 * 1024,
             max_body_size: 8 * 1024 * 1024,
             secret: None,
         }
@@ -95,7 +110,13 @@ macro_rules! setters {
 }
 
 impl SseOptions {
-    setters!(session_idle: Duration, keep_alive: Duration, replay_window: usize, max_body_size: usize);
+    setters!(
+        session_idle: Duration,
+        keep_alive: Duration,
+        replay_window: usize,
+        replay_window_bytes: usize,
+        max_body_size: usize
+    );
 
     /// Sets [`SseOptions::secret`].
     pub fn secret(mut self, secret: impl Into<Vec<u8>>) -> Self {

@@ -6,8 +6,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::{fmt, future::Future, pin::Pin, task::Context, task::Poll};
 
 use bytes::Bytes;
-use fawkes_channel::Endpoint;
-use fawkes_http::{HttpBody, HttpService, HttpTransport, Lookup, Read, ReadEvent, Sessions};
+use fawkes_channel::{Endpoint, Frame};
+use fawkes_http::{CutWatch, HttpBody, HttpService, HttpTransport, Lookup, Read, ReadEvent, Sessions};
 use futures_util::{StreamExt as _, stream};
 use http::{HeaderValue, Request, Response, header, request::Parts};
 use http_body::Body;
@@ -18,6 +18,10 @@ use crate::SseOptions;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Frames one stream takes from the outbound queue at a time.
 const BATCH: usize = 256;
+/// Bytes of frames one stream takes from the outbound queue at a time (a larger frame goes
+/// alone). What a stream has taken waits in the HTTP layer's buffer while the peer does not read:
+/// small, so that a stalled reader holds little besides its queue.
+const CHUNK_BYTES: usize = 32 * 1024;
 
 /// A response body: a short JSON answer, or a session's event stream.
 pub type SseBody = HttpBody;
@@ -26,11 +30,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The events a session sent recently, to resend after a reconnect.
+/// The events a session sent recently, to resend after a reconnect: their frames (a broadcast's
+/// is shared with every other subscriber) and ids, written out again when resent.
 #[derive(Default)]
 struct Replay {
-    events: VecDeque<(u64, Bytes)>,
+    events: VecDeque<(u64, Frame)>,
+    /// Bytes of the frames in `events`.
+    bytes: usize,
     last_id: u64,
+}
+
+impl Replay {
+    /// Numbers `frame`, writes its event to `out` and keeps it, within the window's bounds.
+    fn push(&mut self, frame: Frame, options: &SseOptions, out: &mut Vec<u8>) {
+        self.last_id += 1;
+        write_event(out, self.last_id, &frame);
+        self.bytes += frame.len();
+        self.events.push_back((self.last_id, frame));
+        while self.events.len() > options.replay_window || self.bytes > options.replay_window_bytes {
+            let Some((_, old)) = self.events.pop_front() else { break };
+            self.bytes -= old.len();
+        }
+    }
 }
 
 struct Sse {
@@ -82,7 +103,9 @@ impl HttpTransport for Sse {
 
 impl Sse {
     /// Streams the session of `read` (which ended the stream attached before): `replay`, then
-    /// the events after `cursor`.
+    /// the events after `cursor`. The response carries a [`ConnectionCut`](fawkes_http::ConnectionCut),
+    /// cut when the read ends (the session closed, or a newer stream took over): a stream whose
+    /// peer stopped reading is never polled again, so it could not end by itself.
     fn attach(
         &self,
         sessions: &Sessions<Self>,
@@ -91,10 +114,12 @@ impl Sse {
         cursor: u64,
     ) -> Response<HttpBody> {
         let first = [event("event: phx_session", read.session().token()), replay.into()].concat();
-        let events = Events { sessions: sessions.clone(), read: Some(read), cursor };
+        let (cut, watch) = read.cut_when_ended();
+        let events = Events { sessions: sessions.clone(), read: Some(read), cursor, _watch: watch };
         let events = stream::unfold(events, |mut events| async move { Some((events.next().await?, events)) });
         let chunks = stream::iter([Bytes::from(first)]).chain(events);
         let mut res = Response::new(StreamBody::new(chunks.map(|c| Ok(http_body::Frame::data(c)))).boxed_unsync());
+        res.extensions_mut().insert(cut);
         let h = res.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -167,7 +192,10 @@ fn events_after(replay: &Replay, cursor: u64) -> Option<(Vec<u8>, u64)> {
         return None;
     }
     let skip = usize::try_from(cursor + 1 - oldest).unwrap_or(usize::MAX);
-    let events = replay.events.iter().skip(skip).flat_map(|(_, e)| e.to_vec()).collect();
+    let mut events = Vec::new();
+    for (id, frame) in replay.events.iter().skip(skip) {
+        write_event(&mut events, *id, frame);
+    }
     Some((events, replay.last_id))
 }
 
@@ -180,16 +208,18 @@ struct Events {
     /// The id of the last event this stream sent. Events after it that a replaced stream
     /// numbered (it took them from the queue just before the takeover) go out with the next.
     cursor: u64,
+    /// Watches for the read's end, to cut the connection; dropped with the stream.
+    _watch: CutWatch,
 }
 
 impl Events {
     /// The next chunk of the stream: events, a keep-alive comment, or the close event; `None` once
-    /// it ended. Events are numbered, and the last `replay_window` of them kept.
+    /// it ended. Events are numbered, and the last of them kept within the replay window.
     async fn next(&mut self) -> Option<Bytes> {
         let read = self.read.as_mut()?;
         let mut frames = Vec::new();
         let options = &self.sessions.transport().options;
-        let idle = match read.next(&mut frames, BATCH, options.keep_alive).await {
+        let idle = match read.next(&mut frames, BATCH, CHUNK_BYTES, options.keep_alive).await {
             ReadEvent::Frames => false,
             ReadEvent::Idle => true,
             ReadEvent::Released => {
@@ -207,14 +237,7 @@ impl Events {
             // First what a replaced stream numbered after this one's cursor (usually nothing).
             events_after(replay, self.cursor).map(|(mut out, _)| {
                 for frame in frames {
-                    replay.last_id += 1;
-                    let data = String::from_utf8_lossy(frame.as_bytes());
-                    let event = event(&format!("id: {}", replay.last_id), &data);
-                    out.extend_from_slice(&event);
-                    replay.events.push_back((replay.last_id, event));
-                    if replay.events.len() > options.replay_window {
-                        replay.events.pop_front();
-                    }
+                    replay.push(frame, options, &mut out);
                 }
                 self.cursor = replay.last_id;
                 out
@@ -233,7 +256,21 @@ impl Events {
     }
 }
 
-/// One SSE event: `head` (its `event:` or `id:` line), then `data`, one `data:` line per line.
+/// One SSE event: `head` (its `event:` line), then `data`, one `data:` line per line.
 fn event(head: &str, data: &str) -> Bytes {
     format!("{head}\ndata: {}\n\n", data.replace('\n', "\ndata: ")).into()
+}
+
+/// Writes the event of message `id` to `out`: its `id:` line, then one `data:` line per line of
+/// the frame.
+fn write_event(out: &mut Vec<u8>, id: u64, frame: &Frame) {
+    let data = String::from_utf8_lossy(frame.as_bytes());
+    out.extend_from_slice(format!("id: {id}\ndata: ").as_bytes());
+    for (n, line) in data.split('\n').enumerate() {
+        if n > 0 {
+            out.extend_from_slice(b"\ndata: ");
+        }
+        out.extend_from_slice(line.as_bytes());
+    }
+    out.extend_from_slice(b"\n\n");
 }

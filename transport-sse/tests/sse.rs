@@ -108,10 +108,45 @@ async fn last_event_id_resumes_within_the_window_and_a_fresh_session_starts_beyo
 }
 
 #[tokio::test]
+async fn the_replay_window_keeps_at_most_its_bytes_and_a_resume_past_them_gets_a_new_session() {
+    // Broadcasts of about 1,040 bytes; the window keeps 3,300 bytes of them: three.
+    let options = SseOptions::default().replay_window(256).replay_window_bytes(3300);
+    let (svc, endpoint) = service(Config::default(), options);
+    let mut s = open(&svc, "vsn=2.0.0").await.expect("opens");
+    assert_eq!(post(&svc, &s.token, &[join("test:bytes")]).await, 200);
+    assert_eq!(s.event().await.expect("join reply").id, Some(1));
+    let pad = "x".repeat(1000);
+    for n in 2..=10 {
+        endpoint.pubsub().broadcast("test:bytes", "n", json!({"n": n, "pad": pad}));
+        assert_eq!(s.event().await.expect("a broadcast").id, Some(n));
+    }
+    let token = s.token.clone();
+    drop(s);
+
+    // 8, 9 and 10 are kept: resuming after 7 resends them.
+    let mut resumed = open(&svc, &format!("token={token}&last_event_id=7")).await.expect("resumes");
+    assert_eq!(resumed.token, token, "the same session");
+    for n in 8..=10 {
+        let e = resumed.event().await.expect("a replayed event");
+        assert_eq!((e.id, data(&e)[4]["n"].clone()), (Some(n), json!(n)));
+    }
+
+    // 7 is not, though far fewer than `replay_window` events were sent: the session cannot be
+    // resumed, and the client is told with a new session (another token), for it to rejoin.
+    drop(resumed);
+    let fresh = open(&svc, &format!("vsn=2.0.0&token={token}&last_event_id=6")).await.expect("opens");
+    assert_ne!(fresh.token, token);
+    assert_eq!(post(&svc, &token, &[join("test:x")]).await, 410, "the old session ended");
+}
+
+#[tokio::test]
 async fn a_newer_stream_ends_the_older_one() {
     let (svc, _) = service(Config::default(), SseOptions::default());
     let mut first = open(&svc, "vsn=2.0.0").await.expect("opens");
     let mut second = open(&svc, &format!("token={}", first.token)).await.expect("reattaches");
+    // The older stream's connection is cut whether or not its reader reads on.
+    tokio::time::timeout(Duration::from_secs(5), first.cut.wait()).await.expect("the older connection is cut");
+    assert!(!second.cut.is_cut());
     assert_eq!(first.next().await, Next::End);
     assert_eq!(post(&svc, &second.token, &[r#"[null,"1","phoenix","heartbeat",{}]"#.into()]).await, 200);
     assert_eq!(data(&second.event().await.expect("reply"))[1], "1");
@@ -127,6 +162,9 @@ async fn a_reader_that_stops_reading_is_closed_as_a_slow_consumer() {
     for n in 0..10_000 {
         endpoint.pubsub().broadcast("test:flood", "n", json!({"n": n}));
     }
+    // A stream nobody polls never sees its session close: its connection is cut instead.
+    let cut = tokio::time::timeout(Duration::from_secs(5), s.cut.wait()).await;
+    assert!(cut.is_ok(), "the connection of a stream nobody reads is cut when its session closes");
     let mut delivered = 0;
     let close = loop {
         let e = s.event().await.expect("events, then a close event");

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use fawkes_channel::{CloseReason, Frame, Session};
+use fawkes_channel::{CloseReason, CloseSignal, Frame, Session};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_tungstenite::WebSocketStream;
@@ -13,11 +13,16 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 /// Frames written per flush.
 const BATCH: usize = 256;
+/// Bytes of frames taken from the queue per flush (a larger frame goes alone). A write to a peer
+/// that stopped reading holds what it took, besides the queue: small, so that a stalled reader
+/// costs little more than the endpoint's `outbound_byte_limit`.
+const BATCH_BYTES: usize = 64 * 1024;
 /// How long a closing connection waits for the peer's answer to our close frame, and then for
 /// the peer to end the TCP connection after ours.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// How long a close frame may wait to be written to a peer that has stopped reading. Longer
-/// than [`CLOSE_GRACE`]: a slow consumer still reads what was sent before its 1008.
+/// How long a close frame may wait to be written to a peer that has stopped reading, and how
+/// long a write in progress when the socket closes may still take. Longer than [`CLOSE_GRACE`]: a
+/// slow consumer still reads what was sent before its 1008.
 const CLOSE_WRITE_GRACE: Duration = Duration::from_secs(10);
 
 type Sink<S> = futures_util::stream::SplitSink<WebSocketStream<S>, Message>;
@@ -31,6 +36,9 @@ enum End {
     Peer,
     /// The peer broke the protocol: tell it with this code (1002, 1007), then end.
     Violation(CloseCode, &'static str),
+    /// The session ended while a write waited on a peer that does not read: nothing more can
+    /// be written, so the connection is dropped.
+    Stuck(CloseReason),
     /// The connection is gone or broken: nothing can be said.
     Gone,
 }
@@ -51,6 +59,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut outbound = session.outbound();
+    let closing = session.close_signal();
     let mut batch = Vec::new();
     // False once the peer's input cannot be read any further (a frame over the limit): the
     // session then ends and its reason is sent.
@@ -58,13 +67,12 @@ where
 
     let end = 'conn: loop {
         let frame = tokio::select! {
-            sent = outbound.recv_many(&mut batch, BATCH) => match sent {
-                Ok(_) => {
-                    if write(&mut sink, &mut batch).await.is_err() {
-                        break 'conn End::Gone;
-                    }
-                    continue;
-                }
+            sent = outbound.recv_many_within(&mut batch, BATCH, BATCH_BYTES) => match sent {
+                Ok(_) => match Box::pin(send(&mut sink, &mut batch, &closing)).await {
+                    Sent::Written => continue,
+                    Sent::Failed => break 'conn End::Gone,
+                    Sent::Stuck(reason) => break 'conn End::Stuck(reason),
+                },
                 Err(reason) => break 'conn End::Server(reason),
             },
             msg = stream.next(), if reading => match msg {
@@ -98,12 +106,12 @@ where
                     }
                     break;
                 }
-                sent = outbound.recv_many(&mut batch, BATCH) => match sent {
-                    Ok(_) => {
-                        if write(&mut sink, &mut batch).await.is_err() {
-                            break 'conn End::Gone;
-                        }
-                    }
+                sent = outbound.recv_many_within(&mut batch, BATCH, BATCH_BYTES) => match sent {
+                    Ok(_) => match Box::pin(send(&mut sink, &mut batch, &closing)).await {
+                        Sent::Written => {}
+                        Sent::Failed => break 'conn End::Gone,
+                        Sent::Stuck(reason) => break 'conn End::Stuck(reason),
+                    },
                     Err(reason) => break 'conn End::Server(reason),
                 },
             }
@@ -132,6 +140,10 @@ where
         End::Peer => {
             tracing::debug!(socket = session.id(), "the peer closed the websocket");
             Box::pin(answer_close(&mut sink)).await
+        }
+        End::Stuck(reason) => {
+            tracing::debug!(socket = session.id(), %reason, "dropping a websocket whose peer does not read");
+            false
         }
         End::Gone => false,
     };
@@ -245,6 +257,37 @@ where
     });
     if ended.await.is_err() {
         tracing::debug!("the peer did not end the connection in time");
+    }
+}
+
+/// How [`send`] went.
+enum Sent {
+    Written,
+    /// The connection failed.
+    Failed,
+    /// The socket closed, and the write then made no progress for [`CLOSE_WRITE_GRACE`].
+    Stuck(CloseReason),
+}
+
+/// Writes `batch` ([`write`]). A write waits for the peer to read, so when the peer has stopped,
+/// it would wait for ever, never seeing the socket close (a slow consumer is such a peer): once
+/// `closing` fires, the write has [`CLOSE_WRITE_GRACE`] to finish. Boxed by its callers: held
+/// inline, its timer would grow every idle connection's task.
+async fn send<S>(sink: &mut Sink<S>, batch: &mut Vec<Frame>, closing: &CloseSignal) -> Sent
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let stuck = async {
+        let reason = closing.closed().await;
+        tokio::time::sleep(CLOSE_WRITE_GRACE).await;
+        reason
+    };
+    tokio::select! {
+        written = write(sink, batch) => match written {
+            Ok(()) => Sent::Written,
+            Err(_) => Sent::Failed,
+        },
+        reason = stuck => Sent::Stuck(reason),
     }
 }
 

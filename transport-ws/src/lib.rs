@@ -39,7 +39,12 @@
 //! - the close handshake (RFC 6455 §5.5.1): a client's close frame is answered with a close
 //!   frame echoing its code, then the server ends the TCP connection. A close the server starts
 //!   is written and flushed first; the server then waits briefly (2 s) for the client's answer
-//!   and ends the connection.
+//!   and ends the connection;
+//! - a client that stops reading: its queue reaches the endpoint's `outbound_byte_limit` and it is
+//!   closed as a slow consumer (1008). A write already waiting on it has 10 s to finish; then the
+//!   connection is dropped without a close frame (none could be written). Until then it holds its
+//!   queue, at most 64 KiB of frames taken to write and the write buffer
+//!   ([`WsOptions::write_buffer_size`] plus one frame).
 #![forbid(unsafe_code)]
 
 mod connection;

@@ -33,7 +33,11 @@ pub struct WsOptions {
     /// Bytes buffered before a write goes to the socket (frames of one batch are written
     /// together and flushed once).
     pub write_buffer_size: usize,
-    /// Most bytes a connection may buffer for writing before its writes wait.
+    /// A ceiling on the write buffer, not reached in practice: after a write the socket would not
+    /// take, the connection waits for the peer to read before it buffers another frame, so the
+    /// buffer holds at most `write_buffer_size` plus one frame (and a connection whose peer stopped
+    /// reading holds, besides its queue, that and at most 64 KiB of frames it took to write). A
+    /// single frame larger than this cannot be written: the connection ends.
     pub max_write_buffer_size: usize,
 }
 

@@ -223,6 +223,32 @@ async fn a_slow_consumer_gets_1008_after_what_was_in_flight() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_slow_consumer_that_never_reads_again_is_dropped_after_the_write_grace() {
+    let endpoint = endpoint(Config::default().outbound_queue_limit(4));
+    let mut client = Client::connect(&endpoint, 1024).await;
+    client.send(TEXT, br#"["1","1","test:slow","phx_join",{}]"#).await;
+    let reply = client.frame().await;
+    assert!(String::from_utf8_lossy(&reply).contains(r#""status":"ok""#), "joined");
+    // The client stops reading for good: the server's write waits on it when the queue overflows.
+    let pad = "x".repeat(512);
+    for seq in 0..100 {
+        endpoint.pubsub().broadcast("test:slow", "news", serde_json::json!({ "seq": seq, "pad": pad }));
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(endpoint.slow_consumers(), 1);
+    let closed = tokio::time::Instant::now();
+    // The waiting write never learns of the close by itself; it is given 10 s, then the
+    // connection and the session are dropped.
+    tokio::time::timeout(PATIENCE, endpoint.drained()).await.expect("the stalled socket is dropped");
+    let after = closed.elapsed();
+    assert!((Duration::from_secs(10)..Duration::from_secs(11)).contains(&after), "dropped after {after:?}");
+    // What the pipe held is still there to read, then the end; no close frame could be written.
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, client.io.read_to_end(&mut rest)).await.expect("the end").expect("read");
+    assert!(!rest.windows(2).any(|w| w == [0x80 | CLOSE, 15]), "no close frame");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_frame_over_the_limit_gets_1009_then_the_connection_ends() {
     let endpoint = endpoint(Config::default().max_frame_size(1024));
     let mut client = Client::connect(&endpoint, 64 * 1024).await;

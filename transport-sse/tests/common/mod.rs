@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
+use fawkes_http::ConnectionCut;
 use fawkes_transport_sse::{SseBody, SseService};
 use http_body_util::{BodyExt as _, Full};
 
@@ -26,6 +27,8 @@ pub struct Stream {
     body: SseBody,
     buf: String,
     pub token: String,
+    /// The response's request to close its connection.
+    pub cut: ConnectionCut,
 }
 
 impl Stream {
@@ -86,13 +89,14 @@ pub async fn open_with(svc: &SseService, query: &str, headers: &[(&str, &str)]) 
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let (status, headers, body) = request(svc, req.body(Full::default()).expect("request")).await;
-    if status != 200 {
-        return Err(status);
+    let (parts, body) = svc.handle(req.body(Full::default()).expect("request")).await.into_parts();
+    if parts.status != 200 {
+        return Err(parts.status.as_u16());
     }
-    assert_eq!(headers["content-type"], "text/event-stream");
-    assert_eq!(headers["access-control-allow-origin"], "*");
-    let mut stream = Stream { body, buf: String::new(), token: String::new() };
+    assert_eq!(parts.headers["content-type"], "text/event-stream");
+    assert_eq!(parts.headers["access-control-allow-origin"], "*");
+    let cut = parts.extensions.get::<ConnectionCut>().cloned().expect("a stream carries a connection cut");
+    let mut stream = Stream { body, buf: String::new(), token: String::new(), cut };
     let first = stream.event().await.expect("a first event");
     assert_eq!(first.name.as_deref(), Some("phx_session"), "{first:?}");
     stream.token = first.data;
