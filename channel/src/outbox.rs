@@ -69,6 +69,52 @@ struct State {
     waker: Option<Waker>,
     /// Tasks waiting for the queue to drain (a recovering join streaming its replay).
     room: Vec<Waker>,
+    /// Frames ever taken from the queue (or dropped from it): the sequence number of its front.
+    head: u64,
+    /// Queued frames the limits do not count (a presence state), while any are queued.
+    exempt: Option<Box<Exempt>>,
+}
+
+/// Frames queued outside the limits: a presence state, which the joiners of a window share (its
+/// size is bounded by the topic's presence limits, not by the socket's). A room whose state is
+/// larger than the outbound byte limit can then still be joined; what is queued after the state
+/// is counted as usual, so a peer that stops reading is still closed as a slow consumer.
+#[derive(Debug, Default)]
+struct Exempt {
+    /// Sequence numbers `[start, end)` of exempt frames, oldest first.
+    ranges: VecDeque<(u64, u64)>,
+    frames: usize,
+    bytes: usize,
+}
+
+impl State {
+    /// Frames and bytes queued that count against the limits.
+    fn counted(&self) -> (usize, usize) {
+        match &self.exempt {
+            Some(e) => (self.queue.len() - e.frames, self.bytes - e.bytes),
+            None => (self.queue.len(), self.bytes),
+        }
+    }
+
+    /// Takes the front frame's sequence number and size out of the accounts.
+    fn dequeued(&mut self, len: usize) {
+        let seq = self.head;
+        self.head += 1;
+        self.bytes -= len;
+        if let Some(e) = &mut self.exempt
+            && let Some(&(start, end)) = e.ranges.front()
+            && (start..end).contains(&seq)
+        {
+            e.frames -= 1;
+            e.bytes -= len;
+            if seq + 1 == end {
+                e.ranges.pop_front();
+                if e.ranges.is_empty() {
+                    self.exempt = None;
+                }
+            }
+        }
+    }
 }
 
 /// Frames an empty queue makes room for at its first push.
@@ -115,7 +161,15 @@ impl Outbox {
     pub(crate) fn new(id: u64, limits: OutboxLimits, counters: Arc<Counters>, flow: Arc<Flow>) -> Outbox {
         Outbox(Arc::new(SocketShared {
             id,
-            state: Mutex::new(State { queue: VecDeque::new(), bytes: 0, closed: None, waker: None, room: Vec::new() }),
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                bytes: 0,
+                closed: None,
+                waker: None,
+                room: Vec::new(),
+                head: 0,
+                exempt: None,
+            }),
             limit: limits.frames.max(1),
             byte_limit: limits.bytes.max(1),
             policy: limits.policy,
@@ -139,7 +193,8 @@ impl Outbox {
                 return;
             }
             let full = |st: &State| {
-                !st.queue.is_empty() && (st.queue.len() >= self.0.limit || st.bytes + len > self.0.byte_limit)
+                let (frames, bytes) = st.counted();
+                frames > 0 && (frames >= self.0.limit || bytes + len > self.0.byte_limit)
             };
             if full(&st) {
                 match self.0.policy {
@@ -152,6 +207,7 @@ impl Outbox {
                         );
                         st.queue = VecDeque::new();
                         st.bytes = 0;
+                        st.exempt = None;
                         st.closed = Some(CloseReason::SlowConsumer);
                         wake_all(std::mem::take(&mut st.room));
                         self.0.counters.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
@@ -163,7 +219,7 @@ impl Outbox {
                     SlowConsumerPolicy::DropOldest => {
                         while full(&st) {
                             let Some(old) = st.queue.pop_front() else { break };
-                            st.bytes -= old.len();
+                            st.dequeued(old.len());
                             self.0.counters.outbound_dropped.fetch_add(1, Ordering::Relaxed);
                             if self.0.dropped.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
                                 tracing::warn!(socket = self.0.id, "slow consumer: dropping oldest frames");
@@ -179,6 +235,31 @@ impl Outbox {
                 st.queue.reserve(BURST);
             }
             st.queue.push_back(frame);
+            st.waker.take()
+        };
+        wake(waker);
+    }
+
+    /// Queues `frames` outside the frame and byte limits (see [`Exempt`]): a presence state,
+    /// shared by the joiners of a window and bounded by the topic's presence limits. Frames queued
+    /// after them count as usual.
+    pub(crate) fn push_exempt(&self, frames: &[Frame]) {
+        if frames.is_empty() {
+            return;
+        }
+        let waker = {
+            let mut st = self.0.state.lock();
+            if st.closed.is_some() {
+                return;
+            }
+            let start = st.head + st.queue.len() as u64;
+            let bytes: usize = frames.iter().map(Frame::len).sum();
+            let exempt = st.exempt.get_or_insert_with(Box::default);
+            exempt.ranges.push_back((start, start + frames.len() as u64));
+            exempt.frames += frames.len();
+            exempt.bytes += bytes;
+            st.bytes += bytes;
+            st.queue.extend(frames.iter().cloned());
             st.waker.take()
         };
         wake(waker);
@@ -455,7 +536,9 @@ fn take(st: &mut State, buf: &mut Vec<Frame>, limit: usize, max_bytes: usize) ->
     }
     let start = buf.len();
     buf.extend(st.queue.drain(..n));
-    st.bytes -= buf[start..].iter().map(Frame::len).sum::<usize>();
+    for frame in &buf[start..] {
+        st.dequeued(frame.len());
+    }
     // An empty queue gives its memory back: most sockets are idle most of the time.
     if st.queue.is_empty() && st.queue.capacity() > 0 {
         st.queue = VecDeque::new();
@@ -499,6 +582,45 @@ mod tests {
         assert!(outbox.is_closed());
         assert_eq!(outbox.queued_bytes(), 0, "the queue is freed at once");
         assert_eq!(slow.load(Ordering::Relaxed), 1, "counted");
+    }
+
+    #[tokio::test]
+    async fn a_presence_state_larger_than_the_limits_is_queued_and_what_follows_counts_as_usual() {
+        let (outbox, slow) = outbox(4, 10_000, SlowConsumerPolicy::Disconnect);
+        outbox.push(frame(6000));
+        // A state of 8 parts, 64 KiB in all: over both limits, yet queued.
+        outbox.push_exempt(&vec![frame(8192); 8]);
+        assert!(!outbox.is_closed());
+        assert_eq!(outbox.queued_bytes(), 6000 + 8 * 8192);
+        // Diffs after it: the 6,000 bytes before the state and these count, the state does not.
+        outbox.push(frame(2000));
+        outbox.push(frame(1000));
+        assert!(!outbox.is_closed());
+        let mut out = Outbound::new(outbox.clone(), Duration::from_secs(60));
+        let mut buf = Vec::new();
+        assert_eq!(out.try_recv_many(&mut buf, 5), 5, "the frame before the state, and 4 parts");
+        // 1 frame of 6,000 bytes is gone: 3,000 counted bytes are queued, after 4 exempt parts.
+        outbox.push(frame(6000));
+        assert!(!outbox.is_closed(), "9,000 counted bytes, under the limit");
+        outbox.push(frame(2000));
+        assert!(outbox.is_closed(), "a peer that stops reading is still a slow consumer");
+        assert_eq!(slow.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn the_limits_apply_in_full_again_once_the_state_is_taken() {
+        let (outbox, slow) = outbox(1024, 10_000, SlowConsumerPolicy::Disconnect);
+        outbox.push_exempt(&[frame(30_000), frame(30_000)]);
+        let mut out = Outbound::new(outbox.clone(), Duration::from_secs(60));
+        let mut buf = Vec::new();
+        assert_eq!(out.try_recv_many(&mut buf, 10), 2);
+        for _ in 0..2 {
+            outbox.push(frame(4096));
+        }
+        assert!(!outbox.is_closed());
+        outbox.push(frame(4096));
+        assert!(outbox.is_closed(), "12 KiB counted against a 10,000-byte limit");
+        assert_eq!(slow.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

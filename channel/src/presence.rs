@@ -771,10 +771,10 @@ pub(crate) fn push_state(
         Some(t) => t.state_frames(topic, serializer, subscriber.map(SubscriberId::get), part),
         None => encode_state(topic, serializer, std::iter::empty::<(&String, &Vec<Entry>)>(), part).into(),
     };
-    // Under the lock, so no diff goes out between the state and the joiner's queue.
-    for frame in frames.iter() {
-        outbox.push(frame.clone());
-    }
+    // Under the lock, so no diff goes out between the state and the joiner's queue. Outside
+    // the outbound limits: a big room's state is larger than a socket's byte limit, and it is
+    // shared by the window's joiners (bounded by the topic's presence limits).
+    outbox.push_exempt(&frames);
 }
 
 /// One topic's `presence_diff` in the making: joins and leaves by key, with a meta that joins
@@ -1183,12 +1183,19 @@ mod tests {
     impl Client {
         /// Subscribes a V2 socket to `topic`.
         fn join(pubsub: &PubSub, topic: &str) -> (Client, crate::outbox::Outbox, SubscriberId) {
+            Client::join_within(pubsub, topic, 10_000, usize::MAX)
+        }
+
+        /// [`Client::join`] with a socket whose outbound queue holds `frames` and `bytes`.
+        fn join_within(
+            pubsub: &PubSub,
+            topic: &str,
+            frames: usize,
+            bytes: usize,
+        ) -> (Client, crate::outbox::Outbox, SubscriberId) {
             use crate::pubsub::Subscriber;
-            let limits = crate::outbox::OutboxLimits {
-                frames: 10_000,
-                bytes: usize::MAX,
-                policy: crate::config::SlowConsumerPolicy::Disconnect,
-            };
+            let limits =
+                crate::outbox::OutboxLimits { frames, bytes, policy: crate::config::SlowConsumerPolicy::Disconnect };
             let counters = std::sync::Arc::new(crate::metrics::Counters::default());
             let outbox = Outbox::new(1, limits, counters.clone(), counters.flow("test"));
             let sub = Subscriber::Socket { outbox: outbox.clone(), serializer: Serializer::V2, intercept: None };
@@ -1359,6 +1366,39 @@ mod tests {
         assert!(j.twice.is_empty(), "{:?}", j.twice);
         let listed: Vec<String> =
             pubsub.presence().list("room:parts").as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+        assert_eq!(j.keys(), listed);
+    }
+
+    /// A room whose state is larger than a socket's outbound limits can still be joined: the
+    /// state is queued outside them (it is shared, and bounded by the topic's presence limits).
+    #[tokio::test(start_paused = true)]
+    async fn a_state_larger_than_the_outbound_limits_reaches_the_joiner() {
+        let pubsub = PubSub::new();
+        pubsub
+            .presence()
+            .set_options(PresenceOptions::default().window(Duration::from_millis(10)).state_part_bytes(1000));
+        let t = topic("room:big");
+        let owners: Vec<Owner> = (0..200).map(|_| Owner::new(&pubsub)).collect();
+        for (i, o) in owners.iter().enumerate() {
+            o.track(&t, format!("user{i:03}"), json!({"online_at": i})).expect("tracked");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // At most 4 frames and 4,000 bytes queued: the state is over 10 frames and 10 KB.
+        let (mut j, j_out, j_id) = Client::join_within(&pubsub, "room:big", 4, 4000);
+        push_state(&pubsub, "room:big", &j_out, Serializer::V2, Some(j_id));
+        assert!(!j_out.is_closed(), "the joiner is not a slow consumer for its state");
+        // Changes while the state is still queued are counted, and go out after it.
+        let late = Owner::new(&pubsub);
+        late.track(&t, "late".into(), json!({})).expect("tracked");
+        owners[0].untrack(&t, "user000");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!j_out.is_closed());
+        j.read();
+        assert!(j.frames.len() > 10, "{} frames", j.frames.len());
+        assert!(j.twice.is_empty(), "{:?}", j.twice);
+        let listed: Vec<String> =
+            pubsub.presence().list("room:big").as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+        assert_eq!(listed.len(), 200);
         assert_eq!(j.keys(), listed);
     }
 
