@@ -283,6 +283,8 @@ where
         reason
     };
     tokio::select! {
+        // A write that completes at once (the usual case) never arms the close signal.
+        biased;
         written = write(sink, batch) => match written {
             Ok(()) => Sent::Written,
             Err(_) => Sent::Failed,
