@@ -14,41 +14,17 @@ Issue 19's row: 100 sessions, 4 pings of 900 KB. Extra flags go to `fawkes serve
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from common import rss_kib, request
+
 SESSIONS = int(os.environ.get("SESSIONS", "100"))
 PINGS = int(os.environ.get("PINGS", "4"))
 PAD = int(os.environ.get("PAD", str(900 * 1000)))
 SETTLE = float(os.environ.get("SETTLE", "45"))
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def request(addr, method, path, body=b"", content_type="application/x-ndjson"):
-    s = socket.create_connection(addr)
-    head = f"{method} {path} HTTP/1.1\r\nHost: {addr[0]}:{addr[1]}\r\nConnection: close\r\n"
-    if body:
-        head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-    s.sendall(head.encode() + b"\r\n" + body)
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    s.close()
-    status = int(data.split(b" ", 2)[1])
-    return status, data.split(b"\r\n\r\n", 1)[1]
 
 
 def main():

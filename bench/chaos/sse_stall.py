@@ -22,35 +22,13 @@ import tempfile
 import threading
 import time
 
+from common import rss_kib, request
+
 STREAMS = int(os.environ.get("STREAMS", "200"))
 BROADCASTS = int(os.environ.get("BROADCASTS", "3000"))
 PAD = int(os.environ.get("PAD", "4096"))
 SETTLE = float(os.environ.get("SETTLE", "10"))
 PER_POST = 50
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def request(addr, method, path, body=b"", content_type="application/x-ndjson"):
-    s = socket.create_connection(addr)
-    head = f"{method} {path} HTTP/1.1\r\nHost: {addr[0]}:{addr[1]}\r\nConnection: close\r\n"
-    if body:
-        head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-    s.sendall(head.encode() + b"\r\n" + body)
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    s.close()
-    return int(data.split(b" ", 2)[1]), data.split(b"\r\n\r\n", 1)[1]
 
 
 def read_until(s, buf, marker):

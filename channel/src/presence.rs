@@ -1345,18 +1345,25 @@ mod tests {
         drop((b, c));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_state_larger_than_a_part_comes_as_a_state_and_diffs_joining_the_rest() {
+    /// A node whose presence states go in parts of 1,000 bytes, with 200 users (`user000`…) on
+    /// `name`, published.
+    async fn room_in_parts(name: &str) -> (PubSub, Vec<Owner>) {
         let pubsub = PubSub::new();
         pubsub
             .presence()
             .set_options(PresenceOptions::default().window(Duration::from_millis(10)).state_part_bytes(1000));
-        let t = topic("room:parts");
+        let t = topic(name);
         let owners: Vec<Owner> = (0..200).map(|_| Owner::new(&pubsub)).collect();
         for (i, o) in owners.iter().enumerate() {
             o.track(&t, format!("user{i:03}"), json!({"online_at": i})).expect("tracked");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+        (pubsub, owners)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_state_larger_than_a_part_comes_as_a_state_and_diffs_joining_the_rest() {
+        let (pubsub, _owners) = room_in_parts("room:parts").await;
         let (mut j, j_out, j_id) = Client::join(&pubsub, "room:parts");
         push_state(&pubsub, "room:parts", &j_out, Serializer::V2, Some(j_id));
         j.read();
@@ -1373,16 +1380,8 @@ mod tests {
     /// state is queued outside them (it is shared, and bounded by the topic's presence limits).
     #[tokio::test(start_paused = true)]
     async fn a_state_larger_than_the_outbound_limits_reaches_the_joiner() {
-        let pubsub = PubSub::new();
-        pubsub
-            .presence()
-            .set_options(PresenceOptions::default().window(Duration::from_millis(10)).state_part_bytes(1000));
+        let (pubsub, owners) = room_in_parts("room:big").await;
         let t = topic("room:big");
-        let owners: Vec<Owner> = (0..200).map(|_| Owner::new(&pubsub)).collect();
-        for (i, o) in owners.iter().enumerate() {
-            o.track(&t, format!("user{i:03}"), json!({"online_at": i})).expect("tracked");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
         // At most 4 frames and 4,000 bytes queued: the state is over 10 frames and 10 KB.
         let (mut j, j_out, j_id) = Client::join_within(&pubsub, "room:big", 4, 4000);
         push_state(&pubsub, "room:big", &j_out, Serializer::V2, Some(j_id));
