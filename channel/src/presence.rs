@@ -674,21 +674,30 @@ impl Topic {
                 }
             }
         }
-        let untouched = self.keys.iter().filter(|(k, _)| !touched.contains_key(k.as_str()));
-        let mut all: Vec<(&String, &Vec<Entry>)> = untouched.collect();
+        let untouched: Vec<(&String, &Vec<Entry>)> =
+            self.keys.iter().filter(|(k, _)| !touched.contains_key(k.as_str())).collect();
         let touched: Vec<(String, Vec<Entry>)> =
             touched.into_iter().filter(|(_, m)| !m.is_empty()).map(|(k, m)| (k.to_owned(), m)).collect();
-        all.extend(touched.iter().map(|(k, m)| (k, m)));
-        encode_state(topic, serializer, all.into_iter(), part).into()
+        // phoenix.js applies the diffs the joiner already got right after the `presence_state`,
+        // that is after the first part: every entry they touch goes in that part, whatever its
+        // size, or a later part's join would undo a leave applied before it.
+        let mut all: Vec<(&String, &Vec<Entry>)> = touched.iter().map(|(k, m)| (k, m)).collect();
+        let first = all.len();
+        all.extend(untouched);
+        encode_state_from(topic, serializer, all.into_iter(), part, first).into()
     }
 }
 
 /// `{key: {"metas": [...]}, ...}` for `entries`, cut into payloads of at most about `part`
-/// bytes (an entry is never cut).
-fn state_payloads<'a>(entries: impl Iterator<Item = (&'a String, &'a Vec<Entry>)>, part: usize) -> Vec<String> {
+/// bytes (an entry is never cut), except that the `first` entries all go in the first payload.
+fn state_payloads<'a>(
+    entries: impl Iterator<Item = (&'a String, &'a Vec<Entry>)>,
+    part: usize,
+    first: usize,
+) -> Vec<String> {
     let mut parts = Vec::new();
     let mut out = String::from("{");
-    for (key, metas) in entries {
+    for (n, (key, metas)) in entries.enumerate() {
         if metas.is_empty() {
             continue;
         }
@@ -701,7 +710,7 @@ fn state_payloads<'a>(entries: impl Iterator<Item = (&'a String, &'a Vec<Entry>)
             one.push_str(&m.meta);
         }
         one.push_str("]}");
-        if out.len() > 1 && out.len() + one.len() + 2 > part {
+        if n >= first && out.len() > 1 && out.len() + one.len() + 2 > part {
             out.push('}');
             parts.push(std::mem::replace(&mut out, String::from("{")));
         }
@@ -723,8 +732,19 @@ fn encode_state<'a>(
     entries: impl Iterator<Item = (&'a String, &'a Vec<Entry>)>,
     part: usize,
 ) -> Vec<Frame> {
+    encode_state_from(topic, serializer, entries, part, 0)
+}
+
+/// [`encode_state`] with the `first` entries all in the first part, however large it gets.
+fn encode_state_from<'a>(
+    topic: &str,
+    serializer: Serializer,
+    entries: impl Iterator<Item = (&'a String, &'a Vec<Entry>)>,
+    part: usize,
+    first: usize,
+) -> Vec<Frame> {
     let mut frames = Vec::new();
-    for (i, payload) in state_payloads(entries, part).into_iter().enumerate() {
+    for (i, payload) in state_payloads(entries, part, first).into_iter().enumerate() {
         let (event, payload) = if i == 0 {
             ("presence_state", payload)
         } else {
@@ -1301,6 +1321,36 @@ mod tests {
         assert_eq!(payload["leaves"].as_object().map(Map::len), Some(100), "{payload}");
         assert!(futures_util::FutureExt::now_or_never(sub.recv()).is_none(), "one diff for the leaves");
         assert_eq!(pubsub.presence().list("room:big"), json!({}));
+    }
+
+    /// A joiner that got diffs before its state, and whose state comes in parts: phoenix.js
+    /// applies those diffs right after the `presence_state` (the first part), so every entry they
+    /// touch must be in that part; later parts (`presence_diff` joins) hold only entries no earlier
+    /// diff touched, or a leave applied before them would be undone by their join.
+    #[tokio::test(start_paused = true)]
+    async fn diffs_before_a_state_in_parts_touch_only_its_first_part() {
+        let (pubsub, mut owners) = room_in_parts("room:seam-parts").await;
+        let t = topic("room:seam-parts");
+        let (mut j, j_out, j_id) = Client::join(&pubsub, "room:seam-parts");
+        // Before J's state: users spread over every part leave, one joins.
+        for i in (0..200).step_by(7).rev() {
+            drop(owners.remove(i));
+        }
+        let late = Owner::new(&pubsub);
+        late.track(&t, "late".into(), json!({})).expect("tracked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        push_state(&pubsub, "room:seam-parts", &j_out, Serializer::V2, Some(j_id));
+        j.read();
+        assert!(j.frames.len() > 3, "a state in parts: {} frames", j.frames.len());
+        let listed: Vec<String> = pubsub
+            .presence()
+            .list("room:seam-parts")
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        assert_eq!(listed.len(), 200 - 29 + 1);
+        assert_eq!(j.keys(), listed);
+        assert!(j.twice.is_empty(), "changes applied twice: {:?}", j.twice);
     }
 
     #[tokio::test(start_paused = true)]
