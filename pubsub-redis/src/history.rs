@@ -28,10 +28,12 @@ const KNOWN: usize = 10_000;
 const KIND_ENTRY: u8 = 1;
 const KIND_MARKER: u8 = 2;
 
-/// Appends the entry `ARGV[7]` at `ARGV[1]:ARGV[2]` (epoch in hex, offset) if that is the
-/// topic's next position, trims by length and age, publishes it; otherwise answers the topic's
-/// latest position. A topic whose stream or epoch is gone gets the new epoch `ARGV[3]`.
-const APPEND: &str = r#"
+/// The start of both scripts: `epoch` and `last` of the topic (`KEYS[1]` its stream, `KEYS[2]`
+/// its head); a topic whose head or stream is gone starts again at the new epoch `ARGV[3]`, its
+/// head expiring after `ARGV[8]` ms.
+macro_rules! topic_head {
+    () => {
+        r#"
 local epoch = redis.call('HGET', KEYS[2], 'e')
 local last = tonumber(redis.call('HGET', KEYS[2], 'l') or '0')
 if (not epoch) or (last > 0 and redis.call('EXISTS', KEYS[1]) == 0) then
@@ -41,6 +43,16 @@ if (not epoch) or (last > 0 and redis.call('EXISTS', KEYS[1]) == 0) then
   redis.call('HSET', KEYS[2], 'e', epoch, 'l', 0)
   redis.call('PEXPIRE', KEYS[2], ARGV[8])
 end
+"#
+    };
+}
+
+/// Appends the entry `ARGV[7]` at `ARGV[1]:ARGV[2]` (epoch in hex, offset) if that is the
+/// topic's next position, trims by length and age, publishes it; otherwise answers the topic's
+/// latest position. A topic whose stream or epoch is gone gets the new epoch `ARGV[3]`.
+const APPEND: &str = concat!(
+    topic_head!(),
+    r#"
 local offset = tonumber(ARGV[2])
 -- A store that lost several times in a row holds the turn until its append lands (or the turn
 -- expires): the others' appends are refused meanwhile, so no node starves.
@@ -86,21 +98,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[8])
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 return {1, epoch, offset}
-"#;
+"#
+);
 
 /// Answers `{epoch, last, recovered, entries...}` for a read after `ARGV[1]:ARGV[2]`: the
 /// entries are every one after it when all of them are kept and none is older than `ARGV[4]`
 /// ms. Then publishes the barrier `ARGV[7]` (if any), after everything already published.
-const READ: &str = r#"
-local epoch = redis.call('HGET', KEYS[2], 'e')
-local last = tonumber(redis.call('HGET', KEYS[2], 'l') or '0')
-if (not epoch) or (last > 0 and redis.call('EXISTS', KEYS[1]) == 0) then
-  redis.call('DEL', KEYS[1])
-  epoch = ARGV[3]
-  last = 0
-  redis.call('HSET', KEYS[2], 'e', epoch, 'l', 0)
-  redis.call('PEXPIRE', KEYS[2], ARGV[8])
-end
+const READ: &str = concat!(
+    topic_head!(),
+    r#"
 local out = {epoch, last, 0}
 local since = tonumber(ARGV[2])
 if ARGV[1] == epoch and since ~= nil and since <= last then
@@ -123,7 +129,8 @@ if ARGV[7] ~= '' then
   redis.call('PUBLISH', ARGV[6], ARGV[7])
 end
 return out
-"#;
+"#
+);
 
 /// Why the Redis history store failed (inside [`HistoryError::Store`]).
 #[derive(Debug, thiserror::Error)]
