@@ -8,6 +8,19 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// A fresh, empty directory of its own for one test's files (a config, a SQLite database).
+pub fn scratch() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "fawkes-serve-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
 /// A running `fawkes serve`.
 pub struct Server {
     child: Child,
@@ -19,14 +32,7 @@ impl Server {
     /// Starts `fawkes serve --config fawkes.toml ARGS` in a fresh directory with `config` as the
     /// file (a `bind` on an ephemeral port is added when it has none); waits for its URL.
     pub fn start(config: &str, args: &[&str]) -> Server {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "fawkes-serve-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let dir = scratch();
         let config =
             if config.contains("bind") { config.to_owned() } else { format!("bind = \"127.0.0.1:0\"\n{config}") };
         std::fs::write(dir.join("fawkes.toml"), config).expect("write config");
