@@ -1,5 +1,23 @@
-"""What the chaos scripts share: a process's resident memory, and one plain HTTP/1.1 request."""
+"""What the chaos scripts share: starting `fawkes serve`, a process's resident memory, and one
+plain HTTP/1.1 request."""
 import socket
+import subprocess
+import tempfile
+import time
+
+
+def start_server(binary, extra):
+    """Starts `binary serve` on an ephemeral loopback port with a SQLite file of its own and `extra`
+    flags; returns the process and its (host, port) once it listens and has settled for a second."""
+    scratch = tempfile.mkdtemp()
+    server = subprocess.Popen(
+        [binary, "serve", "--bind", "127.0.0.1:0", "--database", f"sqlite://{scratch}/fawkes.db", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    url = next(w for w in server.stdout.readline().split() if w.startswith("http://"))
+    host, port = url[len("http://"):].rstrip("/").split(":")
+    time.sleep(1)
+    return server, (host, int(port))
 
 
 def rss_kib(pid):

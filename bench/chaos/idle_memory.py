@@ -7,12 +7,10 @@ room and stay quiet; prints the server's RSS growth per connection.
 import os
 import resource
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 
-from common import rss_kib
+from common import start_server, rss_kib
 
 
 def frame(payload):
@@ -26,15 +24,7 @@ def main():
     n = int(os.environ.get("CLIENTS", "2000"))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 100), hard))
-    scratch = tempfile.mkdtemp()
-    server = subprocess.Popen(
-        [binary, "serve", "--bind", "127.0.0.1:0", "--database", f"sqlite://{scratch}/fawkes.db",
-         *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    url = next(w for w in server.stdout.readline().split() if w.startswith("http://"))
-    host, port = url[len("http://"):].rstrip("/").split(":")
-    time.sleep(1)
+    server, (host, port) = start_server(binary, extra)
     base = rss_kib(server.pid)
     clients = []
     for i in range(n):

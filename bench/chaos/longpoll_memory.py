@@ -14,12 +14,10 @@ Issue 19's row: 100 sessions, 4 pings of 900 KB. Extra flags go to `fawkes serve
 """
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
-from common import rss_kib, request
+from common import start_server, rss_kib, request
 
 SESSIONS = int(os.environ.get("SESSIONS", "100"))
 PINGS = int(os.environ.get("PINGS", "4"))
@@ -29,17 +27,7 @@ SETTLE = float(os.environ.get("SETTLE", "45"))
 
 def main():
     binary, extra = sys.argv[1], sys.argv[2:]
-    scratch = tempfile.mkdtemp()
-    server = subprocess.Popen(
-        [binary, "serve", "--bind", "127.0.0.1:0", "--database", f"sqlite://{scratch}/fawkes.db",
-         *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    line = server.stdout.readline()
-    url = next(w for w in line.split() if w.startswith("http://"))
-    host, port = url[len("http://"):].rstrip("/").split(":")
-    addr = (host, int(port))
-    time.sleep(1)
+    server, addr = start_server(binary, extra)
     base = rss_kib(server.pid)
     print(f"baseline RSS {base / 1024:.1f} MiB")
     pad = "x" * PAD

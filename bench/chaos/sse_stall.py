@@ -16,13 +16,11 @@ Issue 19's row: 200 streams, 3,000 broadcasts of 4 KiB.
 import json
 import os
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
-from common import rss_kib, request
+from common import start_server, rss_kib, request
 
 STREAMS = int(os.environ.get("STREAMS", "200"))
 BROADCASTS = int(os.environ.get("BROADCASTS", "3000"))
@@ -70,16 +68,7 @@ def metric(addr, name):
 
 def main():
     binary, extra = sys.argv[1], sys.argv[2:]
-    scratch = tempfile.mkdtemp()
-    server = subprocess.Popen(
-        [binary, "serve", "--bind", "127.0.0.1:0", "--database", f"sqlite://{scratch}/fawkes.db", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    line = server.stdout.readline()
-    url = next(w for w in line.split() if w.startswith("http://"))
-    host, port = url[len("http://"):].rstrip("/").split(":")
-    addr = (host, int(port))
-    time.sleep(1)
+    server, addr = start_server(binary, extra)
     base = rss_kib(server.pid)
     print(f"baseline RSS {base / 1024:.1f} MiB")
 
