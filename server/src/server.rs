@@ -324,8 +324,9 @@ async fn connection(
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let mut app = app.clone();
         let activity = activity.clone();
-        // A cut asked for by an earlier response is done with: its response was sent.
-        activity.cut.send_replace(None);
+        // A cut asked for by an earlier response is done with: its response was sent. (Only a
+        // change wakes the connection's loop: most requests had no cut to clear.)
+        activity.cut.send_if_modified(|cut| cut.take().is_some());
         async move {
             let mut req = req.map(axum::body::Body::new);
             req.extensions_mut().insert(ConnectInfo(remote));
