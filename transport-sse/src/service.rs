@@ -258,18 +258,21 @@ impl Events {
 
 /// One SSE event: `head` (its `event:` line), then `data`, one `data:` line per line.
 fn event(head: &str, data: &str) -> Bytes {
-    format!("{head}\ndata: {}\n\n", data.replace('\n', "\ndata: ")).into()
+    let mut out = Vec::new();
+    write_lines(&mut out, head, data);
+    out.into()
 }
 
-/// Writes the event of message `id` to `out`: its `id:` line, then one `data:` line per line of
-/// the frame.
+/// Writes the event of message `id` to `out`: its `id:` line, then the frame's `data:` lines.
 fn write_event(out: &mut Vec<u8>, id: u64, frame: &Frame) {
-    let data = String::from_utf8_lossy(frame.as_bytes());
-    out.extend_from_slice(format!("id: {id}\ndata: ").as_bytes());
-    for (n, line) in data.split('\n').enumerate() {
-        if n > 0 {
-            out.extend_from_slice(b"\ndata: ");
-        }
+    write_lines(out, &format!("id: {id}"), &String::from_utf8_lossy(frame.as_bytes()));
+}
+
+/// Writes `head`, then `data` as one `data:` line per line, then the blank line ending an event.
+fn write_lines(out: &mut Vec<u8>, head: &str, data: &str) {
+    out.extend_from_slice(head.as_bytes());
+    for line in data.split('\n') {
+        out.extend_from_slice(b"\ndata: ");
         out.extend_from_slice(line.as_bytes());
     }
     out.extend_from_slice(b"\n\n");
