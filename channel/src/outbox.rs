@@ -186,58 +186,79 @@ impl Outbox {
     /// policy. A frame larger than the byte limit still goes into an empty queue, so that one
     /// large reply is delivered to a peer that reads.
     pub(crate) fn push(&self, frame: Frame) {
-        let len = frame.len();
-        let waker = {
+        self.push_all(std::iter::once(frame));
+    }
+
+    /// Queues `frames` in order, as [`Outbox::push`] queues each, under one lock and with one
+    /// wake of the transport: the parts of one message that must arrive together (a
+    /// `presence_diff` cut in parts) and that each subscriber should get at once.
+    pub(crate) fn push_all(&self, frames: impl IntoIterator<Item = Frame>) {
+        let (waker, closed_now) = {
             let mut st = self.0.state.lock();
-            if st.closed.is_some() {
-                return;
+            let open = st.closed.is_none();
+            for frame in frames {
+                if !self.queue(&mut st, frame) {
+                    break;
+                }
             }
-            let full = |st: &State| {
-                let (frames, bytes) = st.counted();
-                frames > 0 && (frames >= self.0.limit || bytes + len > self.0.byte_limit)
-            };
-            if full(&st) {
-                match self.0.policy {
-                    SlowConsumerPolicy::Disconnect => {
-                        tracing::warn!(
-                            socket = self.0.id,
-                            queued = st.queue.len(),
-                            bytes = st.bytes,
-                            "slow consumer: closing socket"
-                        );
-                        st.queue = VecDeque::new();
-                        st.bytes = 0;
-                        st.exempt = None;
-                        st.closed = Some(CloseReason::SlowConsumer);
-                        wake_all(std::mem::take(&mut st.room));
-                        self.0.counters.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
-                        let waker = st.waker.take();
-                        drop(st);
-                        self.0.closing.notify_waiters();
-                        return wake(waker);
-                    }
-                    SlowConsumerPolicy::DropOldest => {
-                        while full(&st) {
-                            let Some(old) = st.queue.pop_front() else { break };
-                            st.dequeued(old.len());
-                            self.0.counters.outbound_dropped.fetch_add(1, Ordering::Relaxed);
-                            if self.0.dropped.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
-                                tracing::warn!(socket = self.0.id, "slow consumer: dropping oldest frames");
-                            }
+            (st.waker.take(), open && st.closed.is_some())
+        };
+        if closed_now {
+            self.0.closing.notify_waiters();
+        }
+        wake(waker);
+    }
+
+    /// Queues one frame under the lock, applying the slow-consumer policy; `false` once the
+    /// socket is closed (the frame is not queued).
+    fn queue(&self, st: &mut State, frame: Frame) -> bool {
+        if st.closed.is_some() {
+            return false;
+        }
+        let len = frame.len();
+        let full = |st: &State| {
+            let (frames, bytes) = st.counted();
+            frames > 0 && (frames >= self.0.limit || bytes + len > self.0.byte_limit)
+        };
+        if full(st) {
+            match self.0.policy {
+                SlowConsumerPolicy::Disconnect => {
+                    tracing::warn!(
+                        socket = self.0.id,
+                        queued = st.queue.len(),
+                        bytes = st.bytes,
+                        "slow consumer: closing socket"
+                    );
+                    st.queue = VecDeque::new();
+                    st.bytes = 0;
+                    st.exempt = None;
+                    st.closed = Some(CloseReason::SlowConsumer);
+                    wake_all(std::mem::take(&mut st.room));
+                    self.0.counters.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
+                    // The caller wakes the transport and the close signal's waiters once the
+                    // lock is released.
+                    return false;
+                }
+                SlowConsumerPolicy::DropOldest => {
+                    while full(st) {
+                        let Some(old) = st.queue.pop_front() else { break };
+                        st.dequeued(old.len());
+                        self.0.counters.outbound_dropped.fetch_add(1, Ordering::Relaxed);
+                        if self.0.dropped.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
+                            tracing::warn!(socket = self.0.id, "slow consumer: dropping oldest frames");
                         }
                     }
                 }
             }
-            st.bytes += len;
-            if st.queue.capacity() == 0 {
-                // The queue gave its memory back when it last emptied; a burst of broadcasts
-                // fills it with one allocation rather than growing it 4, 8, 16.
-                st.queue.reserve(BURST);
-            }
-            st.queue.push_back(frame);
-            st.waker.take()
-        };
-        wake(waker);
+        }
+        st.bytes += len;
+        if st.queue.capacity() == 0 {
+            // The queue gave its memory back when it last emptied; a burst of broadcasts
+            // fills it with one allocation rather than growing it 4, 8, 16.
+            st.queue.reserve(BURST);
+        }
+        st.queue.push_back(frame);
+        true
     }
 
     /// Queues `frames` outside the frame and byte limits (see [`Exempt`]): a presence state,
@@ -582,6 +603,49 @@ mod tests {
         assert!(outbox.is_closed());
         assert_eq!(outbox.queued_bytes(), 0, "the queue is freed at once");
         assert_eq!(slow.load(Ordering::Relaxed), 1, "counted");
+    }
+
+    /// A waker that counts its wakes.
+    struct Wakes(AtomicU64);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn counting() -> (Arc<Wakes>, Waker) {
+        let wakes = Arc::new(Wakes(AtomicU64::new(0)));
+        (wakes.clone(), Waker::from(wakes))
+    }
+
+    #[tokio::test]
+    async fn frames_queued_together_wake_the_transport_once_and_stop_at_the_limit() {
+        let (outbox, slow) = outbox(4, 10_000, SlowConsumerPolicy::Disconnect);
+        let mut out = Outbound::new(outbox.clone(), Duration::from_secs(60));
+        let mut buf = Vec::new();
+        let (wakes, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+        {
+            let mut recv = std::pin::pin!(out.recv_many(&mut buf, 10));
+            assert!(recv.as_mut().poll(&mut cx).is_pending());
+            outbox.push_all([frame(1), frame(2), frame(3)]);
+            assert_eq!(wakes.0.load(Ordering::Relaxed), 1, "one wake for the three");
+            assert_eq!(recv.as_mut().poll(&mut cx), Poll::Ready(Ok(3)));
+        }
+        assert_eq!(buf.iter().map(Frame::len).collect::<Vec<_>>(), [1, 2, 3], "in order");
+        // Past the frame limit the socket closes, the rest is not queued, and the close signal
+        // fires.
+        let closing = CloseSignal(outbox.clone());
+        let (closes, waker) = counting();
+        let mut closed = std::pin::pin!(closing.closed());
+        assert!(closed.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+        outbox.push_all((0..6).map(|_| frame(10)));
+        assert!(outbox.is_closed());
+        assert_eq!(outbox.queued(), 0);
+        assert_eq!(slow.load(Ordering::Relaxed), 1);
+        assert_eq!(closes.0.load(Ordering::Relaxed), 1);
+        assert_eq!(closed.as_mut().poll(&mut Context::from_waker(&waker)), Poll::Ready(CloseReason::SlowConsumer));
     }
 
     #[tokio::test]

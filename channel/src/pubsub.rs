@@ -336,10 +336,24 @@ impl Inner {
         from: Option<SubscriberId>,
         at: Option<Position>,
     ) -> (usize, u64) {
-        let frames = BroadcastFrames::new(b);
-        let shard = self.shard(&b.topic).read();
+        self.dispatch_parts(std::slice::from_ref(b), from, at)
+    }
+
+    /// [`Inner::dispatch_marked`] of the parts of one message, all on the same topic: each
+    /// subscriber gets every part or none, in order, with one wake of its socket.
+    pub(crate) fn dispatch_parts(
+        &self,
+        parts: &[Arc<Broadcast>],
+        from: Option<SubscriberId>,
+        at: Option<Position>,
+    ) -> (usize, u64) {
+        let Some(first) = parts.first() else {
+            return (0, self.next_id.load(Ordering::Relaxed));
+        };
+        let frames: Vec<BroadcastFrames<'_>> = parts.iter().map(|b| BroadcastFrames::new(b)).collect();
+        let shard = self.shard(&first.topic).read();
         let mark = self.next_id.load(Ordering::Relaxed);
-        let Some(subs) = shard.get(&*b.topic) else {
+        let Some(subs) = shard.get(&*first.topic) else {
             return (0, mark);
         };
         let mut reached = 0;
@@ -348,9 +362,29 @@ impl Inner {
                 continue;
             }
             reached += 1;
-            deliver(sub, b, at, &frames);
+            match (parts, &frames[..]) {
+                ([b], [f]) => deliver(sub, b, at, f),
+                _ => deliver_all(sub, parts, at, &frames),
+            }
         }
         (reached, mark)
+    }
+}
+
+/// [`deliver`] of several broadcasts: a socket that intercepts none of them gets them under one
+/// lock of its queue.
+fn deliver_all(sub: &Subscriber, parts: &[Arc<Broadcast>], at: Option<Position>, frames: &[BroadcastFrames<'_>]) {
+    match sub {
+        Subscriber::Socket { outbox, serializer, intercept }
+            if intercept.as_ref().is_none_or(|i| parts.iter().all(|b| !i.events.contains(&&*b.event))) =>
+        {
+            outbox.push_all(frames.iter().filter_map(|f| f.frame(*serializer).cloned()));
+        }
+        _ => {
+            for (b, f) in parts.iter().zip(frames) {
+                deliver(sub, b, at, f);
+            }
+        }
     }
 }
 
