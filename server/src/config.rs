@@ -192,6 +192,8 @@ pub struct LimitsFile {
 pub struct PresenceFile {
     /// Milliseconds changes wait to go out together as one `presence_diff` per topic.
     pub window_ms: Option<u64>,
+    /// Microseconds a topic's window grows by per local subscriber, when longer than `window_ms`.
+    pub window_per_subscriber_us: Option<u64>,
     /// Largest presence entry (key and meta as JSON), in bytes.
     pub max_meta_bytes: Option<usize>,
     /// Entries one topic may hold.
@@ -372,6 +374,11 @@ pub struct ServeArgs {
     /// [default: 50]
     #[arg(long, env = "FAWKES_PRESENCE_WINDOW_MS", value_name = "MS", help_heading = "Presence")]
     pub presence_window_ms: Option<u64>,
+    /// [presence] Microseconds a topic's presence window grows by per local subscriber, when
+    /// that is longer than the window (a room of 2,000 waits 200 ms, one of 20,000 waits 2 s). 0
+    /// turns it off. [default: 100]
+    #[arg(long, env = "FAWKES_PRESENCE_WINDOW_PER_SUBSCRIBER_US", value_name = "US", help_heading = "Presence")]
+    pub presence_window_per_subscriber_us: Option<u64>,
     /// [presence] Largest presence entry (key and meta as JSON), in bytes. [default: 4096]
     #[arg(long, env = "FAWKES_PRESENCE_MAX_META_BYTES", value_name = "BYTES", help_heading = "Presence")]
     pub presence_max_meta_bytes: Option<usize>,
@@ -774,6 +781,9 @@ fn presence(args: &ServeArgs, file: &PresenceFile, max_frame_size: usize) -> Res
     if let Some(ms) = args.presence_window_ms.or(file.window_ms) {
         options = options.window(Duration::from_millis(ms));
     }
+    if let Some(us) = args.presence_window_per_subscriber_us.or(file.window_per_subscriber_us) {
+        options = options.window_per_subscriber(Duration::from_micros(us));
+    }
     let meta = args.presence_max_meta_bytes.or(file.max_meta_bytes).unwrap_or(d.max_meta_bytes);
     options = options.max_meta_bytes(positive("[presence] max_meta_bytes (--presence-max-meta-bytes)", meta)?);
     let entries = args.presence_max_entries_per_topic.or(file.max_entries_per_topic).unwrap_or(d.max_entries_per_topic);
@@ -987,10 +997,13 @@ mod tests {
 
     #[test]
     fn presence_settings_take_flags_over_the_file() {
-        let file: FileConfig = "[presence]\nwindow_ms = 200\nmax_meta_bytes = 100\n".parse().expect("valid");
+        let file: FileConfig = "[presence]\nwindow_ms = 200\nwindow_per_subscriber_us = 40\nmax_meta_bytes = 100\n"
+            .parse()
+            .expect("valid");
         let args = ServeArgs { presence_max_meta_bytes: Some(300), ..ServeArgs::default() };
         let config = ServeConfig::resolve(file, &args).expect("valid");
         assert_eq!(config.presence.window, Duration::from_millis(200));
+        assert_eq!(config.presence.window_per_subscriber, Duration::from_micros(40));
         assert_eq!(config.presence.max_meta_bytes, 300);
         let zero = ServeArgs { presence_max_entries_per_topic: Some(0), ..ServeArgs::default() };
         let e = ServeConfig::resolve(FileConfig::default(), &zero).expect_err("0 entries").to_string();
