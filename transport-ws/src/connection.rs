@@ -16,7 +16,7 @@ const BATCH: usize = 256;
 /// Bytes of frames taken from the queue per flush (a larger frame goes alone). A write to a peer
 /// that stopped reading holds what it took, besides the queue: small, so that a stalled reader
 /// costs little more than the endpoint's `outbound_byte_limit`.
-const BATCH_BYTES: usize = 64 * 1024;
+pub(crate) const BATCH_BYTES: usize = 64 * 1024;
 /// How long a closing connection waits for the peer's answer to our close frame, and then for
 /// the peer to end the TCP connection after ours.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);

@@ -47,6 +47,7 @@
 //!   ([`WsOptions::write_buffer_size`] plus one frame).
 #![forbid(unsafe_code)]
 
+mod coalesce;
 mod connection;
 mod service;
 

@@ -17,6 +17,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+use crate::coalesce::Coalesce;
 use crate::connection;
 
 const BEARER_PREFIX: &str = "base64url.bearer.phx.";
@@ -119,10 +120,13 @@ impl WebSocketService {
 
         let on_upgrade = hyper::upgrade::on(&mut req);
         let config = self.options.tungstenite(self.endpoint.config().max_frame_size);
+        let write_buffer_size = self.options.write_buffer_size;
         tokio::spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                    // A batch's frames go out in one system call (up to the batch's size).
+                    let io = Coalesce::new(TokioIo::new(upgraded), connection::BATCH_BYTES, write_buffer_size);
+                    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                     // A task of its own: what this one held while upgrading is freed, and a
                     // connection's task holds only what the connection needs.
                     tokio::spawn(connection::run(ws, session));
