@@ -38,11 +38,161 @@ pub enum PresenceMsg<'a> {
 /// for any other message (to be decoded in full), an error if it is not a V2 frame or its
 /// presence payload is malformed.
 pub fn parse(text: &str) -> Res<Option<PresenceMsg<'_>>> {
+    if let Some(msg) = fast::parse(text) {
+        return Ok(Some(msg));
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     let msg = de
         .deserialize_seq(FrameVisitor)
         .map_err(|e| format!("expected a V2 message [join_ref, ref, topic, event, payload], got {text:?} ({e})"))?;
     Ok(msg)
+}
+
+/// A reader for the presence frames as the server writes them (compact JSON, keys without
+/// escapes, `{"metas":[...]}` entries, `joins` before `leaves`), which the storm gets by the
+/// gigabyte: metas are skipped by their brackets and strings, not parsed. Anything else, a
+/// malformed frame included, gets `None`, and the serde reader reads it (and reports what is
+/// wrong).
+mod fast {
+    use super::{Cow, PresenceMsg, TOPIC};
+
+    struct Cursor<'a> {
+        text: &'a str,
+        at: usize,
+    }
+
+    impl<'a> Cursor<'a> {
+        fn peek(&self) -> Option<u8> {
+            self.text.as_bytes().get(self.at).copied()
+        }
+
+        fn eat(&mut self, c: u8) -> Option<()> {
+            (self.peek()? == c).then(|| self.at += 1)
+        }
+
+        fn literal(&mut self, s: &str) -> Option<()> {
+            self.text[self.at..].starts_with(s).then(|| self.at += s.len())
+        }
+
+        /// A string without escapes, borrowed.
+        fn string(&mut self) -> Option<&'a str> {
+            self.eat(b'"')?;
+            let start = self.at;
+            let n = memchr::memchr2(b'"', b'\\', &self.text.as_bytes()[start..])?;
+            if self.text.as_bytes()[start + n] != b'"' {
+                return None;
+            }
+            self.at = start + n + 1;
+            self.text.get(start..start + n)
+        }
+
+        fn skip_string(&mut self) -> Option<()> {
+            self.eat(b'"')?;
+            loop {
+                self.at += memchr::memchr2(b'"', b'\\', &self.text.as_bytes()[self.at..])?;
+                if self.peek()? == b'"' {
+                    self.at += 1;
+                    return Some(());
+                }
+                self.at += 2;
+            }
+        }
+
+        /// Skips one value: a string, a scalar, or an object or array by its brackets.
+        fn skip_value(&mut self) -> Option<()> {
+            match self.peek()? {
+                b'"' => self.skip_string(),
+                b'{' | b'[' => {
+                    let mut depth = 0usize;
+                    loop {
+                        match self.peek()? {
+                            b'"' => {
+                                self.skip_string()?;
+                                continue;
+                            }
+                            b'{' | b'[' => depth += 1,
+                            b'}' | b']' => {
+                                depth -= 1;
+                                if depth == 0 {
+                                    self.at += 1;
+                                    return Some(());
+                                }
+                            }
+                            _ => {}
+                        }
+                        self.at += 1;
+                    }
+                }
+                _ => {
+                    let rest = &self.text.as_bytes()[self.at..];
+                    let n = rest.iter().position(|c| matches!(c, b',' | b'}' | b']')).filter(|&n| n > 0)?;
+                    self.at += n;
+                    Some(())
+                }
+            }
+        }
+
+        /// `{key: {"metas": [...]}, ...}`: each key with its number of metas.
+        fn entries(&mut self) -> Option<Vec<(Cow<'a, str>, usize)>> {
+            self.eat(b'{')?;
+            let mut out = Vec::new();
+            if self.eat(b'}').is_some() {
+                return Some(out);
+            }
+            loop {
+                let key = self.string()?;
+                self.literal(":{\"metas\":[")?;
+                let mut metas = 0;
+                if self.eat(b']').is_none() {
+                    loop {
+                        self.skip_value()?;
+                        metas += 1;
+                        if self.eat(b',').is_none() {
+                            self.eat(b']')?;
+                            break;
+                        }
+                    }
+                }
+                self.eat(b'}')?;
+                out.push((Cow::Borrowed(key), metas));
+                if self.eat(b',').is_none() {
+                    self.eat(b'}')?;
+                    return Some(out);
+                }
+            }
+        }
+    }
+
+    /// A presence message on [`TOPIC`] in the server's own form, or `None`.
+    pub(super) fn parse(text: &str) -> Option<PresenceMsg<'_>> {
+        let mut c = Cursor { text, at: 0 };
+        c.eat(b'[')?;
+        for _ in 0..2 {
+            c.skip_value()?;
+            c.eat(b',')?;
+        }
+        let topic = c.string()?;
+        c.eat(b',')?;
+        let event = c.string()?;
+        c.eat(b',')?;
+        if topic != TOPIC {
+            return None;
+        }
+        let msg = match event {
+            "presence_state" => PresenceMsg::State(c.entries()?),
+            "presence_diff" => {
+                c.literal("{\"joins\":")?;
+                let joins = c.entries()?;
+                c.literal(",\"leaves\":")?;
+                let leaves = c.entries()?;
+                c.eat(b'}')?;
+                PresenceMsg::Diff { joins, leaves }
+            }
+            _ => return None,
+        };
+        c.eat(b']')?;
+        (c.at == text.len()).then_some(msg)
+    }
 }
 
 /// A string borrowed from the frame when it has no escapes.
@@ -368,6 +518,39 @@ mod tests {
         assert!(parse(r#"[null,null,"room:bench","presence_state",{"u1":{}}]"#).is_err());
         assert!(parse(r#"{"event":"presence_state"}"#).is_err());
         assert!(parse(r#"[null,null,"room:bench","new_msg",{},1]"#).is_err());
+    }
+
+    #[test]
+    fn the_fast_reader_reads_what_the_serde_reader_reads_or_leaves_the_frame_to_it() {
+        fn serde(text: &str) -> Option<PresenceMsg<'_>> {
+            let mut de = serde_json::Deserializer::from_str(text);
+            de.deserialize_seq(FrameVisitor).ok().flatten()
+        }
+        let frames = [
+            state(&["u0", "u1", "u22"]),
+            state(&[]),
+            diff(&["u3", "u70"], &["u1"]),
+            diff(&[], &[]),
+            r#"[null,null,"room:bench","presence_diff",{"joins":{"u1":{"metas":[{"a":"x\\\"]}","b":[2,{"c":null}]},{}]}},"leaves":{}}]"#.to_owned(),
+            r#"["1",null,"room:bench","presence_state",{"u5":{"metas":[]}}]"#.to_owned(),
+        ];
+        for text in &frames {
+            let fast = fast::parse(text);
+            assert!(fast.is_some(), "read fast: {text}");
+            assert_eq!(fast, serde(text), "{text}");
+        }
+        for text in [
+            r#"[null,null,"room:bench","presence_state",{"u\u0031":{"metas":[]}}]"#,
+            r#"[null,null,"room:bench","presence_state",{"u1": {"metas":[]}}]"#,
+            r#"[null,null,"room:bench","presence_diff",{"leaves":{},"joins":{}}]"#,
+            r#"[null,null,"room:bench","presence_diff",{"joins":{}}]"#,
+            r#"[null,null,"room:bench","presence_state",{"u1":{"metas":[{"a":1}]}}"#,
+            r#"[null,null,"room:bench","presence_state",{"u1":{"metas":[{"a":1}]}},1]"#,
+            r#"[null,null,"room:other","presence_state",{}]"#,
+            r#"[null,"1","room:bench","phx_reply",{"status":"ok","response":{}}]"#,
+        ] {
+            assert_eq!(fast::parse(text), None, "left to serde: {text}");
+        }
     }
 
     #[test]
