@@ -43,8 +43,10 @@
 //! - a client that stops reading: its queue reaches the endpoint's `outbound_byte_limit` and it is
 //!   closed as a slow consumer (1008). A write already waiting on it has 10 s to finish; then the
 //!   connection is dropped without a close frame (none could be written). Until then it holds its
-//!   queue, at most 64 KiB of frames taken to write and the write buffer
-//!   ([`WsOptions::write_buffer_size`] plus one frame).
+//!   queue, at most 64 KiB of frames taken to write, at most 64 KiB of them gathered for one
+//!   system call, and the write buffer ([`WsOptions::write_buffer_size`] plus one frame);
+//! - writes: the frames of one batch go out in one system call, up to 64 KiB (a larger frame
+//!   alone), and nothing is kept between batches.
 #![forbid(unsafe_code)]
 
 mod coalesce;

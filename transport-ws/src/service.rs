@@ -31,11 +31,12 @@ pub struct WsOptions {
     /// connection holds it for its whole life, so small keeps idle sockets cheap; a larger frame
     /// grows it as needed.
     pub read_buffer_size: usize,
-    /// Bytes buffered before a write goes to the socket (frames of one batch are written
-    /// together and flushed once). The buffer keeps, for the connection's life, the capacity it
+    /// Bytes tungstenite buffers before it hands them on (frames of one batch are written
+    /// together and flushed once). Its buffer keeps, for the connection's life, the capacity it
     /// reached (up to this plus the largest frame written, rounded up by doubling), so a small
     /// value keeps cheap the sockets that once got a burst of large frames (a presence state's
-    /// parts); a burst of small broadcasts still goes out in one write.
+    /// parts). What it hands on during a batch is gathered, up to 64 KiB, into one system call,
+    /// in memory freed once written; a burst of small broadcasts goes out in one write as is.
     pub write_buffer_size: usize,
     /// A ceiling on the write buffer, not reached in practice: after a write the socket would not
     /// take, the connection waits for the peer to read before it buffers another frame, so the
