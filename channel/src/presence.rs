@@ -1244,13 +1244,17 @@ mod tests {
         panic!("timed out waiting for {what}");
     }
 
+    /// `n` nodes on one net, with heartbeats every 100 ms and `node_timeout`.
+    fn cluster(n: usize, node_timeout: Duration) -> (Net, Vec<PubSub>) {
+        let net = Net::default();
+        let opts = ClusterOptions::default().heartbeat_interval(Duration::from_millis(100)).node_timeout(node_timeout);
+        let nodes = (0..n).map(|_| net.node(opts.clone())).collect();
+        (net, nodes)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn nodes_converge_after_a_partition_and_drop_a_silent_node() {
-        let net = Net::default();
-        let opts = ClusterOptions::default()
-            .heartbeat_interval(Duration::from_millis(100))
-            .node_timeout(Duration::from_secs(1));
-        let nodes: Vec<PubSub> = (0..3).map(|_| net.node(opts.clone())).collect();
+        let (net, nodes) = cluster(3, Duration::from_secs(1));
         let topic: Arc<str> = "room:1".into();
         let owners: Vec<Owner> = nodes.iter().map(Owner::new).collect();
         for (i, owner) in owners.iter().enumerate() {
@@ -1475,11 +1479,7 @@ mod tests {
     /// meanwhile gets it too.
     #[tokio::test(start_paused = true)]
     async fn the_other_nodes_hear_of_a_large_room_s_changes_after_the_base_window() {
-        let net = Net::default();
-        let opts = ClusterOptions::default()
-            .heartbeat_interval(Duration::from_millis(100))
-            .node_timeout(Duration::from_secs(5));
-        let nodes: Vec<PubSub> = (0..2).map(|_| net.node(opts.clone())).collect();
+        let (net, nodes) = cluster(2, Duration::from_secs(5));
         nodes[0].presence().set_options(PresenceOptions::default().window_per_subscriber(Duration::from_secs(60)));
         let _subs: Vec<_> = (0..10).map(|_| nodes[0].subscribe("room:big", 16)).collect();
         let owner = Owner::new(&nodes[0]);
