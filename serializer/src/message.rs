@@ -11,7 +11,8 @@ use serde_json::Value;
 /// A transport never looks inside a frame; the [`Serializer`](crate::Serializer) does.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// UTF-8 text (JSON for both serializers).
+    /// UTF-8 text (JSON for both serializers). An outbound text frame must be UTF-8: transports
+    /// send it as it is, without checking it again for every socket.
     Text(Bytes),
     /// Binary bytes (the V2 binary layout).
     Binary(Bytes),

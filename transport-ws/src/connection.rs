@@ -8,7 +8,8 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 /// Frames written per flush.
@@ -301,19 +302,23 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     for frame in std::mem::take(batch) {
-        let msg = match frame {
-            Frame::Binary(b) => Message::Binary(b),
-            Frame::Text(t) => match Utf8Bytes::try_from(t) {
-                Ok(text) => Message::Text(text),
-                Err(_) => {
-                    tracing::error!("dropping an outbound text frame that is not UTF-8");
-                    continue;
-                }
-            },
-        };
-        sink.feed(msg).await?;
+        sink.feed(message(frame)).await?;
     }
     sink.flush().await
+}
+
+/// The WebSocket message for an outbound frame. A text frame goes out as a text-opcode frame as
+/// it is: the serializer wrote it from a `String`, and one broadcast's frame is shared by every
+/// subscriber, so checking it is UTF-8 again for each socket (which [`Utf8Bytes`] would) would
+/// cost a pass over every byte sent.
+fn message(frame: Frame) -> Message {
+    match frame {
+        Frame::Binary(b) => Message::Binary(b),
+        Frame::Text(t) => {
+            debug_assert!(std::str::from_utf8(&t).is_ok(), "an outbound text frame is not UTF-8");
+            Message::Frame(WsFrame::message(t, OpCode::Data(Data::Text), true))
+        }
+    }
 }
 
 fn close_code(reason: &CloseReason) -> Option<CloseCode> {
