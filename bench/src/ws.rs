@@ -100,9 +100,15 @@ async fn recv_or_broadcast(ws: &mut Ws, subscriber: bool) -> Res<Incoming> {
 
 /// Connects client `id` and upgrades to a WebSocket (`/websocket?vsn=2.0.0`).
 pub async fn connect(ctx: &Ctx, id: usize) -> Res<Ws> {
+    connect_reading(ctx, id, 4096).await
+}
+
+/// [`connect`], reading at most `read_buffer` bytes per read: small for clients that receive
+/// small frames (a client's memory), large for those that receive megabytes (system calls).
+pub async fn connect_reading(ctx: &Ctx, id: usize, read_buffer: usize) -> Res<Ws> {
     let stream = ctx.target.connect(ctx.target.source_addr(id)).await?;
     let url = format!("ws://{}{}/websocket?vsn=2.0.0", ctx.target.authority, ctx.target.path);
-    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let config = WebSocketConfig::default().read_buffer_size(read_buffer);
     let (ws, _) = tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(config))
         .await
         .map_err(|e| format!("expected the WebSocket upgrade of {url} to succeed, got: {e}"))?;
