@@ -584,6 +584,8 @@ mod tests {
             diff(&[], &[]),
             r#"[null,null,"room:bench","presence_diff",{"joins":{"u1":{"metas":[{"a":"x\\\"]}","b":[2,{"c":null}]},{}]}},"leaves":{}}]"#.to_owned(),
             r#"["1",null,"room:bench","presence_state",{"u5":{"metas":[]}}]"#.to_owned(),
+            // Metas the quick skip must leave to bracket counting: a brace in a string, nesting.
+            r#"[null,null,"room:bench","presence_state",{"u1":{"metas":[{"a":"}{","b":"]"},{"c":{"d":[1]}},{"e":"{"}]}}]"#.to_owned(),
         ];
         for text in &frames {
             let fast = fast::parse(text);
