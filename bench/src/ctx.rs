@@ -231,6 +231,19 @@ impl Ctx {
         }
     }
 
+    /// Presence: the clients that joined but do not hold exactly `expected` keys, with the keys
+    /// each holds (at most `limit` of them).
+    pub fn presence_incomplete(&self, expected: usize, limit: usize) -> Vec<(usize, usize)> {
+        self.presence_keys
+            .iter()
+            .enumerate()
+            .map(|(id, n)| (id, n.load(Ordering::Relaxed)))
+            .filter(|&(_, n)| n != u32::MAX && n as usize != expected)
+            .map(|(id, n)| (id, n as usize))
+            .take(limit)
+            .collect()
+    }
+
     /// Presence: of the clients that joined, how many hold exactly `expected` keys, and how many
     /// joined.
     pub fn presence_complete(&self, expected: usize) -> (usize, usize) {

@@ -607,6 +607,19 @@ async fn run_workload(ctx: Arc<Ctx>, transport: Transport, clients: usize, run: 
     }
     let presence = (run.mode == Mode::Presence).then(|| {
         let (complete, joined, _) = lists_complete(&ctx);
+        if complete < joined {
+            let expected = ctx.joined.load(Ordering::Relaxed);
+            let some: Vec<String> = ctx
+                .presence_incomplete(expected, 8)
+                .into_iter()
+                .map(|(id, keys)| format!("u{id} holds {keys}"))
+                .collect();
+            eprintln!(
+                "fawkes-bench: {} presence lists are not complete (expected {expected} keys): {}",
+                joined - complete,
+                some.join(", ")
+            );
+        }
         (complete, joined, lists_done)
     });
     if run.mode == Mode::Presence {
