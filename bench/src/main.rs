@@ -25,12 +25,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::ctx::{Ctx, Phase, Res};
 use crate::net::Target;
 
-/// jemalloc, as the server uses: the presence storm's clients read megabytes each, and glibc's
-/// malloc gave the pages of those buffers back and faulted them in again (the kernel zeroing
-/// pages was a seventh of the generator's time).
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// Most clients one run may open (this machine allows 20,000 open files per process).
 const MAX_CLIENTS: usize = 19_900;
 /// File descriptors the process needs besides client and server sockets.
