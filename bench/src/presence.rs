@@ -70,7 +70,7 @@ mod fast {
     struct Cursor<'a> {
         text: &'a str,
         at: usize,
-        /// The frame has no `\\` at all, so no string in it has an escape.
+        /// The frame has no `\` at all, so no string in it has an escape.
         plain: bool,
     }
 
@@ -97,7 +97,7 @@ mod fast {
             self.text.get(start..start + n)
         }
 
-        /// Moves to the `"` or `\\` that ends a string's first run of plain bytes; how many bytes
+        /// Moves to the `"` or `\` that ends a string's first run of plain bytes; how many bytes
         /// it passed. Strings here are short (keys, refs), too short for `memchr` to pay off.
         fn string_body(&mut self) -> Option<usize> {
             let bytes = &self.text.as_bytes()[self.at..];
@@ -381,9 +381,9 @@ impl PresenceList {
     }
 
     fn user(&self, key: &str) -> Res<usize> {
-        let digits = key.strip_prefix('u').map(str::as_bytes).filter(|d| (1..=9).contains(&d.len()));
-        digits
-            .filter(|d| d.iter().all(u8::is_ascii_digit))
+        key.strip_prefix('u')
+            .map(str::as_bytes)
+            .filter(|d| (1..=9).contains(&d.len()) && d.iter().all(u8::is_ascii_digit))
             .map(|d| d.iter().fold(0, |n, &c| n * 10 + usize::from(c - b'0')))
             .filter(|&i| i < self.users)
             .ok_or_else(|| format!("expected presence keys u0 to u{}, got {key:?}", self.users - 1))
