@@ -36,6 +36,52 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
+/// A pooled connection for one transaction: dropped before [`TxConn::finish`], it is closed
+/// rather than given back to the pool.
+///
+/// sqlx's `Pool::begin` on PostgreSQL, when its future is dropped while the `BEGIN` is in flight
+/// (a task aborted, as a stopping [`DbClients`](crate::DbClients) aborts its reader and writer;
+/// a `select!` or a timeout), hands the connection back to the pool still inside the
+/// transaction: the next borrower's statements run in it, unseen by others, and are lost with
+/// it (sqlx issue #4393). Every transaction of this crate begins on one of these instead.
+pub(crate) struct TxConn<DB: sqlx::Database> {
+    conn: sqlx::pool::PoolConnection<DB>,
+    finished: bool,
+}
+
+impl<DB: sqlx::Database> TxConn<DB> {
+    pub(crate) async fn acquire(pool: &sqlx::Pool<DB>) -> Result<TxConn<DB>, sqlx::Error> {
+        Ok(TxConn { conn: pool.acquire().await?, finished: false })
+    }
+
+    /// The transaction ended (committed or rolled back): the connection may go back to the pool.
+    pub(crate) fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::Deref for TxConn<DB> {
+    type Target = DB::Connection;
+
+    fn deref(&self) -> &DB::Connection {
+        &self.conn
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::DerefMut for TxConn<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.conn
+    }
+}
+
+impl<DB: sqlx::Database> Drop for TxConn<DB> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
 impl Db {
     /// Connects to `url` (`sqlite://path.db`, `sqlite::memory:`, `postgres://...`) and applies
     /// the crate's migrations (tables `fawkes_inbox`, `fawkes_outbox`, `fawkes_cursors`,
@@ -142,4 +188,42 @@ pub(crate) const DEAD_LETTER: &str = "INSERT INTO fawkes_dead_letters (source, r
 /// Quotes an SQL identifier (`schema.table` keeps its dot).
 pub(crate) fn quote_ident(name: &str) -> String {
     name.split('.').map(|part| format!("\"{}\"", part.replace('"', "\"\""))).collect::<Vec<_>>().join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection as _;
+    use sqlx::postgres::PgConnection;
+
+    use super::*;
+
+    /// A transaction left open on a [`TxConn`] (as sqlx leaves one when `BEGIN` is cancelled in
+    /// flight) ends with its connection: the pool's next borrower does not write into it.
+    #[tokio::test]
+    async fn a_connection_dropped_inside_its_transaction_does_not_go_back_to_the_pool() {
+        let url =
+            std::env::var("FAWKES_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let pool = match PgPoolOptions::new().max_connections(1).connect(&url).await {
+            Ok(pool) => pool,
+            Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("PostgreSQL unreachable at {url}: {e}"),
+            Err(e) => return eprintln!("\n*** SKIP: PostgreSQL unreachable at {url}: {e} ***\n"),
+        };
+        let table = format!("fawkes_txconn_{}", rand::random::<u32>());
+        sqlx::query(&format!("CREATE TABLE {table} (v int)")).execute(&pool).await.expect("create");
+        {
+            let mut conn = TxConn::acquire(&pool).await.expect("acquire");
+            // Opened behind sqlx's back, as a cancelled `begin` leaves it.
+            sqlx::query("BEGIN").execute(&mut *conn).await.expect("begin");
+            sqlx::query(&format!("INSERT INTO {table} VALUES (1)")).execute(&mut *conn).await.expect("insert");
+        }
+        // The pool's one connection is the next borrower's: autocommit, seen by everyone at once.
+        sqlx::query(&format!("INSERT INTO {table} VALUES (2)")).execute(&pool).await.expect("insert");
+        let mut other = PgConnection::connect(&url).await.expect("connect");
+        let seen: Vec<i32> =
+            sqlx::query_scalar(&format!("SELECT v FROM {table} ORDER BY v")).fetch_all(&mut other).await.expect("read");
+        // Closing the pool ends whatever transaction its connection is in, so the table can go.
+        pool.close().await;
+        sqlx::query(&format!("DROP TABLE {table}")).execute(&mut other).await.expect("drop");
+        assert_eq!(seen, [2], "the next borrower's insert is committed, the abandoned one is not");
+    }
 }

@@ -9,9 +9,10 @@
 //! in order and there is no hole to wait on.
 
 use fawkes_channel::Backoff;
+use sqlx::Connection as _;
 
 use crate::Error;
-use crate::db::{Db, on_pool};
+use crate::db::{Db, TxConn, on_pool};
 
 /// One row: its cursor value and three text columns (what they mean is the reader's business).
 #[derive(Debug, Clone)]
@@ -81,7 +82,8 @@ impl Feed {
             }
         }
         let (rows, xmax): (Vec<Tuple>, Option<i64>) = on_pool!(db, pool => {
-            let mut tx = pool.begin().await?;
+            let mut conn = TxConn::acquire(pool).await?;
+            let mut tx = conn.begin().await?;
             // PostgreSQL: the snapshot's xmax tells which writers a hole could belong to.
             let xmax = if db.is_postgres() {
                 sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
@@ -92,6 +94,7 @@ impl Feed {
             };
             let rows = sqlx::query_as(&self.select).bind(position).bind(limit).fetch_all(&mut *tx).await?;
             tx.commit().await?;
+            conn.finish();
             (rows, xmax)
         });
         let rows = rows.into_iter().map(FeedRow::from);

@@ -18,9 +18,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use fawkes_channel::{Broadcast, Entry, HistoryError, HistoryOptions, HistoryStore, Payload, Position, ReadAfter};
 use parking_lot::Mutex;
+use sqlx::Connection as _;
 
 use crate::Error;
-use crate::db::{Db, on_pool};
+use crate::db::{Db, TxConn, on_pool};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -128,10 +129,12 @@ impl SqlHistory {
     pub async fn wipe(&self, topic: &str) -> Result<(), Error> {
         self.ready().await?;
         on_pool!(&self.db, p => {
-            let mut tx = p.begin().await?;
+            let mut conn = TxConn::acquire(p).await?;
+            let mut tx = conn.begin().await?;
             sqlx::query("DELETE FROM fawkes_history_topics WHERE topic = $1").bind(topic).execute(&mut *tx).await?;
             sqlx::query("DELETE FROM fawkes_history WHERE topic = $1").bind(topic).execute(&mut *tx).await?;
             tx.commit().await?;
+            conn.finish();
         });
         self.heads.lock().remove(topic);
         Ok(())
@@ -174,7 +177,8 @@ impl SqlHistory {
             // Another node appended meanwhile, or the topic was wiped: take the lock.
         }
         let (entry, head) = on_pool!(&self.db, p => {
-            let mut tx = p.begin().await?;
+            let mut conn = TxConn::acquire(p).await?;
+            let mut tx = conn.begin().await?;
             // The UPDATE takes the counter's row lock (on SQLite, the write lock) until commit.
             let mut bumped: Option<(i64, i64)> = sqlx::query_as(BUMP).bind(topic).fetch_optional(&mut *tx).await?;
             if bumped.is_none() {
@@ -197,6 +201,7 @@ impl SqlHistory {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
+            conn.finish();
             (entry, Head { epoch, last: pos })
         });
         self.appended(topic, options, head).await;

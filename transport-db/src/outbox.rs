@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use fawkes_channel::{Backoff, Frame};
+use sqlx::Connection as _;
 use tokio::sync::mpsc;
 
-use crate::db::{DEAD_LETTER, Db, SAVE_CURSOR, on_pool};
+use crate::db::{DEAD_LETTER, Db, SAVE_CURSOR, TxConn, on_pool};
 
 pub(crate) const CURSOR: &str = "fawkes_inbox";
 
@@ -66,7 +67,8 @@ pub(crate) async fn write(db: Db, mut units: mpsc::Receiver<Unit>, chunk: usize)
 
 async fn commit(db: &Db, unit: &Unit, chunk: usize) -> Result<(), sqlx::Error> {
     on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut conn = TxConn::acquire(pool).await?;
+        let mut tx = conn.begin().await?;
         for rows in unit.rows.chunks(chunk.max(1)) {
             InsertRows::insert_rows(&mut *tx, rows).await?;
         }
@@ -97,8 +99,9 @@ async fn commit(db: &Db, unit: &Unit, chunk: usize) -> Result<(), sqlx::Error> {
         if let Some(cursor) = unit.cursor {
             sqlx::query(SAVE_CURSOR).bind(CURSOR).bind(cursor).execute(&mut *tx).await?;
         }
-        tx.commit().await
-    })?;
+        tx.commit().await?;
+        conn.finish();
+    });
     for (row, error) in &unit.dead {
         tracing::warn!(source = CURSOR, row, error, "row dead-lettered");
     }
